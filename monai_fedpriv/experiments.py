@@ -1,0 +1,154 @@
+"""Experiment recipes built on the simulator: federated run, centralised and local-only baselines.
+
+These are what ``monai-fedpriv simulate`` and ``make demo`` run; each writes its own ``metrics.json`` and checkpoint
+directory so that ``--resume`` continues every part of an interrupted experiment.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.data.partition import Partition, partition_cases
+from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
+from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
+
+__all__ = ["SiteSplit", "split_sites", "bundle_datalist", "run_experiment"]
+
+
+@dataclass
+class SiteSplit:
+    """Per-site training and validation lists, and how they were made."""
+
+    train: dict[str, list[dict[str, Any]]]
+    val: dict[str, list[dict[str, Any]]]
+    scheme: str
+    mean_ks: float | None
+    sizes: dict[str, int]
+
+    def describe(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "mean_ks": self.mean_ks, "train_sizes": self.sizes,
+                "val_sizes": {k: len(v) for k, v in self.val.items()}}
+
+
+def bundle_datalist(bundle: BundleSpec) -> list[dict[str, Any]]:
+    """All cases of a bundle, each with ``split`` = ``"train"``/``"val"``.
+
+    Uses the bundle id ``datalist`` (items carry ``split``) or else ``train_datalist`` + ``val_datalist``.
+    """
+    parser = load_bundle(bundle, required=())
+    if parser_get(parser, "datalist") is not None:
+        cases = list(parser.get_parsed_content("datalist"))
+        bad = [c for c in cases if c.get("split") not in ("train", "val")]
+        if bad:
+            raise DataError(f"bundle id 'datalist' item {bad[0].get('image')} has no split 'train'/'val'.")
+        return cases
+    if parser_get(parser, "train_datalist") is None or parser_get(parser, "val_datalist") is None:
+        raise BundleError(f"bundle {bundle.root} defines neither 'datalist' nor 'train_datalist' + 'val_datalist'.")
+    train = [{**c, "split": "train"} for c in parser.get_parsed_content("train_datalist")]
+    val = [{**c, "split": "val"} for c in parser.get_parsed_content("val_datalist")]
+    return train + val
+
+
+def split_sites(cases: Sequence[dict[str, Any]], n_sites: int, scheme: str, seed: int) -> SiteSplit:
+    """Partition training and validation cases onto ``n_sites`` sites with the same scheme and seed.
+
+    Validation cases are partitioned separately so that each site is scored on held-out cases drawn the way its
+    training cases were (same institution, same skew).
+    """
+    train_cases = [c for c in cases if c.get("split") == "train"]
+    val_cases = [c for c in cases if c.get("split") == "val"]
+    if not train_cases:
+        raise DataError("the data list has no training cases.")
+    feature = "feature" if all("feature" in c for c in cases) else None
+    kwargs: dict[str, Any] = {"feature": feature} if feature else {}
+    train_part: Partition = partition_cases(train_cases, n_sites, scheme, seed=seed, **kwargs)
+    val_sites: dict[str, list[dict[str, Any]]] = {}
+    if val_cases:
+        val_part = partition_cases(val_cases, n_sites, scheme, seed=seed + 1, **kwargs)
+        if scheme == "institution" and train_part.site_institutions != val_part.site_institutions:
+            raise DataError(
+                f"training and validation cases group institutions differently: {train_part.site_institutions} vs "
+                f"{val_part.site_institutions}."
+            )
+        val_sites = val_part.sites
+    return SiteSplit(train_part.sites, val_sites, scheme, train_part.mean_ks, train_part.sizes())
+
+
+def run_experiment(
+    bundle: BundleSpec,
+    split: SiteSplit,
+    output_dir: Path,
+    rounds: int,
+    local_work: LocalWork,
+    *,
+    seed: int = 0,
+    momentum: str = "restart",
+    aggregator_factory: Callable[[], Aggregator] = FedAvg,
+    baselines: bool = False,
+    resume: bool = False,
+    device: str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    filters_factory: Callable[[str], list[Any]] | None = None,
+) -> dict[str, Any]:
+    """Federated training plus (optionally) centralised and local-only baselines with the same total epochs.
+
+    Returns the federated metrics with ``partition`` and ``baselines`` sections; also written to
+    ``output_dir/metrics.json``.
+    """
+    output_dir = Path(output_dir)
+    common = {"seed": seed, "device": device, "overrides": overrides}
+    fed = FederatedSimulator(bundle, split.train, split.val, rounds, local_work, output_dir / "federated",
+                             aggregator=aggregator_factory(), momentum=momentum, filters_factory=filters_factory,
+                             label="federated", **common)
+    metrics = _run(fed, resume)
+    metrics["partition"] = split.describe()
+    if baselines:
+        metrics["baselines"] = _baselines(bundle, split, output_dir, rounds, local_work, resume, common)
+    _write_json(metrics, output_dir / "metrics.json")
+    return metrics
+
+
+def _run(sim: FederatedSimulator, resume: bool) -> dict[str, Any]:
+    return sim.run(resume=resume and sim.checkpoint_path.is_file())
+
+
+def _baselines(bundle: BundleSpec, split: SiteSplit, output_dir: Path, rounds: int, local_work: LocalWork,
+               resume: bool, common: dict[str, Any]) -> dict[str, Any]:
+    # one "site" training continuously (momentum kept) for the same number of passes over its data
+    union = [c for cases in split.train.values() for c in cases]
+    central = FederatedSimulator(bundle, {"central": union}, split.val, rounds, local_work,
+                                 output_dir / "baselines" / "centralised", momentum="local", label="centralised",
+                                 **common)
+    central_m = _run(central, resume)
+    out: dict[str, Any] = {
+        "centralised": {"global_dice": central_m["final"]["global_dice"],
+                        "per_site": central_m["final"]["global_dice_per_site"],
+                        "rounds": [r["global"]["dice"] for r in central_m["rounds"]]},
+        "local_only": {},
+    }
+    for name, cases in split.train.items():
+        local = FederatedSimulator(bundle, {name: cases}, split.val, rounds, local_work,
+                                   output_dir / "baselines" / f"local-{name}", momentum="local",
+                                   label=f"local {name}", **common)
+        m = _run(local, resume)
+        per_site = m["final"]["global_dice_per_site"]
+        others = [v for k, v in per_site.items() if k != name and v is not None]
+        out["local_only"][name] = {
+            "own_site_dice": per_site.get(name),
+            "other_sites_dice": sum(others) / len(others) if others else None,
+            "per_site": per_site,
+            "global_dice": m["final"]["global_dice"],
+        }
+    return out
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    from monai_fedpriv.fl.simulator import _atomic_write_text, _json_safe
+
+    _atomic_write_text(json.dumps(_json_safe(obj), indent=2), path)

@@ -1,0 +1,429 @@
+"""In-process simulation of N federated sites built from one MONAI bundle.
+
+Each site gets its own ``ConfigParser`` of the bundle with its data list and a reproducible stream loader, so its
+``SupervisedTrainer`` is the bundle's own trainer; :class:`~monai_fedpriv.handlers.FederatedSync` is attached to it.
+Every round the simulator resumes each site's engine until the handler has sent its update and interrupted the run,
+aggregates with a pure strategy from :mod:`monai_fedpriv.fl.aggregation`, publishes the new global model, evaluates,
+and checkpoints. A run resumed from the last checkpoint continues with identical results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigParser
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.data.stream import StreamSampler, derive_seed
+from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
+from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.inprocess import InProcessTransport
+from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
+from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
+from monai_fedpriv.handlers.federated_sync import FederatedSync
+
+__all__ = ["FederatedSimulator", "LocalWork", "SiteRuntime"]
+
+logger = logging.getLogger("monai_fedpriv.simulator")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """Local work per round: ``epochs`` full passes or ``steps`` optimiser steps (exactly one must be set)."""
+
+    epochs: int | None = 1
+    steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("set exactly one of local epochs or local steps.")
+        value = self.epochs if self.epochs is not None else self.steps
+        if value is None or int(value) < 1:
+            raise ValueError(f"local work per round must be >= 1, got {value}.")
+
+    def describe(self) -> dict[str, int | None]:
+        return {"local_epochs": self.epochs, "local_steps": self.steps}
+
+
+class SiteRuntime:
+    """One simulated site: its bundle parser, trainer, sync handler, sampler and evaluator."""
+
+    def __init__(self, name: str, parser: ConfigParser, trainer: Any, sync: FederatedSync, sampler: StreamSampler,
+                 batch_size: int, stateful: Mapping[str, Any]) -> None:
+        self.name = name
+        self.parser = parser
+        self.trainer = trainer
+        self.sync = sync
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.stateful = dict(stateful)
+        self.losses: list[float] = []
+        self.active = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.trainer.state_dict(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "sync": self.sync.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
+            "active": self.active,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], max_epochs: int) -> None:
+        for key in ("engine", "optimizer", "sync", "sampler", "stateful", "active"):
+            if key not in state:
+                raise KeyError(f"checkpoint of {self.name} lacks required key {key!r}.")
+        engine_state = dict(state["engine"])
+        engine_state["max_epochs"] = max_epochs
+        self.trainer.load_state_dict(engine_state)
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.sync.load_state_dict(state["sync"])
+        self.sampler.load_state_dict(state["sampler"])
+        # consumed samples, not the prefetch position: every batch of a stream is full
+        self.sampler.position = self.trainer.state.iteration * self.batch_size
+        for key, obj in self.stateful.items():
+            if key not in state["stateful"]:
+                raise KeyError(f"checkpoint of {self.name} lacks state of {key!r}.")
+            obj.load_state_dict(state["stateful"][key])
+        self.active = bool(state["active"])
+
+
+class FederatedSimulator:
+    """Run federated training of a bundle over in-process sites.
+
+    Args:
+        bundle: the bundle and config files to train (``BundleSpec``).
+        train_sites: ``{site name: training data list}``; order fixes the site order.
+        eval_sets: ``{name: validation data list}``; a site's own Dice uses the set of the same name, the global
+            model is scored on every set and on their union.
+        rounds: number of federated rounds.
+        local_work: local epochs or steps per round.
+        aggregator: server strategy (default weighted :class:`FedAvg`).
+        momentum: client optimiser policy, ``"restart"``, ``"local"`` or ``"aggregate"``.
+        seed: run seed (model init, data streams, augmentation).
+        output_dir: where ``metrics.json`` and ``checkpoints/`` go.
+        device: training device.
+        overrides: extra bundle overrides applied to every parser.
+        filters_factory: ``site name -> list of update filters`` (privatizers), built once per site.
+        num_workers: data-loader workers per site.
+        progress: print one line per round.
+
+    Example::
+
+        sim = FederatedSimulator(BundleSpec(Path("bundles/brain_tissue_2d")), train_sites, eval_sets,
+                                 rounds=10, local_work=LocalWork(epochs=1), output_dir=Path("runs/x"))
+        metrics = sim.run()
+    """
+
+    def __init__(
+        self,
+        bundle: BundleSpec,
+        train_sites: Mapping[str, Sequence[dict[str, Any]]],
+        eval_sets: Mapping[str, Sequence[dict[str, Any]]],
+        rounds: int,
+        local_work: LocalWork,
+        output_dir: Path,
+        aggregator: Aggregator | None = None,
+        momentum: str = "restart",
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        overrides: Mapping[str, Any] | None = None,
+        filters_factory: Callable[[str], list[Any]] | None = None,
+        num_workers: int = 0,
+        progress: bool = True,
+        label: str = "federated",
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds should be >= 1, got {rounds}.")
+        if not train_sites:
+            raise DataError("no training sites were given.")
+        for name, data in train_sites.items():
+            if not data:
+                raise DataError(f"site {name!r} has no training cases.")
+        self.bundle = bundle
+        self.train_sites = {k: list(v) for k, v in train_sites.items()}
+        self.eval_sets = {k: list(v) for k, v in eval_sets.items() if v}
+        self.rounds = int(rounds)
+        self.local_work = local_work
+        self.output_dir = Path(output_dir)
+        self.aggregator = aggregator or FedAvg()
+        self.momentum = momentum
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.overrides = dict(overrides or {})
+        self.filters_factory = filters_factory
+        self.num_workers = int(num_workers)
+        self.progress = progress
+        self.label = label
+        self.transport = InProcessTransport()
+        self.sites: dict[str, SiteRuntime] = {}
+        self.history: list[dict[str, Any]] = []
+        self.global_weights: dict[str, torch.Tensor] = {}
+        self.evaluators: dict[str, DiceEvaluator] = {}
+        self._server_network: torch.nn.Module | None = None
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _common_overrides(self) -> dict[str, Any]:
+        return {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
+
+    def _build_server(self) -> None:
+        torch.manual_seed(derive_seed(self.seed, "init"))
+        parser = load_bundle(self.bundle, self._common_overrides())
+        network = parser.get_parsed_content("network")
+        self._server_network = network
+        self.global_weights = exchangeable_state(network)
+        transform = parser.get_parsed_content("validate#preprocessing")
+        inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
+        for name, data in self.eval_sets.items():
+            self.evaluators[name] = DiceEvaluator(data, transform, self.device, inferer)
+
+    def _build_site(self, name: str, data: list[dict[str, Any]]) -> SiteRuntime:
+        probe = load_bundle(self.bundle, self._common_overrides())
+        batch_size = int(probe.get_parsed_content("train#dataloader#batch_size"))
+        site_seed = derive_seed(self.seed, "site", name)
+        n_batches = -(-len(data) // batch_size)
+        if self.local_work.epochs is not None:
+            max_epochs, epoch_length, every, unit = self.rounds * self.local_work.epochs, n_batches, \
+                self.local_work.epochs, "epochs"
+        else:
+            max_epochs, epoch_length, every, unit = self.rounds, int(self.local_work.steps or 1), 1, "epochs"
+        overrides = {
+            **self._common_overrides(),
+            "train#dataset#data": data,
+            "train#dataloader": {
+                "_target_": "monai_fedpriv.data.stream.make_stream_loader",
+                "dataset": "@train#dataset",
+                "batch_size": batch_size,
+                "seed": site_seed,
+                "num_workers": self.num_workers,
+            },
+            "train#trainer#max_epochs": max_epochs,
+            "train#trainer#epoch_length": epoch_length,
+            "train#trainer#train_handlers": [],
+        }
+        parser = load_bundle(self.bundle, overrides)
+        trainer = parser.get_parsed_content("train#trainer")
+        loader = trainer.data_loader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, StreamSampler):
+            raise BundleError(f"{name}: train#trainer does not use train#dataloader; cannot control its data stream.")
+        filters = list(self.filters_factory(name)) if self.filters_factory else []
+        if parser_get(parser, "fed#filters") is not None:
+            filters = list(parser.get_parsed_content("fed#filters")) + filters
+        stateful = parser.get_parsed_content("fed#stateful") if parser_get(parser, "fed#stateful") else {}
+        sync = FederatedSync(self.transport, site=name, every=every, unit=unit, momentum=self.momentum,
+                             filters=filters, n_samples=len(data))
+        sync.attach(trainer)
+        for handler in parser.get_parsed_content("fed#handlers") if parser_get(parser, "fed#handlers") else []:
+            handler.attach(trainer)
+        site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful)
+
+        def _record_loss(engine: Any) -> None:
+            out = engine.state.output
+            if isinstance(out, list):  # MONAI returns a list of dicts for list-collated batches
+                out = out[0]
+            loss = out.get("loss") if isinstance(out, dict) else None
+            if loss is not None:
+                site.losses.append(float(loss))
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, _record_loss)
+        return site
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed (rounds may grow)."""
+        return {
+            "bundle": str(Path(self.bundle.root).resolve()),
+            "config_files": list(self.bundle.config_files),
+            "sites": {k: [str(c.get("image")) for c in v] for k, v in self.train_sites.items()},
+            "local_work": self.local_work.describe(),
+            "momentum": self.momentum,
+            "aggregator": type(self.aggregator).__name__,
+            "seed": self.seed,
+        }
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / "checkpoints" / "latest.pt"
+
+    def _save_checkpoint(self, completed_round: int) -> None:
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "round": completed_round,
+            "fingerprint": self.fingerprint(),
+            "global_weights": self.global_weights,
+            "aggregator": self.aggregator.state_dict(),
+            "optimizer_state": self.transport.current.optimizer_state if self.transport.current else None,
+            "sites": {name: site.state_dict() for name, site in self.sites.items()},
+            "history": self.history,
+        }
+        _atomic_torch_save(state, self.checkpoint_path)
+        _atomic_torch_save(self.global_weights, self.output_dir / "models" / "model.pt")
+
+    def _load_checkpoint(self) -> int:
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}.")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}.")
+        if state["fingerprint"] != self.fingerprint():
+            diff = [k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k]]
+            raise ValueError(f"{path} belongs to a different run configuration (differs in {diff}).")
+        self.global_weights = state["global_weights"]
+        self.aggregator.load_state_dict(state["aggregator"])
+        max_epochs = self.rounds * (self.local_work.epochs or 1)
+        for name, site in self.sites.items():
+            site.load_state_dict(state["sites"][name], max_epochs)
+        self.history = list(state["history"])
+        self.transport.publish(GlobalModel(state["round"], self.global_weights, state["optimizer_state"]))
+        return int(state["round"])
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._build_server()
+        for name, data in self.train_sites.items():
+            self.sites[name] = self._build_site(name, data)
+        self.transport.publish(GlobalModel(0, self.global_weights))
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Run all rounds (continuing from the last checkpoint with ``resume=True``); returns the metrics dict."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.sites:
+            self.setup()
+        start = self._load_checkpoint() if resume else 0
+        if start >= self.rounds and self.progress:
+            logger.info(f"checkpoint already at round {start} of {self.rounds}: nothing to do.")
+        for rnd in range(start + 1, self.rounds + 1):
+            self.history.append(self._run_round(rnd))
+            self._save_checkpoint(rnd)
+            self.write_metrics()
+            if not any(site.active for site in self.sites.values()):
+                logger.warning(f"every site has stopped after round {rnd}; ending the federation.")
+                break
+        return self.write_metrics()
+
+    def _run_round(self, rnd: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        site_results: dict[str, dict[str, Any]] = {}
+        for name, site in self.sites.items():
+            if not site.active:
+                continue
+            site.losses = []
+            site.trainer.run()
+            sent = name in self.transport.inbox
+            if not sent:
+                site.active = False
+                logger.warning(f"{name} did not send an update in round {rnd} and leaves the federation.")
+                continue
+            result: dict[str, Any] = {"loss": _mean(site.losses)}
+            if name in self.evaluators:
+                result["dice"] = self.evaluators[name](site.trainer.network)["dice"]
+            site_results[name] = result
+        updates = self.transport.collect()
+        if updates:
+            self.global_weights = self.aggregator(self.global_weights, updates)
+            opt_state = self.aggregator.aggregate_optimizer_state(updates)
+            self.transport.publish(GlobalModel(rnd, self.global_weights, opt_state))
+        for u in updates:
+            site_results[u.site].update(_update_facts(u, self.transport.wire_bytes.get(u.site)))
+        assert self._server_network is not None
+        load_exchangeable_state(self._server_network, self.global_weights)
+        glob = self.evaluate_global()
+        for name, res in site_results.items():
+            if name in glob["per_set"]:
+                res["global_dice"] = glob["per_set"][name]
+        record = {"round": rnd, "sites": site_results, "global": {"dice": glob["dice"], "per_site": glob["per_set"]},
+                  "seconds": round(time.perf_counter() - t0, 3)}
+        if self.progress:
+            parts = " | ".join(f"{n} loss {r['loss']:.3f} dice {r.get('dice', float('nan')):.3f}"
+                               for n, r in site_results.items())
+            print(f"[{self.label}] round {rnd}/{self.rounds} | {parts} | global dice {glob['dice']:.3f} "
+                  f"| {record['seconds']:.1f}s", flush=True)
+        return record
+
+    def evaluate_global(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Dice of the global model (or of ``weights``) on every evaluation set and their case-weighted mean."""
+        assert self._server_network is not None
+        if weights is not None:
+            load_exchangeable_state(self._server_network, weights)
+        per_set = {name: ev(self._server_network) for name, ev in self.evaluators.items()}
+        total = sum(r["n_cases"] for r in per_set.values())
+        mean = sum(r["dice"] * r["n_cases"] for r in per_set.values()) / total if total else float("nan")
+        return {"dice": mean, "per_set": {k: v["dice"] for k, v in per_set.items()}}
+
+    def metrics(self) -> dict[str, Any]:
+        finals = [r["global"]["dice"] for r in self.history]
+        best = max(range(len(finals)), key=lambda i: finals[i]) if finals else None
+        return {
+            "label": self.label,
+            "config": {**self.fingerprint(), "rounds": self.rounds, "sites": list(self.train_sites)},
+            "rounds": self.history,
+            "final": {
+                "global_dice": finals[-1] if finals else None,
+                "global_dice_per_site": self.history[-1]["global"]["per_site"] if self.history else {},
+                "best_global_dice": finals[best] if best is not None else None,
+                "best_round": self.history[best]["round"] if best is not None else None,
+                "rounds_completed": len(self.history),
+            },
+        }
+
+    def write_metrics(self) -> dict[str, Any]:
+        metrics = self.metrics()
+        _atomic_write_text(json.dumps(_json_safe(metrics), indent=2), self.output_dir / "metrics.json")
+        return metrics
+
+
+def _update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "n_samples": update.n_samples,
+        "local_steps": update.local_steps,
+        "bytes_sent": wire_bytes,
+        "dense_bytes": update.dense_bytes(),
+    }
+    if "privacy" in update.meta:
+        facts["privacy"] = update.meta["privacy"]
+    return facts
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if torch.is_tensor(obj):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,5 @@
+"""Ignite event handlers that add federated sync, privacy and leakage evaluation to a MONAI trainer."""
+
+from monai_fedpriv.handlers.federated_sync import FederatedSync
+
+__all__ = ["FederatedSync"]
