@@ -27,8 +27,9 @@ def _net(dims: int = 2, channels: tuple[int, ...] = (4, 8, 16)) -> torch.nn.Modu
     return UNet(dims, 1, 3, channels, (2,) * (len(channels) - 1), norm="INSTANCE", num_res_units=1)
 
 
-def _phantom(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def _phantom(size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A brain-like phantom: bright core, darker ring, a gyral ripple; label = intensity classes."""
+    size = size or SIZE
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     r = (xx**2 + (1.2 * yy) ** 2).sqrt()
     img = (0.45 * (r < 0.85).float() + 0.45 * (r < 0.5).float() + 0.1 * torch.sin(7 * xx) * (r < 0.85)).clamp(0, 1)
@@ -93,7 +94,7 @@ def _attack(noise: float, clip: float | None, iterations: int = 200) -> dict:
     delta = build_victim_update(net, LOSS, img[None], lbl[None], noise_multiplier=noise, max_grad_norm=clip,
                                 generator=gen)  # fmt: skip
     tm = ThreatModel((SIZE, SIZE), 3, noise_multiplier=noise, max_grad_norm=clip)
-    recon, stats = reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=iterations, restarts=2,
+    recon, stats = reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=iterations, restarts=2, num_threads=1,
                                generator=torch.Generator().manual_seed(1))  # fmt: skip
     assert stats["winner"] == min(range(2), key=lambda r: stats["restart_losses"][r])
     assert stats["iterations_per_second"] > 0 and stats["vectorized"]
@@ -116,7 +117,7 @@ def test_unknown_mask_is_optimised_jointly():
     img, lbl = _phantom()
     delta = build_victim_update(net, LOSS, img[None], lbl[None])
     tm = ThreatModel((SIZE, SIZE), 3, mask_known=False)
-    recon, stats = reconstruct(delta, net, tm, LOSS, iterations=40, restarts=2)
+    recon, stats = reconstruct(delta, net, tm, LOSS, iterations=40, restarts=2, num_threads=1)
     assert recon.shape == (1, 1, SIZE, SIZE) and stats["mask"].shape == (1, 1, SIZE, SIZE)
     assert 0.0 <= float(recon.min()) and float(recon.max()) <= 1.0
     with pytest.raises(ValueError, match="no mask"):
@@ -129,7 +130,7 @@ def test_loop_fallback_matches_vmap():
     delta = build_victim_update(net, LOSS, img[None], lbl[None])
     tm = ThreatModel((SIZE, SIZE), 3)
     runs = [
-        reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=3, restarts=2, vectorize=v,
+        reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=3, restarts=2, vectorize=v, num_threads=1,
                     generator=torch.Generator().manual_seed(5))
         for v in (True, False)
     ]  # fmt: skip
@@ -144,7 +145,7 @@ def test_3d_volume_matching_loss_decreases():
     delta = build_victim_update(net, LOSS, vol[None], lbl[None])
     tm = ThreatModel((8, 8, 8), 3)
     losses = [
-        reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=it, restarts=1,
+        reconstruct(delta, net, tm, LOSS, mask=lbl[None], iterations=it, restarts=1, num_threads=1,
                     generator=torch.Generator().manual_seed(2))[1]["matching_loss"]
         for it in (1, 40)
     ]  # fmt: skip

@@ -15,19 +15,37 @@ the victim image, so it cannot pick by PSNR.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from monai_fedpriv.attacks.threat_model import ThreatModel, soft_target_loss
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["reconstruct", "replay_update", "total_variation", "cosine_matching_loss"]
+__all__ = ["reconstruct", "replay_update", "total_variation", "cosine_matching_loss", "cpu_threads"]
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int | None) -> Iterator[None]:
+    """Run a block with ``torch.set_num_threads(num_threads)`` and restore the previous setting (no-op for None)."""
+    if num_threads is None:
+        yield
+        return
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +139,7 @@ def reconstruct(
     tv_weight: float = 1e-2,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
+    num_threads: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Reconstruct the batch behind a captured update by gradient inversion (Eq. 1).
 
@@ -136,6 +155,8 @@ def reconstruct(
         step_size: Adam learning rate on the image (and mask logits).
         tv_weight: ``alpha`` of Eq. 1.
         generator: random source of the initialisations (seeded by the caller).
+        num_threads: CPU threads for the attack (restored afterwards); 1 is much faster on a shared or small CPU,
+            where intra-op threads of many tiny kernels fight each other. ``None`` leaves torch's setting.
         vectorize: run the restarts with ``vmap``; falls back to a loop if the model cannot be vmapped.
 
     Returns:
@@ -197,22 +218,24 @@ def reconstruct(
                 return vmap(fn)(xs, ms)
             except (RuntimeError, NotImplementedError):  # an op without a batching rule: loop instead
                 vectorize = False
-        outs = [fn(xs[r], ms[r]) for r in range(xs.shape[0])]
-        return tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
+        flat = [tree_flatten(fn(xs[r], ms[r])) for r in range(xs.shape[0])]
+        stacked = [torch.stack([leaves[i] for leaves, _ in flat]) for i in range(len(flat[0][0]))]
+        return tree_unflatten(stacked, flat[0][1])
 
-    start = time.perf_counter()
-    for _ in range(iterations):
-        (gx, gm), _match = run_all(grad_fn, x.detach(), logits.detach())
-        optimizer.zero_grad(set_to_none=True)
-        x.grad = gx.sign()
-        if not tm.mask_known:
-            logits.grad = gm.sign()
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():
-            x.clamp_(lo, hi)
-    seconds = time.perf_counter() - start
-    _total, match = run_all(objective, x.detach(), logits.detach())
+    with cpu_threads(num_threads):
+        start = time.perf_counter()
+        for _ in range(iterations):
+            (gx, gm), _match = run_all(grad_fn, x.detach(), logits.detach())
+            optimizer.zero_grad(set_to_none=True)
+            x.grad = gx.sign()
+            if not tm.mask_known:
+                logits.grad = gm.sign()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                x.clamp_(lo, hi)
+        seconds = time.perf_counter() - start
+        _total, match = run_all(objective, x.detach(), logits.detach())
     best = int(torch.argmin(match))
     if tm.mask_known:
         mask_out = labels[:, None].cpu()

@@ -189,8 +189,8 @@ def encode_update(update: ModelUpdate) -> bytes:
     """
     who = f"update from {update.site!r} (round {update.round})"
     entries, blocks = _encode_tensors(update.delta, update.masks, who)
-    opt_entries, opt_blocks = ([], []) if update.optimizer_state is None else _encode_tensors(
-        update.optimizer_state, None, who
+    opt_entries, opt_blocks = (
+        ([], []) if update.optimizer_state is None else _encode_tensors(update.optimizer_state, None, who)
     )
     header = {
         "site": update.site,

@@ -221,13 +221,13 @@ class FederatedSimulator:
         if not isinstance(sampler, StreamSampler):
             raise BundleError(f"{name}: train#trainer does not use train#dataloader; cannot control its data stream.")
         filters = list(self.filters_factory(name)) if self.filters_factory else []
-        if parser_get(parser, "fed#filters") is not None:
-            filters = list(parser.get_parsed_content("fed#filters")) + filters
-        stateful = parser.get_parsed_content("fed#stateful") if parser_get(parser, "fed#stateful") else {}
+        if parser_get(parser, "fed_filters") is not None:
+            filters = list(parser.get_parsed_content("fed_filters")) + filters
+        stateful = parser.get_parsed_content("fed_stateful") if parser_get(parser, "fed_stateful") else {}
         sync = FederatedSync(self.transport, site=name, every=every, unit=unit, momentum=self.momentum,
                              filters=filters, n_samples=len(data))
         sync.attach(trainer)
-        for handler in parser.get_parsed_content("fed#handlers") if parser_get(parser, "fed#handlers") else []:
+        for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)
         site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful)
 

@@ -116,6 +116,8 @@ class FederatedSync:
     # -- events -------------------------------------------------------------------------------------------------
     def _on_started(self, engine: Engine) -> None:
         self._bind(engine)
+        if self._global is None:
+            self._round_start_iteration = engine.state.iteration
         if self._global is None or self._awaiting_global:
             self._receive(engine)
 
@@ -138,7 +140,6 @@ class FederatedSync:
             restart_optimizer_state(self.optimizer)
         elif self.momentum == "aggregate" and glob.optimizer_state is not None:
             import_optimizer_state(self.optimizer, self.network, glob.optimizer_state)
-        self._round_start_iteration = engine.state.iteration
         self._awaiting_global = False
 
     def _on_round_end(self, engine: Engine) -> None:
@@ -166,6 +167,7 @@ class FederatedSync:
                 raise TypeError(f"{self.site}: update filter {name} returned {type(update).__name__}, not ModelUpdate.")
         self.last_update = update
         self.transport.send(update)
+        self._round_start_iteration = engine.state.iteration
         self._awaiting_global = True
         if self.transport.yields_control and not _run_finished(engine):
             engine.interrupt()

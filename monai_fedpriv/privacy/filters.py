@@ -81,7 +81,9 @@ class FilterChain(UpdateFilter):
             try:
                 out = f(current)
             except Exception as exc:
-                raise RuntimeError(f"{name} failed on the update of {update.site!r} round {update.round}: {exc}") from exc
+                raise RuntimeError(
+                    f"{name} failed on the update of {update.site!r} round {update.round}: {exc}"
+                ) from exc
             if not isinstance(out, ModelUpdate):
                 raise RuntimeError(f"{name} returned {type(out).__name__}, expected a ModelUpdate.")
             if out is current:

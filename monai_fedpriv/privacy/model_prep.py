@@ -12,8 +12,9 @@ What breaks per-sample gradients, and what :func:`prepare_for_dp` does about it:
 * Trainable modules called more than once per forward pass are reported: their per-sample gradients are summed
   over the calls, which is correct but counts toward the same clipping norm.
 
-Anything still failing (e.g. an in-place residual add written in the forward code) is found by a dry run through
-Opacus' ``GradSampleModule`` and raised as :class:`~monai_fedpriv.errors.PrivacyConfigError`.
+Anything still failing (an unsupported layer, a layer whose per-sample gradient cannot be formed) is found by a dry
+run through the per-sample path of :mod:`monai_fedpriv.privacy.dp_sgd` and raised as
+:class:`~monai_fedpriv.errors.PrivacyConfigError`.
 
 Example:
     >>> from monai.networks.nets import UNet
@@ -193,15 +194,16 @@ def prepare_for_dp(
 
 
 def _check_grad_samples(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Dry run through Opacus' hooks: every trainable parameter must get a per-sample gradient of the right size."""
+    """Dry run of the per-sample path: every trainable parameter must get a per-sample gradient of the right size."""
+    from monai_fedpriv.privacy.dp_sgd import TensorHookGradSampleModule
+
     batch = example_input if example_input.shape[0] >= 2 else torch.cat([example_input, example_input])
-    probe = GradSampleModule(copy.deepcopy(model).train())
+    probe = TensorHookGradSampleModule(copy.deepcopy(model).train())
     try:
         _dry_run_loss(probe(batch)).backward()
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise PrivacyConfigError(
-            f"per-sample gradients fail for {type(model).__name__} after preparation (an in-place operation in "
-            f"forward(), e.g. 'x += residual', or an unsupported layer): {err}"
+            f"per-sample gradients fail for {type(model).__name__} after preparation: {err}"
         ) from err
     bad = [
         n

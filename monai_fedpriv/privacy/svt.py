@@ -32,12 +32,14 @@ stays in ``[-gamma, gamma]``), so the guarantee covers any change of the site's 
 all of them. Rounds compose: the filter records ``eps1 + eps2 + eps3`` per round as one pure-DP event in the
 ledger, and the running total is kept in its ``state_dict``.
 
-The sensitivity ``s`` defaults to ``2 * gamma`` as in Li et al.'s experiments and may not be set smaller (that would
-understate the noise). Lyu et al.'s recommended split of the selection budget, ``eps_threshold : eps_query = 1 : (2c)^(2/3)``,
-is available as :func:`lyu_budget_split`.
+The sensitivity ``s`` defaults to ``2 * gamma`` as in Li et al.'s experiments and may not be set smaller (that
+would understate the noise). Lyu et al.'s recommended split of the selection budget,
+``eps_threshold : eps_query = 1 : (2c)^(2/3)``, is available as :func:`lyu_budget_split`.
 
-Caveat: Laplace noise is sampled in float64 by inverting the exponential; like every textbook floating-point Laplace
-sampler it is not hardened against the least-significant-bit attacks of Mironov (2012).
+Laplace draws are the difference of two Exp(1) draws (``torch.Tensor.exponential_`` on the filter's generator),
+in float64 for the threshold and the released answers and in the update's dtype for the query noise, which only
+decides comparisons. Caveat: like every textbook floating-point Laplace sampler this is not hardened against the
+least-significant-bit attacks of Mironov (2012) on released values.
 """
 
 from __future__ import annotations

@@ -1,0 +1,32 @@
+# Two commands a new user needs: `make demo` and `make test`. Both create .venv and install on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-ci.txt
+	$(BIN)/python -m pip install -q -e ".[dev,data]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/monai-fedpriv simulate bundles/brain_tissue_2d --sites 3 --rounds 30 --local-epochs 1 \
+		--partition institution --baselines --output $(DEMO_DIR)
+	@echo "report: $(DEMO_DIR)/report.md"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check monai_fedpriv tests benchmarks
+	$(BIN)/mypy monai_fedpriv
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,381 @@
+"""DP-SGD at a site (Abadi et al. 2016): Poisson-sampled loader, per-sample clipping and Gaussian noise, accounting.
+
+Built from Opacus pieces (``GradSampleModule``, ``DPOptimizer``, ``DPDataLoader``, ``BatchMemoryManager``) and
+wired *before* the engine runs, so a MONAI ``SupervisedTrainer`` and its handlers train privately without a change
+to their loop. Every real optimizer step (empty Poisson batches included: they still release noise) records one
+sampled-Gaussian step in the site's :class:`~monai_fedpriv.privacy.accounting.PrivacyLedger`.
+
+Per-sample gradient modes (``grad_sample_mode``):
+
+* ``"hooks"`` (default): Opacus' per-layer grad samplers, but the gradient w.r.t. each layer output is captured with
+  a *tensor* hook instead of a module full-backward hook, and shared submodules are hooked once. This makes
+  networks with in-place residual adds (``x += identity`` in MONAI's SegResNet/DynUNet blocks) and modules
+  reachable through two attribute paths (DynUNet's ``skip_layers``) work; stock Opacus crashes on the former
+  and hooks the latter twice.
+* ``"opacus_hooks"``: Opacus' ``GradSampleModule`` unchanged. ``"functorch"``: ours, every layer through
+  ``torch.func``. ``"ew"``: PyTorch expanded weights.
+
+Example:
+    >>> ledger = PrivacyLedger()
+    >>> parts = make_site_private(net, opt, loader, noise_multiplier=1.0, max_grad_norm=0.5, ledger=ledger,
+    ...                           generator=torch.Generator().manual_seed(0))
+    >>> trainer = SupervisedTrainer(..., network=parts.network, optimizer=parts.optimizer,
+    ...                             train_data_loader=parts.data_loader)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any, NamedTuple
+
+import torch
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleModuleExpandedWeights
+from opacus.grad_sample.functorch import prepare_layer
+from opacus.utils.module_utils import has_trainable_params
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.privacy.accounting import PrivacyLedger
+
+__all__ = [
+    "GRAD_SAMPLE_MODES",
+    "DPSGD",
+    "PrivateParts",
+    "TensorHookGradSampleModule",
+    "make_site_private",
+    "rebuild_optimizer",
+    "strip_module_prefix",
+]
+
+GRAD_SAMPLE_MODES = ("hooks", "opacus_hooks", "functorch", "ew")
+
+
+class TensorHookGradSampleModule(GradSampleModule):
+    """Opacus ``GradSampleModule`` that captures output gradients with tensor hooks and hooks shared modules once.
+
+    Per-sample gradients are the same as Opacus' (same grad samplers, same ``rearrange_grad_samples``); only the
+    way the backpropagated output gradient reaches them differs. A tensor hook registered on a layer's output
+    receives the gradient of that value even if the forward code later modifies it in place, which a module
+    full-backward hook forbids.
+    """
+
+    def iterate_submodules(self, module: nn.Module, _seen: set[int] | None = None) -> Iterable[nn.Module]:
+        seen = set() if _seen is None else _seen
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if has_trainable_params(module):
+            yield module
+            if type(module) not in self.GRAD_SAMPLERS:
+                return  # handled as a whole by functorch
+        for child in module.children():
+            yield from self.iterate_submodules(child, seen)
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False):
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError("Trying to add hooks twice to the same model")
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        for module in self.iterate_submodules(self._module):
+            if force_functorch or type(module) not in self.GRAD_SAMPLERS:
+                prepare_layer(module, batch_first=batch_first)
+            hook = partial(self._forward_hook, loss_reduction=loss_reduction, batch_first=batch_first)
+            self.autograd_grad_sample_hooks.append(module.register_forward_hook(hook))
+        self.enable_hooks()
+
+    def _forward_hook(self, module: nn.Module, inputs: Any, output: Any, *, loss_reduction: str, batch_first: bool):
+        if not self.hooks_enabled or not module.training or not torch.is_grad_enabled():
+            return
+        if not torch.is_tensor(output) or not output.requires_grad:
+            return
+        if output._is_view():
+            # An in-place op on a view (InstanceNorm returns one) re-bases it and drops hooks registered on it.
+            output = output.clone()
+        self.capture_activations_hook(module, inputs, output)
+
+        def on_grad(grad: torch.Tensor) -> None:
+            self.capture_backprops_hook(module, None, (grad,), loss_reduction=loss_reduction, batch_first=batch_first)
+
+        output.register_hook(on_grad)
+        return output
+
+
+class _LedgerDPOptimizer(DPOptimizer):
+    """``DPOptimizer`` whose step never fails open: a step without any per-sample gradient is an empty batch.
+
+    Opacus performs a plain, noise-free step when no per-sample gradient exists (e.g. the forward pass was skipped
+    for an empty Poisson batch). Here such a step is treated as a batch of size zero: noise is added and the step
+    is counted like any other. ``sample_rate`` is the Poisson rate each step is accounted with.
+    """
+
+    sample_rate: float = float("nan")
+
+    def pre_step(self, closure: Any = None) -> bool | None:
+        if self.params and all(getattr(p, "grad_sample", None) is None for p in self.params):
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return super().pre_step(closure)
+
+
+class PrivateParts(NamedTuple):
+    """What :func:`make_site_private` returns: use all three in the trainer."""
+
+    network: nn.Module
+    optimizer: DPOptimizer
+    data_loader: DataLoader
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove Opacus' ``_module.`` key prefix (at any depth) so weights load into the plain network.
+
+    Example:
+        >>> strip_module_prefix({"_module.conv.weight": 1})
+        {'conv.weight': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in state_dict.items():
+        new = key
+        while new.startswith("_module."):
+            new = new[len("_module.") :]
+        new = new.replace("._module.", ".")
+        if new in out:
+            raise PrivacyConfigError(f"stripping '_module.' makes key {key!r} collide with {new!r}.")
+        out[new] = value
+    return out
+
+
+def rebuild_optimizer(optimizer: torch.optim.Optimizer, network: nn.Module) -> torch.optim.Optimizer:
+    """A new optimizer of the same class and hyper-parameters over ``network``'s trainable parameters.
+
+    Parameters still present keep their param group; parameters that are new (e.g. from a converted norm layer)
+    join the first group. Frozen parameters are left out.
+    """
+    if isinstance(optimizer, DPOptimizer):
+        raise PrivacyConfigError("optimizer is already a DPOptimizer; pass the plain torch optimizer.")
+    trainable = [p for p in network.parameters() if p.requires_grad]
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    groups: list[dict[str, Any]] = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in optimizer.param_groups
+    ]
+    for p in trainable:
+        groups[group_of.get(id(p), 0)]["params"].append(p)
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise PrivacyConfigError(f"{type(network).__name__} has no trainable parameters.")
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+def _wrap(network: nn.Module, mode: str) -> nn.Module:
+    if mode == "hooks":
+        return TensorHookGradSampleModule(network, batch_first=True, loss_reduction="mean")
+    if mode == "functorch":
+        return TensorHookGradSampleModule(network, batch_first=True, loss_reduction="mean", force_functorch=True)
+    if mode == "opacus_hooks":
+        return GradSampleModule(network, batch_first=True, loss_reduction="mean")
+    return GradSampleModuleExpandedWeights(network, batch_first=True, loss_reduction="mean")
+
+
+def make_site_private(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    ledger: PrivacyLedger,
+    poisson: bool = True,
+    generator: torch.Generator,
+    grad_sample_mode: str = "hooks",
+    max_physical_batch_size: int | None = None,
+) -> PrivateParts:
+    """Turn a site's (network, optimizer, loader) into DP-SGD parts that record into ``ledger``.
+
+    Args:
+        network: a network that passes Opacus' validator (run :func:`prepare_for_dp` first for BatchNorm etc.).
+        optimizer: the plain optimizer; it is rebuilt over ``network``'s parameters with the same hyper-parameters.
+        data_loader: the site's training loader; its ``batch_size`` becomes the expected (logical) batch size.
+        noise_multiplier: sigma, noise std over the clip norm, > 0.
+        max_grad_norm: per-sample L2 clip norm ``C``, > 0.
+        ledger: the site's ledger for the whole run; one sampled-Gaussian step is recorded per optimizer step.
+        poisson: Poisson sampling (required by the accounting); ``False`` keeps the loader's batches and warns.
+        generator: seeds both the Poisson sampler and the noise (a noise generator is derived from it).
+        grad_sample_mode: one of :data:`GRAD_SAMPLE_MODES`.
+        max_physical_batch_size: split logical batches into physical ones of at most this size
+            (``BatchMemoryManager``); the optimizer steps once per logical batch.
+
+    Returns:
+        :class:`PrivateParts` ``(network, optimizer, data_loader)``; ``network`` wraps the given module, whose
+        parameters it shares (``strip_module_prefix`` its ``state_dict``).
+    """
+    if not isinstance(ledger, PrivacyLedger):
+        raise PrivacyConfigError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}.")
+    if not isinstance(generator, torch.Generator):
+        raise PrivacyConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise PrivacyConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
+    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+    if max_physical_batch_size is not None and (
+        not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
+    ):
+        raise PrivacyConfigError(f"max_physical_batch_size must be an int >= 1 or None, got {max_physical_batch_size!r}.")
+    if isinstance(network, GradSampleModule) or isinstance(optimizer, DPOptimizer):
+        raise PrivacyConfigError("network/optimizer are already private; pass the plain objects.")
+    if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
+        raise PrivacyConfigError(f"data_loader must be a DataLoader with a batch_size, got {data_loader!r}.")
+    errors = ModuleValidator.validate(network.train())
+    if errors:
+        raise PrivacyConfigError(
+            f"{type(network).__name__} is not DP-compatible ({errors[0]}); call prepare_for_dp(network, x) first."
+        )
+    n_data = len(data_loader.dataset)  # type: ignore[arg-type]
+    if poisson:
+        private_loader: DataLoader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+        sample_rate = private_loader.sample_rate  # type: ignore[attr-defined]
+    else:
+        warnings.warn(
+            "poisson=False: epsilon is computed as if batches were Poisson-sampled (as Opacus does); "
+            "the guarantee is only heuristic for shuffled fixed-size batches.",
+            stacklevel=2,
+        )
+        private_loader = data_loader
+        sample_rate = 1.0 / len(data_loader)
+    expected_batch_size = max(1, int(round(n_data * sample_rate)))
+
+    private_net = _wrap(network, grad_sample_mode)
+    params_device = next(network.parameters()).device
+    noise_gen = torch.Generator(device=params_device)
+    noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    dp_opt = _LedgerDPOptimizer(
+        rebuild_optimizer(optimizer, network),
+        noise_multiplier=float(noise_multiplier),
+        max_grad_norm=float(max_grad_norm),
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_gen,
+    )
+
+    def record(opt: DPOptimizer) -> None:
+        ledger.record_sampled_gaussian(sample_rate=sample_rate, noise_multiplier=opt.noise_multiplier)
+
+    dp_opt.sample_rate = sample_rate
+    dp_opt.attach_step_hook(record)
+    if max_physical_batch_size is not None:
+        private_loader = BatchMemoryManager(
+            data_loader=private_loader, max_physical_batch_size=max_physical_batch_size, optimizer=dp_opt
+        ).__enter__()
+    return PrivateParts(private_net, dp_opt, private_loader)
+
+
+class DPSGD:
+    """Bundle-facing wrapper: builds the private network, optimizer and loader lazily, once, from bundle objects.
+
+    ``configs/dp.json`` overrides ``train#trainer#network``/``optimizer``/``train_data_loader`` with this object's
+    properties, so ``train.json`` stays unchanged. The network is prepared in place (:func:`prepare_for_dp`),
+    so the bundle's evaluator, which holds the same module, validates the DP-trained weights.
+
+    Args:
+        network: the bundle's ``network``.
+        optimizer: the bundle's ``optimizer`` (rebuilt on the prepared network's parameters).
+        data_loader: the bundle's ``train#dataloader``.
+        noise_multiplier, max_grad_norm: DP-SGD settings (see :mod:`monai_fedpriv.privacy.regimes`).
+        seed: seeds the Poisson sampler and the noise.
+        ledger: the site's ledger; a new one when ``None``.
+        example_input_shape: shape for the preparation dry run; by default the first batch's ``image_key`` item.
+        norm: BatchNorm replacement, ``"instance"`` or ``"group"``.
+        image_key: key of the image in the loader's dict batches.
+
+    Example (``configs/dp.json``)::
+
+        "dp": {"_target_": "monai_fedpriv.privacy.DPSGD", "network": "@network", "optimizer": "@optimizer",
+               "data_loader": "@train#dataloader", "noise_multiplier": 1.0, "max_grad_norm": 0.5},
+        "train#trainer#network": "$@dp.network"
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: DataLoader,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        seed: int = 0,
+        ledger: PrivacyLedger | None = None,
+        poisson: bool = True,
+        grad_sample_mode: str = "hooks",
+        max_physical_batch_size: int | None = None,
+        example_input_shape: tuple[int, ...] | list[int] | None = None,
+        norm: str = "instance",
+        image_key: str = "image",
+    ) -> None:
+        for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
+        self._inputs = (network, optimizer, data_loader)
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.seed = int(seed)
+        self.ledger = ledger if ledger is not None else PrivacyLedger()
+        self.poisson = poisson
+        self.grad_sample_mode = grad_sample_mode
+        self.max_physical_batch_size = max_physical_batch_size
+        self.example_input_shape = tuple(example_input_shape) if example_input_shape is not None else None
+        self.norm = norm
+        self.image_key = image_key
+        self.changes: list[str] = []
+        self._parts: PrivateParts | None = None
+
+    def _example(self, network: nn.Module, loader: DataLoader) -> torch.Tensor:
+        device = next(network.parameters()).device
+        if self.example_input_shape is not None:
+            return torch.zeros(self.example_input_shape, device=device)
+        batch = next(iter(loader))
+        image = batch[self.image_key] if isinstance(batch, Mapping) else batch[0]
+        return torch.as_tensor(image)[:2].to(device)
+
+    def _build(self) -> PrivateParts:
+        if self._parts is None:
+            from monai_fedpriv.privacy.model_prep import prepare_for_dp
+
+            network, optimizer, loader = self._inputs
+            network, self.changes = prepare_for_dp(network, self._example(network, loader), norm=self.norm)
+            self._parts = make_site_private(
+                network,
+                optimizer,
+                loader,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                ledger=self.ledger,
+                poisson=self.poisson,
+                generator=torch.Generator().manual_seed(self.seed),
+                grad_sample_mode=self.grad_sample_mode,
+                max_physical_batch_size=self.max_physical_batch_size,
+            )
+        return self._parts
+
+    @property
+    def network(self) -> nn.Module:
+        return self._build().network
+
+    @property
+    def optimizer(self) -> DPOptimizer:
+        return self._build().optimizer
+
+    @property
+    def dataloader(self) -> DataLoader:
+        return self._build().data_loader
+
+    @property
+    def sample_rate(self) -> float:
+        return float(self._build().optimizer.sample_rate)  # type: ignore[attr-defined]

@@ -1,0 +1,61 @@
+"""Example segmentations of the global model: image | ground truth | prediction, one row per site."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.weights import load_exchangeable_state
+
+__all__ = ["plot_example_segmentations"]
+
+
+def plot_example_segmentations(
+    bundle: BundleSpec,
+    weights: Mapping[str, torch.Tensor],
+    val_sets: Mapping[str, Sequence[dict[str, Any]]],
+    path: Path,
+    title: str = "global model",
+) -> Path:
+    """Save a PNG grid with the first validation case of every site and the model's argmax prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parser = load_bundle(bundle, required=("network", "validate#preprocessing"))
+    network = parser.get_parsed_content("network").to("cpu")
+    load_exchangeable_state(network, weights)
+    network.eval()
+    transform = parser.get_parsed_content("validate#preprocessing")
+    rows = [(site, cases[0]) for site, cases in val_sets.items() if cases]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), dpi=100, squeeze=False)
+    for i, (site, case) in enumerate(rows):
+        item = transform(dict(case))
+        image = torch.as_tensor(item["image"])[None].float()
+        with torch.no_grad():
+            pred = network(image).argmax(1)[0].numpy()
+        label = np.asarray(torch.as_tensor(item["label"])[0])
+        dice = DiceEvaluator([case], transform)(network)["dice"]
+        img = np.asarray(image[0, 0])
+        for j, (arr, name) in enumerate(((img, "image"), (label, "ground truth"), (pred, f"prediction (Dice {dice:.2f})"))):
+            ax = axes[i, j]
+            if j == 0:
+                ax.imshow(np.rot90(arr), cmap="gray")
+            else:
+                ax.imshow(np.rot90(img), cmap="gray")
+                ax.imshow(np.rot90(np.ma.masked_equal(arr, 0)), cmap="viridis", vmin=0, vmax=2, alpha=0.6)
+            ax.set_title(f"{site}: {name}" if j == 0 else name, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"Example segmentations, {title} (GM = teal, WM = yellow)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,221 @@
+import pytest
+import torch
+from monai.networks.nets import DynUNet, SegResNet, UNet
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.privacy.accounting import PrivacyLedger
+from monai_fedpriv.privacy.dp_sgd import (
+    TensorHookGradSampleModule,
+    make_site_private,
+    rebuild_optimizer,
+    strip_module_prefix,
+)
+
+
+def _loader(n=8, size=16, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ds = TensorDataset(torch.rand(n, 1, size, size, generator=g), torch.randint(0, 3, (n, 1, size, size), generator=g))
+    return DataLoader(ds, batch_size=batch)
+
+
+def _per_sample_loop(model, x, loss_fn):
+    grads = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_fn(model(x[i : i + 1])).backward()
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    model.zero_grad()
+    return grads
+
+
+NETS = {
+    "unet": lambda: UNet(2, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="instance"),
+    # in-place residual adds (x += identity): stock Opacus hooks crash here
+    "segresnet": lambda: SegResNet(2, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)),
+    # submodules reachable twice (skip_layers) + in-place add on an InstanceNorm view
+    "dynunet": lambda: DynUNet(
+        2, 1, 3, [3, 3, 3], [1, 2, 2], [2, 2], filters=(4, 8, 16), norm_name=("instance", {"affine": True}), res_block=True
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_tensor_hook_grad_samples_match_per_sample_loop(name):
+    torch.manual_seed(0)
+    model = NETS[name]()
+    for m in model.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    model.train()
+    x = torch.rand(3, 1, 16, 16)
+    ref = _per_sample_loop(model, x, lambda out: out.pow(2).mean())
+    gsm = TensorHookGradSampleModule(model, loss_reduction="mean")
+    gsm(x).pow(2).mean(dim=(1, 2, 3)).mean().backward()
+    for j, p in enumerate(model.parameters()):
+        for i in range(3):
+            torch.testing.assert_close(p.grad_sample[i], ref[i][j], rtol=1e-4, atol=1e-6)
+    gsm.remove_hooks()
+
+
+def test_clipped_update_equals_plain_per_sample_loop_without_noise():
+    torch.manual_seed(0)
+    model = UNet(2, 1, 3, (4, 8), (2,), num_res_units=0, norm="instance")
+    clip, lr = 0.05, 1.0
+    ledger = PrivacyLedger()
+    parts = make_site_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        _loader(n=16, batch=4),
+        noise_multiplier=1.0,
+        max_grad_norm=clip,
+        ledger=ledger,
+        generator=torch.Generator().manual_seed(1),
+    )
+    parts.optimizer.noise_multiplier = 0.0  # noise off, for the comparison only ...
+    hook, parts.optimizer.step_hook = parts.optimizer.step_hook, None  # ... which the ledger would refuse
+    x, _ = next(iter(parts.data_loader))
+    assert x.shape[0] > 0
+    loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
+    ref = _per_sample_loop(model, x, loss_fn)
+    norms = [torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in ref]
+    assert max(norms) > clip  # clipping is active
+    clipped_sum = [sum(gs[j] * min(1.0, clip / (n.item() + 1e-6)) for gs, n in zip(ref, norms)) for j in range(len(ref[0]))]
+    for cs in [[gs[j] * min(1.0, clip / (n.item() + 1e-6)) for j in range(len(gs))] for gs, n in zip(ref, norms)]:
+        assert torch.sqrt(sum(c.pow(2).sum() for c in cs)) <= clip * (1 + 1e-5)
+    before = [p.detach().clone() for p in model.parameters()]
+    parts.optimizer.zero_grad()
+    loss_fn(parts.network(x)).backward()
+    parts.optimizer.step()
+    expected_batch = parts.optimizer.expected_batch_size
+    for b, p, cs in zip(before, model.parameters(), clipped_sum):
+        torch.testing.assert_close(b - p.detach(), lr * cs / expected_batch, rtol=1e-4, atol=1e-7)
+    with pytest.raises(PrivacyConfigError):  # a noise-free step is never accounted as private
+        hook(parts.optimizer)
+    assert ledger.steps == 0
+
+
+def test_noise_std_matches_sigma_clip_over_batch():
+    model = nn.Linear(100, 100)
+    sigma, clip, lr, batch = 1.3, 0.7, 1.0, 5
+    ds = TensorDataset(torch.rand(50, 100))
+    ledger = PrivacyLedger()
+    parts = make_site_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        DataLoader(ds, batch_size=batch),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        ledger=ledger,
+        generator=torch.Generator().manual_seed(3),
+    )
+    (x,) = next(iter(parts.data_loader))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    parts.optimizer.zero_grad()
+    (0.0 * parts.network(x).sum()).backward()  # zero gradient: the update is pure noise
+    parts.optimizer.step()
+    update = before - torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected_std = sigma * clip * lr / parts.optimizer.expected_batch_size
+    assert parts.optimizer.expected_batch_size == batch
+    assert update.numel() == 10100
+    assert update.std().item() == pytest.approx(expected_std, rel=0.03)
+    assert update.mean().abs().item() < 4 * expected_std / update.numel() ** 0.5
+
+
+def test_empty_batches_step_add_noise_and_count():
+    model = nn.Linear(4, 2)
+    ledger = PrivacyLedger()
+    parts = make_site_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        DataLoader(TensorDataset(torch.rand(10, 4)), batch_size=2),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        ledger=ledger,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # empty batch that went through the network (as Opacus' loader produces it)
+    before = model.weight.detach().clone()
+    parts.optimizer.zero_grad()
+    parts.network(torch.zeros(0, 4)).sum().backward()
+    parts.optimizer.step()
+    assert ledger.steps == 1
+    assert not torch.equal(before, model.weight)  # noise was added
+    # a step with no forward pass at all is still noised and counted (never a silent non-private step)
+    before = model.weight.detach().clone()
+    parts.optimizer.zero_grad()
+    parts.optimizer.step()
+    assert ledger.steps == 2
+    assert not torch.equal(before, model.weight)
+    assert ledger.events[0]["sample_rate"] == pytest.approx(1 / 5)
+
+
+def test_epoch_counts_steps_and_epsilon_matches_history():
+    model = UNet(2, 1, 3, (4, 8), (2,), num_res_units=0, norm="instance")
+    ledger = PrivacyLedger()
+    parts = make_site_private(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        _loader(n=12, batch=3),
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
+        ledger=ledger,
+        generator=torch.Generator().manual_seed(0),
+        max_physical_batch_size=2,
+    )
+    logical = 0
+    for x, _ in parts.data_loader:
+        parts.optimizer.zero_grad()
+        parts.network(x).pow(2).mean().backward()
+        parts.optimizer.step()
+        logical += 0 if parts.optimizer._is_last_step_skipped else 1
+        assert x.shape[0] <= 2
+    assert ledger.steps == logical == 4  # one step per logical batch; physical splits are not counted
+    ref = PrivacyLedger()
+    ref.record_sampled_gaussian(0.25, 1.1, steps=4)
+    assert ledger.epsilon(1e-5) == ref.epsilon(1e-5)
+
+
+def test_optimizer_rebuilt_with_same_hyper_params_and_prefix_stripped():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    opt = torch.optim.Adam(
+        [{"params": model[0].parameters(), "lr": 0.1}, {"params": model[1].parameters()}], lr=0.01, weight_decay=0.5
+    )
+    new = rebuild_optimizer(opt, model)
+    assert type(new) is torch.optim.Adam
+    assert [g["lr"] for g in new.param_groups] == [0.1, 0.01]
+    assert all(g["weight_decay"] == 0.5 for g in new.param_groups)
+    parts = make_site_private(
+        model,
+        opt,
+        DataLoader(TensorDataset(torch.rand(4, 3)), batch_size=2),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        ledger=PrivacyLedger(),
+        generator=torch.Generator(),
+    )
+    assert parts.optimizer.original_optimizer is not opt
+    keys = strip_module_prefix(parts.network.state_dict())
+    assert set(keys) == set(model.state_dict())
+    nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)).load_state_dict(keys)
+
+
+def test_bad_settings_raise():
+    model = nn.Linear(2, 1)
+    kw = dict(ledger=PrivacyLedger(), generator=torch.Generator())
+    loader = DataLoader(TensorDataset(torch.rand(4, 2)), batch_size=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(PrivacyConfigError):
+        make_site_private(model, opt, loader, noise_multiplier=0.0, max_grad_norm=1.0, **kw)
+    with pytest.raises(PrivacyConfigError):
+        make_site_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=-1.0, **kw)
+    with pytest.raises(PrivacyConfigError):
+        make_site_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="x", **kw)
+    with pytest.raises(PrivacyConfigError):
+        make_site_private(
+            model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, ledger=None, generator=torch.Generator()
+        )
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with pytest.raises(PrivacyConfigError, match="prepare_for_dp"):
+        make_site_private(bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0, **kw)
