@@ -219,3 +219,58 @@ def test_bad_settings_raise():
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     with pytest.raises(PrivacyConfigError, match="prepare_for_dp"):
         make_site_private(bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0, **kw)
+
+
+# ---------------------------------------------------------------- per-sample losses and the privacy unit
+from monai.losses import DiceCELoss, DiceLoss  # noqa: E402
+
+from monai_fedpriv.errors import DataError  # noqa: E402
+from monai_fedpriv.privacy.losses import PerSampleLoss, check_privacy_unit  # noqa: E402
+
+
+def test_per_sample_loss_is_mean_of_independent_sample_losses():
+    torch.manual_seed(0)
+    pred, label = torch.randn(4, 3, 8, 8, requires_grad=True), torch.randint(0, 3, (4, 1, 8, 8))
+    loss = PerSampleLoss("dicece")
+    values = loss.per_sample(pred, label)
+    single = torch.stack([DiceCELoss(to_onehot_y=True, softmax=True)(pred[i : i + 1], label[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(values, single)
+    torch.testing.assert_close(loss(pred, label), single.mean())
+    # the gradient w.r.t. sample 0 does not depend on the other samples
+    (g_all,) = torch.autograd.grad(loss(pred, label) * 4, pred)
+    (g_one,) = torch.autograd.grad(loss(pred[:1], label[:1]), pred)
+    torch.testing.assert_close(g_all[0], g_one[0])
+    empty = loss(pred[:0], label[:0])
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_coupling_losses_are_refused():
+    with pytest.raises(PrivacyConfigError, match="batch=True"):
+        PerSampleLoss(DiceLoss(batch=True))
+    with pytest.raises(PrivacyConfigError, match="batch=True"):
+        PerSampleLoss("dice", batch=True)
+    with pytest.raises(PrivacyConfigError):
+        PerSampleLoss("focal")
+    with pytest.raises(PrivacyConfigError):
+        PerSampleLoss("dice", privacy_unit="pixel")
+
+
+def test_patient_privacy_unit_is_enforced():
+    check_privacy_unit({"patient": ["a", "a"]}, "slice")  # slice-level: several slices of a patient are fine
+    check_privacy_unit({"patient": ["a", "b"]}, "patient")
+    check_privacy_unit([{"patient": 1}, {"patient": 2}], "patient")
+    with pytest.raises(DataError, match="more than once"):
+        check_privacy_unit({"patient": ["a", "b", "a"]}, "patient")
+    with pytest.raises(DataError, match="more than once"):
+        check_privacy_unit({"patient": torch.tensor([3, 3])}, "patient")
+    with pytest.raises(DataError, match="'patient'"):
+        check_privacy_unit({"image": torch.zeros(2)}, "patient")
+    from ignite.engine import Engine
+
+    loss = PerSampleLoss("dice", privacy_unit="patient")
+    engine = Engine(lambda e, b: None)
+    loss.attach(engine)
+    loss.attach(engine)  # guarded: a second attach adds nothing
+    engine.run([{"patient": ["p1", "p2"]}], max_epochs=1)
+    with pytest.raises(DataError):
+        engine.run([{"patient": ["p1", "p1"]}], max_epochs=1)

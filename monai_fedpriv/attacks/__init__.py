@@ -9,7 +9,13 @@ from monai_fedpriv.attacks.gradient_inversion import cosine_matching_loss, recon
 from monai_fedpriv.attacks.model_inversion import invert_latents, unet_encoder
 from monai_fedpriv.attacks.scores import baseline_images, ncc, psnr, score_reconstruction, ssim, verdict
 from monai_fedpriv.attacks.threat_model import PRIVACY_REGIMES, ThreatModel, soft_target_loss
-from monai_fedpriv.attacks.victim import build_victim_update, intensity_label, load_victim_image, load_victim_label
+from monai_fedpriv.attacks.victim import (
+    build_victim_update,
+    intensity_label,
+    load_victim_image,
+    load_victim_label,
+    update_norm,
+)
 
 __all__ = [
     "PRIVACY_REGIMES",
@@ -26,6 +32,7 @@ __all__ = [
     "reconstruct",
     "replay_update",
     "save_reconstruction_grid",
+    "update_norm",
     "score_reconstruction",
     "soft_target_loss",
     "ssim",

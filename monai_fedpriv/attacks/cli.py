@@ -23,7 +23,13 @@ from monai_fedpriv.attacks.figures import save_reconstruction_grid
 from monai_fedpriv.attacks.gradient_inversion import reconstruct
 from monai_fedpriv.attacks.scores import score_reconstruction
 from monai_fedpriv.attacks.threat_model import PRIVACY_REGIMES, ThreatModel
-from monai_fedpriv.attacks.victim import build_victim_update, intensity_label, load_victim_image, load_victim_label
+from monai_fedpriv.attacks.victim import (
+    build_victim_update,
+    intensity_label,
+    load_victim_image,
+    load_victim_label,
+    update_norm,
+)
 from monai_fedpriv.errors import BundleError
 
 __all__ = ["attack_main", "build_parser", "load_bundle_model", "release_epsilon", "run_attack"]
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv-weight", type=float, default=1e-2, help="total-variation weight alpha of Eq. 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the DP noise and the attack's initialisation")
     p.add_argument("--checkpoint", default=None, help="weights to load into the network (the global model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the attack (1 is best on a busy CPU)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--output", required=True, help="output folder for attack.json and attack.png")
     return p
@@ -159,7 +166,7 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
     recon, stats = reconstruct(
         delta, network, tm, loss, mask=label[None].to(device) if tm.mask_known else None,
         iterations=args.iterations, restarts=args.restarts, tv_weight=args.tv_weight,
-        generator=torch.Generator().manual_seed(args.seed + 1),
+        generator=torch.Generator().manual_seed(args.seed + 1), num_threads=args.threads,
     )  # fmt: skip
     recon = recon[0]
     scores = score_reconstruction(recon, image, label, pixel_range)
@@ -175,7 +182,7 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": stats["seconds"],
         "ncc_inside_mask": scores["ncc_inside_mask"],
         "ncc_outside_mask": scores["ncc_outside_mask"],
-        "update_norm": float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values()))),
+        "update_norm": update_norm(delta),
         "max_grad_norm": tm.max_grad_norm,
         "noise_multiplier": tm.noise_multiplier,
         "iterations_per_second": stats["iterations_per_second"],

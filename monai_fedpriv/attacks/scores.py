@@ -8,7 +8,7 @@ SSIM come from MONAI (:class:`monai.metrics.PSNRMetric`, :class:`monai.metrics.S
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
@@ -18,7 +18,8 @@ __all__ = ["psnr", "ssim", "ncc", "baseline_images", "score_reconstruction", "ve
 
 def psnr(recon: torch.Tensor, original: torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB of one image ``(C, *spatial)`` against the original."""
-    return float(PSNRMetric(max_val=data_range)(recon.detach().float().cpu()[None], original.float().cpu()[None]))
+    value = PSNRMetric(max_val=data_range)(recon.detach().float().cpu()[None], original.float().cpu()[None])
+    return float(cast(torch.Tensor, value))
 
 
 def ssim(recon: torch.Tensor, original: torch.Tensor, data_range: float = 1.0) -> float:
@@ -26,7 +27,7 @@ def ssim(recon: torch.Tensor, original: torch.Tensor, data_range: float = 1.0) -
     win = min(11, *original.shape[1:])
     win = win if win % 2 == 1 else win - 1
     metric = SSIMMetric(spatial_dims=original.dim() - 1, data_range=data_range, win_size=win)
-    return float(metric(recon.detach().float().cpu()[None], original.float().cpu()[None]))
+    return float(cast(torch.Tensor, metric(recon.detach().float().cpu()[None], original.float().cpu()[None])))
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = None) -> float:
@@ -34,7 +35,7 @@ def ncc(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor | None = None) ->
 
     Returns 0.0 when either image is constant on the region (no correlation can be measured).
     """
-    a, b = a.detach().float().cpu().reshape(-1), b.detach().float().cpu().reshape(-1)
+    a, b = a.detach().double().cpu().reshape(-1), b.detach().double().cpu().reshape(-1)
     if region is not None:
         keep = region.detach().cpu().reshape(-1).bool()
         a, b = a[keep], b[keep]

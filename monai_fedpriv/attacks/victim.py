@@ -8,8 +8,9 @@ gradient, and Opacus' ``noise / expected_batch_size`` is the noise itself, so th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from monai_fedpriv.errors import DataError, PrivacyConfigError
 
-__all__ = ["load_victim_image", "load_victim_label", "build_victim_update", "intensity_label"]
+__all__ = ["load_victim_image", "load_victim_label", "build_victim_update", "intensity_label", "update_norm"]
 
 
 def _read_array(path: Path, slice_index: int | None) -> np.ndarray:
@@ -28,11 +29,12 @@ def _read_array(path: Path, slice_index: int | None) -> np.ndarray:
         if name.endswith((".nii", ".nii.gz", ".mgz", ".img", ".hdr")):
             import nibabel as nib
 
-            arr = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32)
+            nii: Any = nib.load(str(path))
+            arr = np.asarray(nii.get_fdata(), dtype=np.float32)
         elif name.endswith((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")):
             from PIL import Image
 
-            arr = np.asarray(Image.open(path).convert("F"), dtype=np.float32)
+            arr = np.array(Image.open(path).convert("F"), dtype=np.float32)
         else:  # DICOM file or series folder, or anything else SimpleITK reads
             import SimpleITK as sitk
 
@@ -75,8 +77,8 @@ def load_victim_image(
     """
     arr = _read_array(Path(path), slice_index)
     t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0]
     lo, hi = float(t.min()), float(t.max())
     if not hi > lo:
         raise DataError(f"victim image {str(path)!r} is constant ({lo}); nothing to reconstruct.")
@@ -93,8 +95,8 @@ def load_victim_label(
     """
     arr = _read_array(Path(path), slice_index)
     t = torch.from_numpy(np.ascontiguousarray(np.rint(arr)))[None, None]
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    return F.interpolate(t, size=size, mode="nearest")[0].long()
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(t, size=hw, mode="nearest")[0].long()
 
 
 def intensity_label(image: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -114,6 +116,12 @@ def intensity_label(image: torch.Tensor, num_classes: int) -> torch.Tensor:
         qs = torch.quantile(gray[fg], torch.linspace(0, 1, num_classes)[1:-1])
         label[fg] = 1 + torch.bucketize(gray[fg], qs)
     return label[None]
+
+
+def update_norm(tensors: Iterable[torch.Tensor] | Mapping[str, torch.Tensor]) -> float:
+    """Global L2 norm of a collection of tensors (a gradient or an update), computed in float64."""
+    values = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+    return float(torch.sqrt(torch.stack([(v.detach().double() ** 2).sum() for v in values]).sum()))
 
 
 def build_victim_update(
@@ -169,8 +177,7 @@ def build_victim_update(
             grads = torch.autograd.grad(loss(site(image[i : i + 1]), mask[i : i + 1]), list(params.values()))
             factor = 1.0
             if max_grad_norm is not None:
-                norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
-                factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+                factor = min(1.0, max_grad_norm / (update_norm(grads) + 1e-6))
             for (n, _), g in zip(params.items(), grads, strict=True):
                 total[n] += factor * g
         with torch.no_grad():
@@ -179,5 +186,5 @@ def build_victim_update(
                 if noise_multiplier > 0:
                     noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu").to(p.device)
                     step = step + noise_multiplier * max_grad_norm * noise  # type: ignore[operator]
-                p -= lr * step / batch
+                p.sub_(lr * step / batch)
     return {n: (p.detach() - start[n]) for n, p in params.items()}

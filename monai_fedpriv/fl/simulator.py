@@ -213,6 +213,12 @@ class FederatedSimulator:
             "train#trainer#max_epochs": max_epochs,
             "train#trainer#epoch_length": epoch_length,
             "train#trainer#train_handlers": [],
+            # read by the bundle's fed.json, when it has one
+            "fed_transport": self.transport,
+            "fed_site": name,
+            "fed_every": every,
+            "fed_unit": unit,
+            "fed_momentum": self.momentum,
         }
         parser = load_bundle(self.bundle, overrides)
         trainer = parser.get_parsed_content("train#trainer")
@@ -220,12 +226,18 @@ class FederatedSimulator:
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, StreamSampler):
             raise BundleError(f"{name}: train#trainer does not use train#dataloader; cannot control its data stream.")
-        filters = list(self.filters_factory(name)) if self.filters_factory else []
-        if parser_get(parser, "fed_filters") is not None:
-            filters = list(parser.get_parsed_content("fed_filters")) + filters
+        extra = list(self.filters_factory(name)) if self.filters_factory else []
         stateful = parser.get_parsed_content("fed_stateful") if parser_get(parser, "fed_stateful") else {}
-        sync = FederatedSync(self.transport, site=name, every=every, unit=unit, momentum=self.momentum,
-                             filters=filters, n_samples=len(data))
+        if parser_get(parser, "fed_sync") is not None:  # the bundle's fed.json wires the handler: use it
+            sync = parser.get_parsed_content("fed_sync")
+            if not isinstance(sync, FederatedSync):
+                raise BundleError(f"bundle id 'fed_sync' should build a FederatedSync, got {type(sync).__name__}.")
+            sync.filters.extend(extra)
+            sync.n_samples = len(data)
+        else:
+            filters = list(parser.get_parsed_content("fed_filters")) if parser_get(parser, "fed_filters") else []
+            sync = FederatedSync(self.transport, site=name, every=every, unit=unit, momentum=self.momentum,
+                                 filters=filters + extra, n_samples=len(data))
         sync.attach(trainer)
         for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)

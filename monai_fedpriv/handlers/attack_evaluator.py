@@ -27,6 +27,7 @@ from monai_fedpriv.attacks.figures import save_reconstruction_grid
 from monai_fedpriv.attacks.gradient_inversion import reconstruct
 from monai_fedpriv.attacks.scores import score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
+from monai_fedpriv.attacks.victim import update_norm
 from monai_fedpriv.fl.update import ModelUpdate
 
 __all__ = ["ReconstructionAttackEvaluator"]
@@ -47,6 +48,7 @@ class ReconstructionAttackEvaluator:
         seed: seed of the attack's initialisation (one generator per attacked round: ``seed + round``).
         image_key: batch key of the images.
         label_key: batch key of the label maps.
+        num_threads: CPU threads during an attack (``None``: torch's setting; 1 is fastest on a busy CPU).
 
     Example:
         >>> evaluator = ReconstructionAttackEvaluator([1], "runs/attack", tm, net, loss)  # doctest: +SKIP
@@ -67,6 +69,7 @@ class ReconstructionAttackEvaluator:
         seed: int = 0,
         image_key: str = "image",
         label_key: str = "label",
+        num_threads: int | None = None,
     ) -> None:
         self.rounds = sorted({int(r) for r in rounds})
         if not self.rounds or self.rounds[0] < 1:
@@ -85,6 +88,7 @@ class ReconstructionAttackEvaluator:
         self.seed = int(seed)
         self.image_key = image_key
         self.label_key = label_key
+        self.num_threads = num_threads
         self.results: dict[int, dict[str, Any]] = {}
         self._global: dict[str, torch.Tensor] | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -106,7 +110,7 @@ class ReconstructionAttackEvaluator:
         """Keep the batch of the round's first iteration (images and label maps, on CPU)."""
         if self._batch is not None:
             return
-        batch = engine.state.batch
+        batch: Any = engine.state.batch
         if isinstance(batch, dict):
             image, label = batch[self.image_key], batch[self.label_key]
         else:
@@ -152,7 +156,7 @@ class ReconstructionAttackEvaluator:
         recon, stats = reconstruct(
             update, server_model, tm, self.loss, mask=label.to(device) if tm.mask_known else None,
             iterations=self.iterations, restarts=self.restarts, tv_weight=self.tv_weight,
-            generator=torch.Generator().manual_seed(self.seed + update.round),
+            generator=torch.Generator().manual_seed(self.seed + update.round), num_threads=self.num_threads,
         )  # fmt: skip
         per_image = [score_reconstruction(recon[i], image[i], label[i], tm.pixel_range) for i in range(len(recon))]
         privacy = dict(update.meta.get("privacy", {}) or {})
@@ -166,7 +170,7 @@ class ReconstructionAttackEvaluator:
             "epsilon": privacy.get("epsilon"),
             "noise_multiplier": privacy.get("noise_multiplier", tm.noise_multiplier),
             "max_grad_norm": privacy.get("max_grad_norm", tm.max_grad_norm),
-            "update_norm": float(torch.sqrt(sum((v.double() ** 2).sum() for v in update.delta.values()))),
+            "update_norm": update_norm(update.delta),
             "threat_model": tm.to_dict(),
             **{k: v for k, v in stats.items() if k != "mask"},
         }

@@ -67,6 +67,21 @@ class TensorHookGradSampleModule(GradSampleModule):
     full-backward hook forbids.
     """
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else None
+        if not (torch.is_tensor(x) and x.shape[0] == 0):
+            return self._module(*args, **kwargs)
+        # Empty Poisson batch: many layers (InstanceNorm...) reject a zero batch. Run one all-zero dummy sample with
+        # the hooks off and return an empty slice of its output: the graph exists, no per-sample gradient is
+        # recorded, and the optimizer step adds pure noise (see _LedgerDPOptimizer).
+        enabled = self.hooks_enabled
+        self.disable_hooks()
+        try:
+            out = self._module(torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device), *args[1:], **kwargs)
+        finally:
+            self.hooks_enabled = enabled
+        return _empty_like_batch(out)
+
     def iterate_submodules(self, module: nn.Module, _seen: set[int] | None = None) -> Iterable[nn.Module]:
         seen = set() if _seen is None else _seen
         if id(module) in seen:
@@ -123,6 +138,39 @@ class _LedgerDPOptimizer(DPOptimizer):
             for p in self.params:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return super().pre_step(closure)
+
+
+def _empty_like_batch(batch: Any) -> Any:
+    if torch.is_tensor(batch):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        return {k: _empty_like_batch(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and all(torch.is_tensor(v) for v in batch):
+        return type(batch)(_empty_like_batch(v) for v in batch)
+    return []  # collated non-tensor entries (file names, ids): an empty list
+
+
+class _EmptySafeCollate:
+    """Collate for Poisson batches: an empty batch becomes tensors with a zero batch dimension, same structure.
+
+    Opacus' wrapper learns the structure from the first non-empty batch and fails on dict samples when the very
+    first batch is empty; this one collates ``dataset[0]`` to learn it instead (only shapes/dtypes are kept).
+    """
+
+    def __init__(self, collate_fn: Any, dataset: Any) -> None:
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+        self.template: Any = None
+
+    def __call__(self, items: list[Any]) -> Any:
+        if items:
+            out = self.collate_fn(items)
+            if self.template is None:
+                self.template = _empty_like_batch(out)
+            return out
+        if self.template is None:
+            self.template = _empty_like_batch(self.collate_fn([self.dataset[0]]))
+        return self.template
 
 
 class PrivateParts(NamedTuple):
@@ -240,6 +288,7 @@ def make_site_private(
     n_data = len(data_loader.dataset)  # type: ignore[arg-type]
     if poisson:
         private_loader: DataLoader = DPDataLoader.from_data_loader(data_loader, generator=generator)
+        private_loader.collate_fn = _EmptySafeCollate(data_loader.collate_fn, data_loader.dataset)
         sample_rate = private_loader.sample_rate  # type: ignore[attr-defined]
     else:
         warnings.warn(

@@ -1,0 +1,138 @@
+"""``monai-fedpriv attack`` on a tiny bundle, and the pass-through evaluator filter on a tiny Ignite run."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from PIL import Image
+
+from monai_fedpriv.attacks import ThreatModel, intensity_label, load_victim_image
+from monai_fedpriv.attacks.cli import attack_main, load_bundle_model, release_epsilon
+from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.handlers.attack_evaluator import ReconstructionAttackEvaluator
+
+NETWORK = {
+    "_target_": "monai.networks.nets.UNet",
+    "spatial_dims": 2,
+    "in_channels": 1,
+    "out_channels": 3,
+    "channels": [4, 8, 16],
+    "strides": [2, 2],
+    "norm": "INSTANCE",
+    "num_res_units": 1,
+}
+KEYS = {"psnr", "ssim", "ncc", "baselines", "verdict", "epsilon", "iterations", "seconds"}
+
+
+def _phantom(size: int = 40) -> np.ndarray:
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    r = np.sqrt(xx**2 + (1.2 * yy) ** 2)
+    return (400 * (r < 0.85) + 400 * (r < 0.5) + 80 * np.sin(7 * xx) * (r < 0.85)).astype(np.float32)
+
+
+@pytest.fixture()
+def bundle(tmp_path):
+    (tmp_path / "bundle" / "configs").mkdir(parents=True)
+    config = {
+        "network_def": NETWORK,
+        "loss": {"_target_": "DiceCELoss", "to_onehot_y": True, "softmax": True},
+        "train": {"preprocessing": [{"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0}]},
+    }
+    (tmp_path / "bundle" / "configs" / "train.json").write_text(json.dumps(config))
+    volume = np.stack([_phantom() * (0.5 + k / 10) for k in range(5)], axis=-1)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "victim.nii.gz"))
+    Image.fromarray((_phantom() / 880 * 255).clip(0, 255).astype(np.uint8)).save(tmp_path / "victim.png")
+    return tmp_path
+
+
+def _run(bundle, out, *extra):
+    argv = [str(bundle / "bundle"), "--victim", str(bundle / "victim.nii.gz"), "--size", "32", "--restarts", "2",
+            "--threads", "1", "--output", str(out), *extra]  # fmt: skip
+    assert attack_main(argv) == 0
+    record = json.loads((out / "attack.json").read_text())
+    assert KEYS <= set(record) and (out / "attack.png").stat().st_size > 0
+    assert set(record["baselines"]) == {"constant", "mask"}
+    assert all(set(b) == {"psnr", "ssim"} for b in record["baselines"].values())
+    return record
+
+
+def test_cli_no_privacy_beats_high_privacy(bundle):
+    clear = _run(bundle, bundle / "none", "--iterations", "200")
+    high = _run(bundle, bundle / "high", "--iterations", "200", "--privacy", "high")
+    assert clear["epsilon"] is None and clear["noise_multiplier"] == 0.0 and clear["max_grad_norm"] is None
+    assert high["epsilon"] == pytest.approx(release_epsilon(1.5, 1)) and high["max_grad_norm"] == 0.1
+    assert 0 < high["epsilon"] < 10
+    assert clear["ssim"] > high["ssim"] + 0.2
+    assert clear["ssim"] > clear["baselines"]["constant"]["ssim"]
+    assert clear["update_norm"] > 0 and clear["iterations"] == 200 and clear["mask_known"] is True
+
+
+def test_cli_unknown_mask_multi_step_and_png_victim(bundle):
+    record = _run(bundle, bundle / "unknown", "--iterations", "5", "--mask", "unknown", "--local-steps", "2")
+    assert record["mask_known"] is False and record["local_steps"] == 2
+    argv = [str(bundle / "bundle"), "--victim", str(bundle / "victim.png"), "--size", "32", "--iterations", "2",
+            "--restarts", "1", "--output", str(bundle / "png")]  # fmt: skip
+    assert attack_main(argv) == 0
+
+
+def test_loaders_and_bundle_errors(bundle, tmp_path):
+    net, loss, pixel_range = load_bundle_model(bundle / "bundle")
+    assert isinstance(net, UNet) and isinstance(loss, DiceCELoss) and pixel_range == (0.0, 1.0)
+    img = load_victim_image(bundle / "victim.nii.gz", slice_index=1, size=32)
+    assert img.shape == (1, 32, 32) and float(img.min()) == 0.0 and float(img.max()) == 1.0
+    with pytest.raises(DataError, match="slice_index"):
+        load_victim_image(bundle / "victim.nii.gz", slice_index=9)
+    with pytest.raises(DataError, match="does not exist"):
+        load_victim_image(tmp_path / "missing.nii.gz")
+    (tmp_path / "empty" / "configs").mkdir(parents=True)
+    (tmp_path / "empty" / "configs" / "train.json").write_text(json.dumps({"loss": {"_target_": "DiceLoss"}}))
+    with pytest.raises(BundleError, match="network_def"):
+        load_bundle_model(tmp_path / "empty")
+    with pytest.raises(BundleError, match="train.json"):
+        load_bundle_model(tmp_path / "nowhere")
+
+
+def test_evaluator_filter_attacks_what_is_sent_and_passes_it_through(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(2, 1, 3, (4, 8, 16), (2, 2), norm="INSTANCE", num_res_units=1)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    image = torch.from_numpy(_phantom(32) / 880).clamp(0, 1)[None, None]
+    batch = {"image": image, "label": intensity_label(image[0], 3)[None]}
+    tm = ThreatModel((32, 32), 3, lr=0.1)
+    evaluator = ReconstructionAttackEvaluator(
+        [1], tmp_path / "attack", tm, net, loss, iterations=150, restarts=2, num_threads=1
+    )
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step(engine, b):
+        optimizer.zero_grad()
+        loss(net(b["image"]), b["label"]).backward()
+        optimizer.step()
+
+    trainer = Engine(step)
+    evaluator.attach(trainer)
+    evaluator.attach(trainer)  # attaching twice registers once
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainer.run([batch], max_epochs=1)
+    delta = {n: p.detach() - start[n] for n, p in net.named_parameters()}
+    update = ModelUpdate("site-1", 1, delta, n_samples=1, local_steps=1, meta={"privacy": {"epsilon": None}})
+    assert evaluator(update) is update  # unchanged
+    result = evaluator.results[1]
+    assert result["ssim"] > 0.3 and result["ssim"] > result["images"][0]["baselines"]["constant"]["ssim"]
+    written = json.loads((tmp_path / "attack" / "round_1" / "attack.json").read_text())
+    assert written["round"] == 1 and (tmp_path / "attack" / "round_1" / "attack.png").exists()
+    skipped = ModelUpdate("site-1", 2, delta, n_samples=1, local_steps=1)
+    assert evaluator(skipped) is skipped and 2 not in evaluator.results
+    restored = ReconstructionAttackEvaluator([1], tmp_path, tm, net, loss)
+    restored.load_state_dict(evaluator.state_dict())
+    assert restored.results[1]["ssim"] == pytest.approx(result["ssim"])
+    with pytest.raises(ValueError):
+        ReconstructionAttackEvaluator([0], tmp_path, tm, net, loss)
