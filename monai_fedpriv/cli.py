@@ -31,16 +31,31 @@ def build_simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last completed round in --output")
     p.add_argument("--output", type=Path, required=True, help="run directory (metrics.json, report.md, checkpoints)")
-    p.add_argument("--config-files", nargs="+", default=["train.json"],
-                   help="bundle config files merged in order, e.g. train.json dp.json (default train.json)")
-    p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default="restart",
-                   help="client optimiser state across rounds (Li et al. 2019): default restart")
+    p.add_argument(
+        "--config-files",
+        nargs="+",
+        default=["train.json"],
+        help="bundle config files merged in order, e.g. train.json dp.json (default train.json)",
+    )
+    p.add_argument(
+        "--momentum",
+        choices=("restart", "local", "aggregate"),
+        default="restart",
+        help="client optimiser state across rounds (Li et al. 2019): default restart",
+    )
     p.add_argument("--aggregator", choices=("fedavg", "fedavgm"), default="fedavg")
-    p.add_argument("--weighting", choices=("steps", "samples", "uniform"), default="steps",
-                   help="FedAvg weights: local steps (Li et al. Alg. 3), samples, or plain mean")
+    p.add_argument(
+        "--weighting",
+        choices=("steps", "samples", "uniform"),
+        default="steps",
+        help="FedAvg weights: local steps (Li et al. Alg. 3), samples, or plain mean",
+    )
     p.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM server momentum")
-    p.add_argument("--baselines", action="store_true",
-                   help="also train centralised and local-only models with the same total epochs")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also train centralised and local-only models with the same total epochs",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     return p
@@ -56,8 +71,9 @@ def simulate_main(argv: list[str]) -> int:
     if args.sites < 1:
         print(f"error: --sites should be >= 1, got {args.sites}", file=sys.stderr)
         return 2
-    local_work = LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(
-        epochs=args.local_epochs or 1)
+    local_work = (
+        LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
+    )
     bundle = BundleSpec(args.bundle_dir, tuple(args.config_files))
     print(f"loading data list of {args.bundle_dir} ...", flush=True)
     cases = bundle_datalist(bundle)
@@ -69,14 +85,24 @@ def simulate_main(argv: list[str]) -> int:
             return FedAvgM(momentum=args.server_momentum, weighting=args.weighting)
         return FedAvg(weighting=args.weighting)
 
-    metrics = run_experiment(bundle, split, args.output, args.rounds, local_work, seed=args.seed,
-                             momentum=args.momentum, aggregator_factory=aggregator, baselines=args.baselines,
-                             resume=args.resume, device=args.device)
+    metrics = run_experiment(
+        bundle,
+        split,
+        args.output,
+        args.rounds,
+        local_work,
+        seed=args.seed,
+        momentum=args.momentum,
+        aggregator_factory=aggregator,
+        baselines=args.baselines,
+        resume=args.resume,
+        device=args.device,
+    )
     if not args.no_report:
+        import torch
+
         from monai_fedpriv.report.markdown import write_report
         from monai_fedpriv.report.segmentations import plot_example_segmentations
-
-        import torch
 
         weights = torch.load(args.output / "federated" / "models" / "model.pt", map_location="cpu")
         seg = plot_example_segmentations(bundle, weights, split.val, args.output / "figures" / "segmentations.png")
@@ -107,11 +133,14 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: monai-fedpriv {" + ",".join(COMMANDS) + "} ...\n\n"
-              "  simulate  federated training of a bundle over in-process sites (+ baselines, report)\n"
-              "  privacy   epsilon of DP-SGD for (sample rate, noise multiplier, steps, delta)\n"
-              "  attack    gradient-inversion audit of one site's update\n"
-              "  data      build the embedded default data set", file=sys.stderr)
+        print(
+            "usage: monai-fedpriv {" + ",".join(COMMANDS) + "} ...\n\n"
+            "  simulate  federated training of a bundle over in-process sites (+ baselines, report)\n"
+            "  privacy   epsilon of DP-SGD for (sample rate, noise multiplier, steps, delta)\n"
+            "  attack    gradient-inversion audit of one site's update\n"
+            "  data      build the embedded default data set",
+            file=sys.stderr,
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import importlib

@@ -32,8 +32,12 @@ class SiteSplit:
     sizes: dict[str, int]
 
     def describe(self) -> dict[str, Any]:
-        return {"scheme": self.scheme, "mean_ks": self.mean_ks, "train_sizes": self.sizes,
-                "val_sizes": {k: len(v) for k, v in self.val.items()}}
+        return {
+            "scheme": self.scheme,
+            "mean_ks": self.mean_ks,
+            "train_sizes": self.sizes,
+            "val_sizes": {k: len(v) for k, v in self.val.items()},
+        }
 
 
 def bundle_datalist(bundle: BundleSpec) -> list[dict[str, Any]]:
@@ -103,9 +107,19 @@ def run_experiment(
     """
     output_dir = Path(output_dir)
     common = {"seed": seed, "device": device, "overrides": overrides}
-    fed = FederatedSimulator(bundle, split.train, split.val, rounds, local_work, output_dir / "federated",
-                             aggregator=aggregator_factory(), momentum=momentum, filters_factory=filters_factory,
-                             label="federated", **common)
+    fed = FederatedSimulator(
+        bundle,
+        split.train,
+        split.val,
+        rounds,
+        local_work,
+        output_dir / "federated",
+        aggregator=aggregator_factory(),
+        momentum=momentum,
+        filters_factory=filters_factory,
+        label="federated",
+        **common,
+    )
     metrics = _run(fed, resume)
     metrics["partition"] = split.describe()
     if baselines:
@@ -118,24 +132,49 @@ def _run(sim: FederatedSimulator, resume: bool) -> dict[str, Any]:
     return sim.run(resume=resume and sim.checkpoint_path.is_file())
 
 
-def _baselines(bundle: BundleSpec, split: SiteSplit, output_dir: Path, rounds: int, local_work: LocalWork,
-               resume: bool, common: dict[str, Any]) -> dict[str, Any]:
+def _baselines(
+    bundle: BundleSpec,
+    split: SiteSplit,
+    output_dir: Path,
+    rounds: int,
+    local_work: LocalWork,
+    resume: bool,
+    common: dict[str, Any],
+) -> dict[str, Any]:
     # one "site" training continuously (momentum kept) for the same number of passes over its data
     union = [c for cases in split.train.values() for c in cases]
-    central = FederatedSimulator(bundle, {"central": union}, split.val, rounds, local_work,
-                                 output_dir / "baselines" / "centralised", momentum="local", label="centralised",
-                                 **common)
+    central = FederatedSimulator(
+        bundle,
+        {"central": union},
+        split.val,
+        rounds,
+        local_work,
+        output_dir / "baselines" / "centralised",
+        momentum="local",
+        label="centralised",
+        **common,
+    )
     central_m = _run(central, resume)
     out: dict[str, Any] = {
-        "centralised": {"global_dice": central_m["final"]["global_dice"],
-                        "per_site": central_m["final"]["global_dice_per_site"],
-                        "rounds": [r["global"]["dice"] for r in central_m["rounds"]]},
+        "centralised": {
+            "global_dice": central_m["final"]["global_dice"],
+            "per_site": central_m["final"]["global_dice_per_site"],
+            "rounds": [r["global"]["dice"] for r in central_m["rounds"]],
+        },
         "local_only": {},
     }
     for name, cases in split.train.items():
-        local = FederatedSimulator(bundle, {name: cases}, split.val, rounds, local_work,
-                                   output_dir / "baselines" / f"local-{name}", momentum="local",
-                                   label=f"local {name}", **common)
+        local = FederatedSimulator(
+            bundle,
+            {name: cases},
+            split.val,
+            rounds,
+            local_work,
+            output_dir / "baselines" / f"local-{name}",
+            momentum="local",
+            label=f"local {name}",
+            **common,
+        )
         m = _run(local, resume)
         per_site = m["final"]["global_dice_per_site"]
         others = [v for k, v in per_site.items() if k != name and v is not None]

@@ -22,8 +22,9 @@ def _few_threads():
 def tiny_data(tmp_path_factory) -> Path:
     from monai_fedpriv.data.brain_tissue import build_brain_tissue_2d
 
-    return build_brain_tissue_2d(tmp_path_factory.mktemp("tiny_data"), n_sites=2, cases_per_site=6, val_per_site=2,
-                                 image_size=32, seed=3)
+    return build_brain_tissue_2d(
+        tmp_path_factory.mktemp("tiny_data"), n_sites=2, cases_per_site=6, val_per_site=2, image_size=32, seed=3
+    )
 
 
 def tiny_overrides(data_dir: Path) -> dict:

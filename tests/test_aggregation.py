@@ -11,8 +11,9 @@ def _glob():
 
 
 def _upd(site, w, b, steps, samples, masks=None):
-    return ModelUpdate(site, 1, {"w": torch.tensor(w), "b": torch.tensor(b), "n": torch.tensor(1)}, samples, steps,
-                       masks=masks)
+    return ModelUpdate(
+        site, 1, {"w": torch.tensor(w), "b": torch.tensor(b), "n": torch.tensor(1)}, samples, steps, masks=masks
+    )
 
 
 def test_fedavg_weighted_by_steps_matches_hand_computation():
@@ -21,8 +22,9 @@ def test_fedavg_weighted_by_steps_matches_hand_computation():
     u2 = _upd("b", [4.0, 3.0, 2.0], [-1.0], steps=30, samples=50)
     new = FedAvg("steps")(g, [u1, u2])
     # Li et al. Alg. 3: W + sum N_k dW_k / sum N_k with N = local steps 10, 30
-    expected_w = torch.tensor([1.0, 2.0, 3.0]) + (10 * torch.tensor([1.0, 0.0, -1.0]) + 30 * torch.tensor(
-        [4.0, 3.0, 2.0])) / 40
+    expected_w = (
+        torch.tensor([1.0, 2.0, 3.0]) + (10 * torch.tensor([1.0, 0.0, -1.0]) + 30 * torch.tensor([4.0, 3.0, 2.0])) / 40
+    )
     assert torch.allclose(new["w"], expected_w)
     assert torch.allclose(new["b"], torch.tensor([0.5 + (10 * 2.0 + 30 * -1.0) / 40]))
     assert new["n"].dtype == torch.int64 and int(new["n"]) == 8

@@ -54,7 +54,7 @@ def bundle(tmp_path):
 
 
 def _run(bundle, out, *extra):
-    argv = [str(bundle / "bundle"), "--victim", str(bundle / "victim.nii.gz"), "--size", "32", "--restarts", "2",
+    argv = [str(bundle / "bundle"), "--victim", str(bundle / "victim.nii.gz"), "--size", "24", "--restarts", "2",
             "--threads", "1", "--output", str(out), *extra]  # fmt: skip
     assert attack_main(argv) == 0
     record = json.loads((out / "attack.json").read_text())
@@ -65,14 +65,14 @@ def _run(bundle, out, *extra):
 
 
 def test_cli_no_privacy_beats_high_privacy(bundle):
-    clear = _run(bundle, bundle / "none", "--iterations", "200")
-    high = _run(bundle, bundle / "high", "--iterations", "200", "--privacy", "high")
+    clear = _run(bundle, bundle / "none", "--iterations", "120")
+    high = _run(bundle, bundle / "high", "--iterations", "120", "--privacy", "high")
     assert clear["epsilon"] is None and clear["noise_multiplier"] == 0.0 and clear["max_grad_norm"] is None
     assert high["epsilon"] == pytest.approx(release_epsilon(1.5, 1)) and high["max_grad_norm"] == 0.1
     assert 0 < high["epsilon"] < 10
     assert clear["ssim"] > high["ssim"] + 0.2
     assert clear["ssim"] > clear["baselines"]["constant"]["ssim"]
-    assert clear["update_norm"] > 0 and clear["iterations"] == 200 and clear["mask_known"] is True
+    assert clear["update_norm"] > 0 and clear["iterations"] == 120 and clear["mask_known"] is True
 
 
 def test_cli_unknown_mask_multi_step_and_png_victim(bundle):
@@ -108,7 +108,7 @@ def test_evaluator_filter_attacks_what_is_sent_and_passes_it_through(tmp_path):
     batch = {"image": image, "label": intensity_label(image[0], 3)[None]}
     tm = ThreatModel((32, 32), 3, lr=0.1)
     evaluator = ReconstructionAttackEvaluator(
-        [1], tmp_path / "attack", tm, net, loss, iterations=150, restarts=2, num_threads=1
+        [1], tmp_path / "attack", tm, net, loss, iterations=120, restarts=2, num_threads=1
     )
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
 

@@ -6,16 +6,47 @@ from tests.conftest import BUNDLE_DIR
 
 def test_simulate_cli_writes_metrics_and_report(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    overrides = json.dumps({"dataset_dir": str(tiny_data), "network_def": {
-        "_target_": "UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "channels": [4, 8],
-        "strides": [2], "num_res_units": 1, "norm": "INSTANCE"}})
+    overrides = json.dumps(
+        {
+            "dataset_dir": str(tiny_data),
+            "network_def": {
+                "_target_": "UNet",
+                "spatial_dims": 2,
+                "in_channels": 1,
+                "out_channels": 3,
+                "channels": [4, 8],
+                "strides": [2],
+                "num_res_units": 1,
+                "norm": "INSTANCE",
+            },
+        }
+    )
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
     for f in ("train.json", "fed.json", "metadata.json"):
         (bundle / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
     (bundle / "configs" / "tiny.json").write_text(overrides)
-    rc = main(["simulate", str(bundle), "--sites", "2", "--rounds", "2", "--local-steps", "2", "--output", str(out),
-               "--config-files", "train.json", "fed.json", "tiny.json", "--partition", "iid", "--baselines"])
+    rc = main(
+        [
+            "simulate",
+            str(bundle),
+            "--sites",
+            "2",
+            "--rounds",
+            "2",
+            "--local-steps",
+            "2",
+            "--output",
+            str(out),
+            "--config-files",
+            "train.json",
+            "fed.json",
+            "tiny.json",
+            "--partition",
+            "iid",
+            "--baselines",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in m["rounds"]] == [1, 2]
@@ -27,9 +58,31 @@ def test_simulate_cli_writes_metrics_and_report(tiny_data, tmp_path, monkeypatch
     assert (out / "figures" / "dice_per_round.png").stat().st_size > 1000
     assert (out / "figures" / "segmentations.png").stat().st_size > 1000
     # resume after completion does nothing and keeps the result
-    assert main(["simulate", str(bundle), "--sites", "2", "--rounds", "2", "--local-steps", "2", "--output", str(out),
-                 "--config-files", "train.json", "fed.json", "tiny.json", "--partition", "iid", "--resume",
-                 "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                str(bundle),
+                "--sites",
+                "2",
+                "--rounds",
+                "2",
+                "--local-steps",
+                "2",
+                "--output",
+                str(out),
+                "--config-files",
+                "train.json",
+                "fed.json",
+                "tiny.json",
+                "--partition",
+                "iid",
+                "--resume",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "metrics.json").read_text())["final"] == m["final"]
 
 

@@ -58,7 +58,8 @@ def test_supervised_trainer_stops_before_budget_and_reports():
     assert dp.sample_rate == Q
     assert any("BatchNorm2d" in c for c in dp.changes)
     assert handler.exhausted
-    assert dp.ledger.steps == 6 == len(eps_seen)  # every iteration stepped (empty batches too)
+    # every iteration stepped, and so did every empty Poisson draw (noise only, taken by the loader)
+    assert dp.ledger.steps == 6 == len(eps_seen) + dp.dataloader.empty_steps
     assert max(eps_seen) <= budget
     assert handler.epsilon() == pytest.approx(_ledger_eps(6))
     trainer.run()  # a later round: the exhausted site does not step again
@@ -144,3 +145,65 @@ def test_policy_raise_and_bad_arguments():
     unbound = PrivacyBudgetHandler(PrivacyLedger(), budget=1.0, delta=1e-5)
     with pytest.raises(PrivacyConfigError, match="sample_rate"):
         unbound(engine)
+
+
+def test_bundle_dp_override_makes_train_json_private():
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+    from opacus.optimizers import DPOptimizer
+
+    from monai_fedpriv.privacy.dp_sgd import strip_module_prefix
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "brain_tissue_2d" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.json"), str(configs / "dp.json")])
+    data = "$[{'image': torch.rand(1, 64, 64), 'label': torch.randint(0, 3, (1, 64, 64)).float()} for _ in range(4)]"
+    parser.update(
+        {
+            "dataset_dir": "/nonexistent",
+            "datalist": [],
+            "max_epochs": 1,
+            "batch_size": 2,
+            "device": "$torch.device('cpu')",
+            "train#dataset": {"_target_": "Dataset", "data": data},
+            "validate#dataset": {"_target_": "Dataset", "data": data},
+            "dp_regime": "low",
+        }
+    )
+    trainer = parser.get_parsed_content("train#trainer")
+    assert isinstance(trainer.optimizer, DPOptimizer)
+    assert isinstance(trainer.loss_function, PerSampleLoss)
+    assert trainer.network._module is parser.get_parsed_content("network")  # evaluator sees the DP weights
+    for handler in parser.get_parsed_content("fed_handlers"):
+        handler.attach(trainer)
+    trainer.run()
+    ledger = parser.get_parsed_content("privacy_ledger")
+    budget = parser.get_parsed_content("dp_budget_handler")
+    assert ledger.steps >= 1 and budget.budget == 11.5 and budget.epsilon() <= 11.5
+    facts = budget.privacy_facts()
+    assert (facts["noise_multiplier"], facts["max_grad_norm"], facts["sample_rate"]) == (0.8, 1.0, 0.5)
+    plain = parser.get_parsed_content("network_def", instantiate=True, lazy=False)
+    plain.load_state_dict(strip_module_prefix(trainer.network.state_dict()))
+
+
+def test_dpsgd_resume_continues_random_streams_instead_of_replaying_them():
+    def build():
+        net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+        return DPSGD(net, torch.optim.SGD(net.parameters(), lr=0.1), _dict_loader(n=8, size=8), 1.0, 1.0, seed=3)
+
+    first = build()
+    first.optimizer.zero_grad()
+    first.optimizer.step()  # a noise-only step consumes noise
+    _ = [b for b in first.dataloader]  # one pass of Poisson draws
+    state = first.state_dict()
+    next_noise = torch.randn(5, generator=first.optimizer.generator)
+    next_draw = [b["image"].shape[0] for b in first.dataloader]
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert torch.equal(torch.randn(5, generator=resumed.optimizer.generator), next_noise)
+    assert [b["image"].shape[0] for b in resumed.dataloader] == next_draw
+    fresh = build()
+    assert not torch.equal(torch.randn(5, generator=fresh.optimizer.generator), next_noise)
+    with pytest.raises(PrivacyConfigError):
+        fresh.load_state_dict({"sampler_generator": None})

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.privacy.accounting import PrivacyLedger
 from monai_fedpriv.privacy.dp_sgd import (
+    MicroBatchGradSampleModule,
     TensorHookGradSampleModule,
     make_site_private,
     rebuild_optimizer,
@@ -33,30 +34,50 @@ def _per_sample_loop(model, x, loss_fn):
 NETS = {
     "unet": lambda: UNet(2, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="instance"),
     # in-place residual adds (x += identity): stock Opacus hooks crash here
-    "segresnet": lambda: SegResNet(2, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)),
+    "segresnet": lambda: SegResNet(
+        2, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)
+    ),
     # submodules reachable twice (skip_layers) + in-place add on an InstanceNorm view
     "dynunet": lambda: DynUNet(
-        2, 1, 3, [3, 3, 3], [1, 2, 2], [2, 2], filters=(4, 8, 16), norm_name=("instance", {"affine": True}), res_block=True
+        2,
+        1,
+        3,
+        [3, 3, 3],
+        [1, 2, 2],
+        [2, 2],
+        filters=(4, 8, 16),
+        norm_name=("instance", {"affine": True}),
+        res_block=True,
     ),
 }
 
 
+NETS["prelu_convtranspose_3d"] = lambda: nn.Sequential(
+    nn.Conv3d(1, 4, 3, padding=1),
+    nn.PReLU(),
+    nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1),
+    nn.PReLU(3),
+    nn.Conv3d(3, 2, 1),
+)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "microbatch"])
 @pytest.mark.parametrize("name", sorted(NETS))
-def test_tensor_hook_grad_samples_match_per_sample_loop(name):
+def test_grad_samples_match_per_sample_loop(name, mode):
     torch.manual_seed(0)
     model = NETS[name]()
+    x = torch.rand(3, 1, 8, 8, 8) if name.endswith("3d") else torch.rand(3, 1, 16, 16)
     for m in model.modules():
         if getattr(m, "inplace", False):
             m.inplace = False
     model.train()
-    x = torch.rand(3, 1, 16, 16)
     ref = _per_sample_loop(model, x, lambda out: out.pow(2).mean())
-    gsm = TensorHookGradSampleModule(model, loss_reduction="mean")
-    gsm(x).pow(2).mean(dim=(1, 2, 3)).mean().backward()
+    cls = TensorHookGradSampleModule if mode == "hooks" else MicroBatchGradSampleModule
+    gsm = cls(model, loss_reduction="mean")
+    gsm(x).pow(2).mean().backward()
     for j, p in enumerate(model.parameters()):
         for i in range(3):
             torch.testing.assert_close(p.grad_sample[i], ref[i][j], rtol=1e-4, atol=1e-6)
-    gsm.remove_hooks()
 
 
 def test_clipped_update_equals_plain_per_sample_loop_without_noise():
@@ -81,15 +102,20 @@ def test_clipped_update_equals_plain_per_sample_loop_without_noise():
     ref = _per_sample_loop(model, x, loss_fn)
     norms = [torch.sqrt(sum(g.pow(2).sum() for g in gs)) for gs in ref]
     assert max(norms) > clip  # clipping is active
-    clipped_sum = [sum(gs[j] * min(1.0, clip / (n.item() + 1e-6)) for gs, n in zip(ref, norms)) for j in range(len(ref[0]))]
-    for cs in [[gs[j] * min(1.0, clip / (n.item() + 1e-6)) for j in range(len(gs))] for gs, n in zip(ref, norms)]:
+    clipped_sum = [
+        sum(gs[j] * min(1.0, clip / (n.item() + 1e-6)) for gs, n in zip(ref, norms, strict=True))
+        for j in range(len(ref[0]))
+    ]
+    for cs in [
+        [gs[j] * min(1.0, clip / (n.item() + 1e-6)) for j in range(len(gs))] for gs, n in zip(ref, norms, strict=True)
+    ]:
         assert torch.sqrt(sum(c.pow(2).sum() for c in cs)) <= clip * (1 + 1e-5)
     before = [p.detach().clone() for p in model.parameters()]
     parts.optimizer.zero_grad()
     loss_fn(parts.network(x)).backward()
     parts.optimizer.step()
     expected_batch = parts.optimizer.expected_batch_size
-    for b, p, cs in zip(before, model.parameters(), clipped_sum):
+    for b, p, cs in zip(before, model.parameters(), clipped_sum, strict=True):
         torch.testing.assert_close(b - p.detach(), lr * cs / expected_batch, rtol=1e-4, atol=1e-7)
     with pytest.raises(PrivacyConfigError):  # a noise-free step is never accounted as private
         hook(parts.optimizer)
@@ -149,6 +175,31 @@ def test_empty_batches_step_add_noise_and_count():
     assert ledger.steps == 2
     assert not torch.equal(before, model.weight)
     assert ledger.events[0]["sample_rate"] == pytest.approx(1 / 5)
+
+
+def test_loader_steps_empty_draws_itself_and_counts_them():
+    model = nn.Linear(4, 2)
+    ledger = PrivacyLedger()
+    items = [{"image": torch.rand(4), "name": f"item{i}"} for i in range(4)]
+    parts = make_site_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        DataLoader(items, batch_size=1),  # q = 1/4: about a third of the draws are empty
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        ledger=ledger,
+        generator=torch.Generator().manual_seed(0),
+    )
+    seen = 0
+    for _ in range(5):
+        for batch in parts.data_loader:
+            assert batch["image"].shape[0] > 0 and len(batch["name"]) == batch["image"].shape[0]
+            parts.optimizer.zero_grad()
+            parts.network(batch["image"]).sum().backward()
+            parts.optimizer.step()
+            seen += 1
+    assert parts.data_loader.empty_steps > 0
+    assert ledger.steps == seen + parts.data_loader.empty_steps == 20
 
 
 def test_epoch_counts_steps_and_epsilon_matches_history():
@@ -218,7 +269,9 @@ def test_bad_settings_raise():
         )
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     with pytest.raises(PrivacyConfigError, match="prepare_for_dp"):
-        make_site_private(bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0, **kw)
+        make_site_private(
+            bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0, **kw
+        )
 
 
 # ---------------------------------------------------------------- per-sample losses and the privacy unit
@@ -233,7 +286,9 @@ def test_per_sample_loss_is_mean_of_independent_sample_losses():
     pred, label = torch.randn(4, 3, 8, 8, requires_grad=True), torch.randint(0, 3, (4, 1, 8, 8))
     loss = PerSampleLoss("dicece")
     values = loss.per_sample(pred, label)
-    single = torch.stack([DiceCELoss(to_onehot_y=True, softmax=True)(pred[i : i + 1], label[i : i + 1]) for i in range(4)])
+    single = torch.stack(
+        [DiceCELoss(to_onehot_y=True, softmax=True)(pred[i : i + 1], label[i : i + 1]) for i in range(4)]
+    )
     torch.testing.assert_close(values, single)
     torch.testing.assert_close(loss(pred, label), single.mean())
     # the gradient w.r.t. sample 0 does not depend on the other samples

@@ -22,14 +22,22 @@ def _data(n, seed):
 
 def _net():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 3, padding=1))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 2, 3, padding=1)
+    )
 
 
 def _trainer(net, x, y, lr, max_epochs):
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     loader = [{"image": x, "label": y}]  # one full batch per epoch
-    return SupervisedTrainer(device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=net,
-                             optimizer=opt, loss_function=torch.nn.MSELoss())
+    return SupervisedTrainer(
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=loader,
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.MSELoss(),
+    )
 
 
 def test_fedavg_one_full_batch_sgd_step_equals_centralised_gradient_descent():
@@ -102,9 +110,15 @@ def test_filter_sees_update_and_its_output_is_what_is_sent():
     assert sent.meta["privacy"] == {"note": "halved"}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"unit": "rounds"}, "unit"), ({"every": 0}, "every"), ({"momentum": "keep"}, "momentum"),
-    ({"filters": [3]}, "callable")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"unit": "rounds"}, "unit"),
+        ({"every": 0}, "every"),
+        ({"momentum": "keep"}, "momentum"),
+        ({"filters": [3]}, "callable"),
+    ],
+)
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         FederatedSync(InProcessTransport(), "s", **kwargs)
@@ -123,18 +137,27 @@ def test_momentum_policies(policy):
     transport.publish(GlobalModel(0, exchangeable_state(net)))
     x, y = _data(4, 0)
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
-    tr = SupervisedTrainer(device="cpu", max_epochs=2, train_data_loader=[{"image": x, "label": y}] * 2, network=net,
-                           optimizer=opt, loss_function=torch.nn.MSELoss())
+    tr = SupervisedTrainer(
+        device="cpu",
+        max_epochs=2,
+        train_data_loader=[{"image": x, "label": y}] * 2,
+        network=net,
+        optimizer=opt,
+        loss_function=torch.nn.MSELoss(),
+    )
     sync = FederatedSync(transport, "site-1", momentum=policy)
     sync.attach(tr)
     tr.run()
     u = transport.collect()[0]
     assert (u.optimizer_state is not None) == (policy == "aggregate")
     if policy == "aggregate":
-        assert set(u.optimizer_state) == {f"{n}/{k}" for n, _ in net.named_parameters() for k in ("exp_avg", "exp_avg_sq")}
+        assert set(u.optimizer_state) == {
+            f"{n}/{k}" for n, _ in net.named_parameters() for k in ("exp_avg", "exp_avg_sq")
+        }
     steps_before = {id(p): float(s["step"]) for p, s in opt.state.items()}
-    transport.publish(GlobalModel(1, transport.current.weights,
-                                  optimizer_state=FedAvg().aggregate_optimizer_state([u])))
+    transport.publish(
+        GlobalModel(1, transport.current.weights, optimizer_state=FedAvg().aggregate_optimizer_state([u]))
+    )
     tr.run()
     steps_after = [float(s["step"]) for s in opt.state.values()]
     if policy == "restart":  # state re-initialised at the round start: only this round's 2 steps

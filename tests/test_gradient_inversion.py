@@ -19,7 +19,7 @@ from monai_fedpriv.attacks import (
 )
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 
-SIZE = 32
+SIZE = 24
 
 
 def _net(dims: int = 2, channels: tuple[int, ...] = (4, 8, 16)) -> torch.nn.Module:
@@ -87,7 +87,7 @@ def test_replay_reproduces_multi_step_update_exactly():
         assert torch.allclose(replay[name], sent[name], atol=1e-6, rtol=1e-4)
 
 
-def _attack(noise: float, clip: float | None, iterations: int = 200) -> dict:
+def _attack(noise: float, clip: float | None, iterations: int = 120) -> dict:
     net = _net()
     img, lbl = _phantom()
     gen = torch.Generator().manual_seed(0)

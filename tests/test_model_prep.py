@@ -14,8 +14,12 @@ SIZE = 16
 NETS = {
     "UNet": lambda: UNet(2, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="batch"),
     "BasicUNet": lambda: BasicUNet(2, 1, 3, features=(4, 4, 8, 8, 16, 4)),
-    "SegResNet": lambda: SegResNet(2, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)),
-    "DynUNet": lambda: DynUNet(2, 1, 3, [3, 3, 3], [1, 2, 2], [2, 2], filters=(4, 8, 16), norm_name="batch", res_block=True),
+    "SegResNet": lambda: SegResNet(
+        2, init_filters=8, in_channels=1, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)
+    ),
+    "DynUNet": lambda: DynUNet(
+        2, 1, 3, [3, 3, 3], [1, 2, 2], [2, 2], filters=(4, 8, 16), norm_name="batch", res_block=True
+    ),
 }
 
 

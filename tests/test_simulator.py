@@ -94,7 +94,7 @@ def test_bad_bundles_raise_naming_what_is_missing(tmp_path, tiny_data):
     (tmp_path / "b" / "configs" / "train.json").write_text("{not json")
     with pytest.raises(BundleError, match="train.json"):
         load_bundle(BundleSpec(tmp_path / "b"))
-    (tmp_path / "b" / "configs" / "train.json").write_text('{}')
+    (tmp_path / "b" / "configs" / "train.json").write_text("{}")
     with pytest.raises(BundleError, match="dp.json"):
         load_bundle(BundleSpec(tmp_path / "b", ("train.json", "dp.json")))
 
@@ -102,5 +102,6 @@ def test_bad_bundles_raise_naming_what_is_missing(tmp_path, tiny_data):
 def test_empty_site_raises(tiny_bundle, tmp_path):
     split = _split(tiny_bundle)
     with pytest.raises(DataError, match="site-2"):
-        FederatedSimulator(tiny_bundle, {"site-1": split.train["site-1"], "site-2": []}, split.val, 1,
-                           LocalWork(epochs=1), tmp_path)
+        FederatedSimulator(
+            tiny_bundle, {"site-1": split.train["site-1"], "site-2": []}, split.val, 1, LocalWork(epochs=1), tmp_path
+        )

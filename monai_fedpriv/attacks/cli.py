@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", choices=["known", "unknown"], default="known", help="does the attacker know the mask")
     p.add_argument("--iterations", type=int, default=1000, help="attack iterations (default 1000)")
     p.add_argument("--restarts", type=int, default=4, help="random restarts run side by side (default 4)")
-    p.add_argument("--tv-weight", type=float, default=1e-2, help="total-variation weight alpha of Eq. 1")
+    p.add_argument("--tv-weight", type=float, default=5e-2, help="total-variation weight alpha of Eq. 1")
     p.add_argument("--seed", type=int, default=0, help="seed of the DP noise and the attack's initialisation")
     p.add_argument("--checkpoint", default=None, help="weights to load into the network (the global model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the attack (1 is best on a busy CPU)")

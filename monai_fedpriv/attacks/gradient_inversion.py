@@ -136,7 +136,7 @@ def reconstruct(
     iterations: int = 1000,
     restarts: int = 4,
     step_size: float = 0.1,
-    tv_weight: float = 1e-2,
+    tv_weight: float = 5e-2,
     generator: torch.Generator | None = None,
     vectorize: bool = True,
     num_threads: int | None = None,
@@ -176,7 +176,8 @@ def reconstruct(
         raise ValueError("threat_model.mask_known is True but no mask was given.")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
-    model = model.train()
+    was_training = model.training
+    model.train()  # the site trained in train mode; restored below
     params = {_strip(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {_strip(n): b.detach() for n, b in model.named_buffers()}
     names = list(params)
@@ -236,6 +237,7 @@ def reconstruct(
                 x.clamp_(lo, hi)
         seconds = time.perf_counter() - start
         _total, match = run_all(objective, x.detach(), logits.detach())
+    model.train(was_training)
     best = int(torch.argmin(match))
     if tm.mask_known:
         mask_out = labels[:, None].cpu()

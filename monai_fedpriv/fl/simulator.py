@@ -60,8 +60,16 @@ class LocalWork:
 class SiteRuntime:
     """One simulated site: its bundle parser, trainer, sync handler, sampler and evaluator."""
 
-    def __init__(self, name: str, parser: ConfigParser, trainer: Any, sync: FederatedSync, sampler: StreamSampler,
-                 batch_size: int, stateful: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        parser: ConfigParser,
+        trainer: Any,
+        sync: FederatedSync,
+        sampler: StreamSampler | None,
+        batch_size: int,
+        stateful: Mapping[str, Any],
+    ) -> None:
         self.name = name
         self.parser = parser
         self.trainer = trainer
@@ -77,7 +85,7 @@ class SiteRuntime:
             "engine": self.trainer.state_dict(),
             "optimizer": self.trainer.optimizer.state_dict(),
             "sync": self.sync.state_dict(),
-            "sampler": self.sampler.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
             "active": self.active,
         }
@@ -91,9 +99,10 @@ class SiteRuntime:
         self.trainer.load_state_dict(engine_state)
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.sync.load_state_dict(state["sync"])
-        self.sampler.load_state_dict(state["sampler"])
-        # consumed samples, not the prefetch position: every batch of a stream is full
-        self.sampler.position = self.trainer.state.iteration * self.batch_size
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+            # consumed samples, not the prefetch position: every batch of a stream is full
+            self.sampler.position = self.trainer.state.iteration * self.batch_size
         for key, obj in self.stateful.items():
             if key not in state["stateful"]:
                 raise KeyError(f"checkpoint of {self.name} lacks state of {key!r}.")
@@ -196,8 +205,12 @@ class FederatedSimulator:
         site_seed = derive_seed(self.seed, "site", name)
         n_batches = -(-len(data) // batch_size)
         if self.local_work.epochs is not None:
-            max_epochs, epoch_length, every, unit = self.rounds * self.local_work.epochs, n_batches, \
-                self.local_work.epochs, "epochs"
+            max_epochs, epoch_length, every, unit = (
+                self.rounds * self.local_work.epochs,
+                n_batches,
+                self.local_work.epochs,
+                "epochs",
+            )
         else:
             max_epochs, epoch_length, every, unit = self.rounds, int(self.local_work.steps or 1), 1, "epochs"
         overrides = {
@@ -222,10 +235,11 @@ class FederatedSimulator:
         }
         parser = load_bundle(self.bundle, overrides)
         trainer = parser.get_parsed_content("train#trainer")
-        loader = trainer.data_loader
-        sampler = getattr(loader, "sampler", None)
+        sampler = getattr(trainer.data_loader, "sampler", None)
         if not isinstance(sampler, StreamSampler):
-            raise BundleError(f"{name}: train#trainer does not use train#dataloader; cannot control its data stream.")
+            # an override (e.g. dp.json's Poisson loader) replaced the stream; its own state must then be listed in
+            # fed_stateful for exact resume
+            sampler = None
         extra = list(self.filters_factory(name)) if self.filters_factory else []
         stateful = parser.get_parsed_content("fed_stateful") if parser_get(parser, "fed_stateful") else {}
         if parser_get(parser, "fed_sync") is not None:  # the bundle's fed.json wires the handler: use it
@@ -236,8 +250,15 @@ class FederatedSimulator:
             sync.n_samples = len(data)
         else:
             filters = list(parser.get_parsed_content("fed_filters")) if parser_get(parser, "fed_filters") else []
-            sync = FederatedSync(self.transport, site=name, every=every, unit=unit, momentum=self.momentum,
-                                 filters=filters + extra, n_samples=len(data))
+            sync = FederatedSync(
+                self.transport,
+                site=name,
+                every=every,
+                unit=unit,
+                momentum=self.momentum,
+                filters=filters + extra,
+                n_samples=len(data),
+            )
         sync.attach(trainer)
         for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)
@@ -358,13 +379,22 @@ class FederatedSimulator:
         for name, res in site_results.items():
             if name in glob["per_set"]:
                 res["global_dice"] = glob["per_set"][name]
-        record = {"round": rnd, "sites": site_results, "global": {"dice": glob["dice"], "per_site": glob["per_set"]},
-                  "seconds": round(time.perf_counter() - t0, 3)}
+        record = {
+            "round": rnd,
+            "sites": site_results,
+            "global": {"dice": glob["dice"], "per_site": glob["per_set"]},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         if self.progress:
-            parts = " | ".join(f"{n} loss {r['loss']:.3f} dice {r.get('dice', float('nan')):.3f}"
-                               for n, r in site_results.items())
-            print(f"[{self.label}] round {rnd}/{self.rounds} | {parts} | global dice {glob['dice']:.3f} "
-                  f"| {record['seconds']:.1f}s", flush=True)
+            parts = " | ".join(
+                f"{n} loss {r['loss']:.3f}" + (f" dice {r['dice']:.3f}" if "dice" in r else "")
+                for n, r in site_results.items()
+            )
+            print(
+                f"[{self.label}] round {rnd}/{self.rounds} | {parts} | global dice {glob['dice']:.3f} "
+                f"| {record['seconds']:.1f}s",
+                flush=True,
+            )
         return record
 
     def evaluate_global(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:

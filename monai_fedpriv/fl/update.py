@@ -99,7 +99,9 @@ def check_update(update: ModelUpdate, reference: Mapping[str, torch.Tensor]) -> 
             if mask.dtype != torch.bool or tuple(mask.shape) != tuple(ref.shape):
                 raise UpdateError(f"{who}: mask for {key!r} must be bool with shape {tuple(ref.shape)}.")
     if update.local_steps < 0 or update.n_samples < 0:
-        raise UpdateError(f"{who}: n_samples and local_steps must be >= 0, got {update.n_samples}, {update.local_steps}.")
+        raise UpdateError(
+            f"{who}: n_samples and local_steps must be >= 0, got {update.n_samples}, {update.local_steps}."
+        )
     for name in ("n_samples", "local_steps"):
         if isinstance(getattr(update, name), float) and not math.isfinite(getattr(update, name)):
             raise UpdateError(f"{who}: {name} is not finite.")

@@ -40,7 +40,7 @@ class ReconstructionAttackEvaluator:
         rounds: 1-based federated rounds to attack.
         output_dir: folder for ``round_<r>/attack.json`` and ``attack.png``.
         threat_model: attacker knowledge; ``batch_size`` and ``local_steps`` are taken from what is observed.
-        model: the site's network (the module the trainer runs; not modified).
+        model: the site's network (the module the trainer runs, or its Opacus wrapper; not modified).
         loss: the site's training loss.
         iterations: attack iterations.
         restarts: random restarts.
@@ -65,7 +65,7 @@ class ReconstructionAttackEvaluator:
         loss: torch.nn.Module,
         iterations: int = 1000,
         restarts: int = 4,
-        tv_weight: float = 1e-2,
+        tv_weight: float = 5e-2,
         seed: int = 0,
         image_key: str = "image",
         label_key: str = "label",
@@ -80,7 +80,7 @@ class ReconstructionAttackEvaluator:
             raise TypeError(f"threat_model should be a ThreatModel, got {type(threat_model).__name__}.")
         self.output_dir = Path(output_dir)
         self.threat_model = threat_model
-        self.model = model
+        self.model = getattr(model, "_module", model)  # an Opacus GradSampleModule wraps the network
         self.loss = loss
         self.iterations = int(iterations)
         self.restarts = int(restarts)
@@ -93,7 +93,7 @@ class ReconstructionAttackEvaluator:
         self._global: dict[str, torch.Tensor] | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._armed = True
-        self._hook = model.register_forward_pre_hook(self._snapshot)
+        self._hook = self.model.register_forward_pre_hook(self._snapshot)
 
     # -- observation ----------------------------------------------------------------------------------------------
     def _snapshot(self, module: torch.nn.Module, _args: Any) -> None:
@@ -115,7 +115,7 @@ class ReconstructionAttackEvaluator:
             image, label = batch[self.image_key], batch[self.label_key]
         else:
             image, label = batch[0], batch[1]
-        self._batch = (torch.as_tensor(image).detach().cpu().clone(), torch.as_tensor(label).detach().cpu().clone())
+        self._batch = (_plain(image), _plain(label))
 
     # -- filter ---------------------------------------------------------------------------------------------------
     def __call__(self, update: ModelUpdate) -> ModelUpdate:
@@ -190,6 +190,12 @@ class ReconstructionAttackEvaluator:
         if "results" not in state:
             raise KeyError("ReconstructionAttackEvaluator state lacks 'results'.")
         self.results = {int(k): v for k, v in state["results"].items()}
+
+
+def _plain(value: Any) -> torch.Tensor:
+    """A detached CPU copy as a plain tensor (MONAI ``MetaTensor`` metadata dropped)."""
+    tensor = value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
+    return tensor.detach().cpu().clone()
 
 
 def _batch_verdict(per_image: list[dict[str, Any]]) -> str:

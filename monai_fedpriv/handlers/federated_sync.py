@@ -108,7 +108,9 @@ class FederatedSync:
         if self.optimizer is None:
             self.optimizer = getattr(engine, "optimizer", None)
         if self.network is None or self.optimizer is None:
-            raise AttributeError("FederatedSync needs a network and an optimizer (pass them or use a SupervisedTrainer).")
+            raise AttributeError(
+                "FederatedSync needs a network and an optimizer (pass them or use a SupervisedTrainer)."
+            )
         if self.n_samples is None:
             loader = getattr(engine, "data_loader", None)
             self.n_samples = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0

@@ -233,7 +233,8 @@ def solve_noise_multiplier(
         accountant: ``"rdp"`` or ``"prv"``.
 
     Example:
-        >>> sigma = solve_noise_multiplier(3.58, sample_rate=0.01, steps=1000, delta=1e-5)
+        >>> round(solve_noise_multiplier(3.58, sample_rate=0.01, steps=1000, delta=1e-5), 2)
+        0.81
     """
     eps = _check_positive("target_epsilon", target_epsilon)
     q = _check_positive("sample_rate", sample_rate)

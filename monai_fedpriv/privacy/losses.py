@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,8 +67,8 @@ def check_privacy_unit(batch: Mapping[str, Any] | Sequence[Mapping[str, Any]], p
         if missing:
             raise DataError(f"privacy_unit='patient' needs a {key!r} key; items {missing[:5]} lack it.")
         ids = [item[key] for item in batch]
-    seen: set[Any] = set()
-    repeated = sorted({str(i) for i in ids if i in seen or seen.add(i)})
+    counts = Counter(ids)
+    repeated = sorted(str(i) for i, n in counts.items() if n > 1)
     if repeated:
         raise DataError(
             f"privacy_unit='patient' but patients {repeated[:5]} appear more than once; a patient-level guarantee "

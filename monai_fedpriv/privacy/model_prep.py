@@ -20,8 +20,8 @@ Example:
     >>> from monai.networks.nets import UNet
     >>> net = UNet(2, 1, 3, channels=(8, 16, 32), strides=(2, 2), norm="batch")
     >>> net, changes = prepare_for_dp(net, torch.zeros(1, 1, 32, 32))
-    >>> changes[0][:40]
-    'model.0.conv.unit0.adn.N: BatchNorm2d ->'
+    >>> changes[0][:29]
+    'model.0.adn.N: BatchNorm2d ->'
 """
 
 from __future__ import annotations
@@ -132,7 +132,9 @@ def find_dp_problems(model: nn.Module, example_input: torch.Tensor) -> dict[str,
     try:
         _dry_run_loss(probe(example_input)).backward()
     except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise PrivacyConfigError(f"dry run of {type(model).__name__} failed on input {tuple(example_input.shape)}: {err}")
+        raise PrivacyConfigError(
+            f"dry run of {type(model).__name__} failed on input {tuple(example_input.shape)}: {err}"
+        ) from err
     finally:
         for h in hooks:
             h.remove()

@@ -40,7 +40,9 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
     base = metrics.get("baselines")
     if base:
         c = base["centralised"]
-        lines.append(f"| centralised (pooled data, same epochs) | all sites' validation cases | {_f(c['global_dice'])} |")
+        lines.append(
+            f"| centralised (pooled data, same epochs) | all sites' validation cases | {_f(c['global_dice'])} |"
+        )
         for site, res in base["local_only"].items():
             lines.append(f"| local-only {site} | own site | {_f(res['own_site_dice'])} |")
             lines.append(f"| local-only {site} | other sites (mean) | {_f(res['other_sites_dice'])} |")
@@ -63,16 +65,27 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
             res = r["sites"].get(s)
             cells.append("-" if res is None else f"{_f(res.get('dice'))} / {res.get('local_steps', '-')}")
         lines.append(f"| {r['round']} | {_f(r['global']['dice'])} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
-    privacy_rows = [(r["round"], s, res["privacy"]) for r in metrics["rounds"] for s, res in r["sites"].items()
-                    if res.get("privacy")]
+    privacy_rows = [
+        (r["round"], s, res["privacy"])
+        for r in metrics["rounds"]
+        for s, res in r["sites"].items()
+        if res.get("privacy")
+    ]
     if privacy_rows:
-        lines += ["", "## Privacy per site", "", "| round | site | epsilon | delta | budget | steps |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Privacy per site",
+            "",
+            "| round | site | epsilon | delta | budget | steps |",
+            "|---|---|---|---|---|---|",
+        ]
         for rnd, s, p in privacy_rows:
-            lines.append(f"| {rnd} | {s} | {_f(p.get('epsilon'), 2)} | {p.get('delta')} | {p.get('budget')} | "
-                         f"{p.get('steps')} |")
+            lines.append(
+                f"| {rnd} | {s} | {_f(p.get('epsilon'), 2)} | {p.get('delta')} | {p.get('budget')} | {p.get('steps')} |"
+            )
     comm = [(r["round"], s, res) for r in metrics["rounds"] for s, res in r["sites"].items() if res.get("bytes_sent")]
     if comm:
-        last = comm[-len(sites):]
+        last = comm[-len(sites) :]
         lines += ["", "## Communication (last round)", "", "| site | bytes sent | dense bytes |", "|---|---|---|"]
         for _, s, res in last:
             lines.append(f"| {s} | {res['bytes_sent']} | {res['dense_bytes']} |")

@@ -44,7 +44,9 @@ def plot_example_segmentations(
         label = np.asarray(torch.as_tensor(item["label"])[0])
         dice = DiceEvaluator([case], transform)(network)["dice"]
         img = np.asarray(image[0, 0])
-        for j, (arr, name) in enumerate(((img, "image"), (label, "ground truth"), (pred, f"prediction (Dice {dice:.2f})"))):
+        for j, (arr, name) in enumerate(
+            ((img, "image"), (label, "ground truth"), (pred, f"prediction (Dice {dice:.2f})"))
+        ):
             ax = axes[i, j]
             if j == 0:
                 ax.imshow(np.rot90(arr), cmap="gray")
