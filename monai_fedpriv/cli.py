@@ -56,9 +56,66 @@ def build_simulate_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train centralised and local-only models with the same total epochs",
     )
+    priv = p.add_argument_group("privacy (DP-SGD at every site, Ziller et al. Table 1 regimes)")
+    priv.add_argument(
+        "--privacy",
+        choices=("none", "low", "medium", "high", "custom"),
+        default="none",
+        help="add the bundle's configs/dp.json with this regime (default none)",
+    )
+    priv.add_argument("--noise-multiplier", type=float, default=None, help="custom (or overridden) noise multiplier")
+    priv.add_argument("--max-grad-norm", type=float, default=None, help="custom (or overridden) per-sample clip norm")
+    priv.add_argument("--delta", type=float, default=None, help="custom (or overridden) delta")
+    priv.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="per-site epsilon budget (default: the regime's; training stops before passing it)",
+    )
+    priv.add_argument(
+        "--budget-policy",
+        choices=("stop_site", "stop_federation"),
+        default=None,
+        help="when a site's budget runs out: continue without it (default) or stop everyone",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     return p
+
+
+def privacy_overrides(args: argparse.Namespace, config_files: list[str]) -> tuple[list[str], dict]:
+    """Config files and overrides for ``--privacy``: ``dp.json`` merged last, with the regime's values."""
+    custom = {
+        k: v
+        for k, v in (
+            ("noise_multiplier", args.noise_multiplier),
+            ("max_grad_norm", args.max_grad_norm),
+            ("delta", args.delta),
+            ("budget", args.epsilon_budget),
+        )
+        if v is not None
+    }
+    if args.privacy == "none":
+        if custom or args.budget_policy:
+            raise ValueError("--noise-multiplier/--max-grad-norm/--delta/--epsilon-budget need --privacy.")
+        return config_files, {}
+    if args.privacy == "custom" and not {"noise_multiplier", "max_grad_norm"} <= set(custom):
+        raise ValueError("--privacy custom needs --noise-multiplier and --max-grad-norm.")
+    if not (Path(args.bundle_dir) / "configs" / "dp.json").is_file():
+        raise ValueError(f"--privacy needs {args.bundle_dir}/configs/dp.json (see bundles/brain_tissue_2d).")
+    if "dp.json" not in config_files:
+        config_files.append("dp.json")
+    overrides: dict = {
+        "dp_regime_def": {
+            "_target_": "monai_fedpriv.privacy.regimes.get_regime",
+            "name": args.privacy,
+            "setting": "federated" if args.sites > 1 else "local",
+            **custom,
+        },
+    }
+    if args.budget_policy:
+        overrides["dp_policy"] = args.budget_policy
+    return config_files, overrides
 
 
 def simulate_main(argv: list[str]) -> int:
@@ -74,7 +131,12 @@ def simulate_main(argv: list[str]) -> int:
     local_work = (
         LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
     )
-    bundle = BundleSpec(args.bundle_dir, tuple(args.config_files))
+    try:
+        config_files, overrides = privacy_overrides(args, list(args.config_files))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
     print(f"loading data list of {args.bundle_dir} ...", flush=True)
     cases = bundle_datalist(bundle)
     split = split_sites(cases, args.sites, args.partition, args.seed)

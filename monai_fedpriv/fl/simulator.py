@@ -223,6 +223,7 @@ class FederatedSimulator:
                 "seed": site_seed,
                 "num_workers": self.num_workers,
             },
+            "site_seed": site_seed,
             "train#trainer#max_epochs": max_epochs,
             "train#trainer#epoch_length": epoch_length,
             "train#trainer#train_handlers": [],
@@ -241,7 +242,7 @@ class FederatedSimulator:
             # fed_stateful for exact resume
             sampler = None
         extra = list(self.filters_factory(name)) if self.filters_factory else []
-        stateful = parser.get_parsed_content("fed_stateful") if parser_get(parser, "fed_stateful") else {}
+        stateful = dict(parser.get_parsed_content("fed_stateful")) if parser_get(parser, "fed_stateful") else {}
         if parser_get(parser, "fed_sync") is not None:  # the bundle's fed.json wires the handler: use it
             sync = parser.get_parsed_content("fed_sync")
             if not isinstance(sync, FederatedSync):
@@ -260,6 +261,7 @@ class FederatedSimulator:
                 n_samples=len(data),
             )
         sync.attach(trainer)
+        # privacy and audit handlers of the override files (attaching the sync handler twice is a no-op)
         for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)
         site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful)
@@ -352,15 +354,21 @@ class FederatedSimulator:
     def _run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         site_results: dict[str, dict[str, Any]] = {}
+        stop_all = False
         for name, site in self.sites.items():
             if not site.active:
                 continue
             site.losses = []
             site.trainer.run()
             sent = name in self.transport.inbox
+            exhausted = [o for o in site.stateful.values() if getattr(o, "exhausted", False)]
+            if any(getattr(o, "policy", None) == "stop_federation" for o in exhausted):
+                stop_all = True
             if not sent:
                 site.active = False
-                logger.warning(f"{name} did not send an update in round {rnd} and leaves the federation.")
+                reason = "privacy budget exhausted" if exhausted else "sent no update"
+                logger.warning(f"{name} {reason} in round {rnd} and leaves the federation.")
+                site_results[name] = {"stopped": reason}
                 continue
             result: dict[str, Any] = {"loss": _mean(site.losses)}
             if name in self.evaluators:
@@ -385,11 +393,15 @@ class FederatedSimulator:
             "global": {"dice": glob["dice"], "per_site": glob["per_set"]},
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        privacy = _global_privacy([*self.history, record])
+        if privacy:
+            record["global"]["privacy"] = privacy
+        if stop_all:
+            logger.warning(f"a site's privacy budget is exhausted with policy 'stop_federation': stopping after {rnd}.")
+            for site in self.sites.values():
+                site.active = False
         if self.progress:
-            parts = " | ".join(
-                f"{n} loss {r['loss']:.3f}" + (f" dice {r['dice']:.3f}" if "dice" in r else "")
-                for n, r in site_results.items()
-            )
+            parts = " | ".join(_progress_cell(n, r) for n, r in site_results.items())
             print(
                 f"[{self.label}] round {rnd}/{self.rounds} | {parts} | global dice {glob['dice']:.3f} "
                 f"| {record['seconds']:.1f}s",
@@ -439,6 +451,35 @@ def _update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]
     if "privacy" in update.meta:
         facts["privacy"] = update.meta["privacy"]
     return facts
+
+
+def _global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The global model's guarantee: the largest cumulative epsilon any site has reported so far (each site's
+    ledger covers its whole run), with the site it comes from."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in history:
+        for site, res in record["sites"].items():
+            if isinstance(res.get("privacy"), dict) and res["privacy"].get("epsilon") is not None:
+                latest[site] = res["privacy"]
+    if not latest:
+        return None
+    site, worst = max(latest.items(), key=lambda kv: kv[1]["epsilon"])
+    return {
+        "epsilon": worst["epsilon"],
+        "delta": worst.get("delta"),
+        "site": site,
+        "per_site": {k: v["epsilon"] for k, v in latest.items()},
+    }
+
+
+def _progress_cell(site: str, result: dict[str, Any]) -> str:
+    if "stopped" in result:
+        return f"{site} stopped ({result['stopped']})"
+    cell = f"{site} loss {result['loss']:.3f}"
+    if "dice" in result:
+        cell += f" dice {result['dice']:.3f}"
+    eps = result.get("privacy", {}).get("epsilon")
+    return cell + (f" eps {eps:.2f}" if eps is not None else "")
 
 
 def _mean(values: Sequence[float]) -> float:

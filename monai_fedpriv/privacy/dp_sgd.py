@@ -623,7 +623,9 @@ class DPSGD:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "sampler_generator" not in state or "noise_generator" not in state:
-            raise PrivacyConfigError(f"DPSGD state needs 'sampler_generator' and 'noise_generator', got {sorted(state)}.")
+            raise PrivacyConfigError(
+                f"DPSGD state needs 'sampler_generator' and 'noise_generator', got {sorted(state)}."
+            )
         self._sampler_generator.set_state(state["sampler_generator"])
         if state["noise_generator"] is None:
             return
