@@ -106,7 +106,7 @@ def run_experiment(
     ``output_dir/metrics.json``.
     """
     output_dir = Path(output_dir)
-    common = {"seed": seed, "device": device, "overrides": overrides}
+    common: dict[str, Any] = {"seed": seed, "device": device, "overrides": overrides}
     fed = FederatedSimulator(
         bundle,
         split.train,
@@ -124,6 +124,10 @@ def run_experiment(
     metrics["partition"] = split.describe()
     if baselines:
         metrics["baselines"] = _baselines(bundle, split, output_dir, rounds, local_work, resume, common)
+    elif resume and (output_dir / "metrics.json").is_file():  # keep baselines of the run being resumed
+        previous = json.loads((output_dir / "metrics.json").read_text())
+        if "baselines" in previous:
+            metrics["baselines"] = previous["baselines"]
     _write_json(metrics, output_dir / "metrics.json")
     return metrics
 

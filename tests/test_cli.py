@@ -26,27 +26,9 @@ def test_simulate_cli_writes_metrics_and_report(tiny_data, tmp_path, monkeypatch
     for f in ("train.json", "fed.json", "metadata.json"):
         (bundle / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
     (bundle / "configs" / "tiny.json").write_text(overrides)
-    rc = main(
-        [
-            "simulate",
-            str(bundle),
-            "--sites",
-            "2",
-            "--rounds",
-            "2",
-            "--local-steps",
-            "2",
-            "--output",
-            str(out),
-            "--config-files",
-            "train.json",
-            "fed.json",
-            "tiny.json",
-            "--partition",
-            "iid",
-            "--baselines",
-        ]
-    )
+    common = ["simulate", str(bundle), "--sites", "2", "--rounds", "2", "--local-steps", "2", "--output", str(out)]
+    common += ["--config-files", "train.json", "fed.json", "tiny.json", "--partition", "iid"]
+    rc = main([*common, "--baselines"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in m["rounds"]] == [1, 2]
@@ -58,31 +40,7 @@ def test_simulate_cli_writes_metrics_and_report(tiny_data, tmp_path, monkeypatch
     assert (out / "figures" / "dice_per_round.png").stat().st_size > 1000
     assert (out / "figures" / "segmentations.png").stat().st_size > 1000
     # resume after completion does nothing and keeps the result
-    assert (
-        main(
-            [
-                "simulate",
-                str(bundle),
-                "--sites",
-                "2",
-                "--rounds",
-                "2",
-                "--local-steps",
-                "2",
-                "--output",
-                str(out),
-                "--config-files",
-                "train.json",
-                "fed.json",
-                "tiny.json",
-                "--partition",
-                "iid",
-                "--resume",
-                "--no-report",
-            ]
-        )
-        == 0
-    )
+    assert main([*common, "--resume", "--no-report"]) == 0
     assert json.loads((out / "metrics.json").read_text())["final"] == m["final"]
 
 

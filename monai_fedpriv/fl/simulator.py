@@ -387,7 +387,7 @@ class FederatedSimulator:
         for name, res in site_results.items():
             if name in glob["per_set"]:
                 res["global_dice"] = glob["per_set"][name]
-        record = {
+        record: dict[str, Any] = {
             "round": rnd,
             "sites": site_results,
             "global": {"dice": glob["dice"], "per_site": glob["per_set"]},

@@ -63,7 +63,10 @@ class FederatedSync:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not isinstance(transport, Transport):
-            raise TypeError(f"transport should be a monai_fedpriv Transport, got {type(transport).__name__}.")
+            raise TypeError(
+                f"transport should be a monai_fedpriv Transport, got {type(transport).__name__}: a bundle's fed.json "
+                "gets its 'fed_transport' from `monai-fedpriv simulate` (in-process) or from the NVFlare job."
+            )
         if unit not in ("epochs", "iterations"):
             raise ValueError(f"unit should be 'epochs' or 'iterations', got {unit!r}.")
         if int(every) < 1:
