@@ -130,7 +130,25 @@ def test_ensure_default_data_uses_env(monkeypatch, tmp_path):
     assert ensure_default_data(tmp_path / "given") == tmp_path / "given"
     monkeypatch.delenv("MONAI_FEDPRIV_DATA")
     assert ensure_default_data() == Path.home() / ".cache" / "monai_fedpriv" / "brain_tissue_2d"
-    assert all(kwargs == {} for _, kwargs in calls)
+    assert all(kwargs == {"overwrite": False} for _, kwargs in calls)
+
+
+def test_ensure_default_data_replaces_its_own_stale_build_only(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(
+        "monai_fedpriv.data.brain_tissue.build_brain_tissue_2d",
+        lambda root, **kw: calls.append(kw) or Path(root),
+    )
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "build_info.json").write_text(json.dumps({"params": {"format_version": 0}}))
+    ensure_default_data(stale)
+    assert calls[-1] == {"overwrite": True}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    ensure_default_data(foreign)
+    assert calls[-1] == {"overwrite": False}  # the builder then refuses the foreign folder
 
 
 def test_missing_nilearn_says_how_to_install(monkeypatch, tmp_path):
