@@ -147,12 +147,14 @@ def _baselines(
 ) -> dict[str, Any]:
     # one "site" training continuously (momentum kept) for the same number of passes over its data
     union = [c for cases in split.train.values() for c in cases]
+    # same total work: an epoch over the union, or as many steps per round as all sites together
+    central_work = local_work if local_work.steps is None else LocalWork(None, local_work.steps * len(split.train))
     central = FederatedSimulator(
         bundle,
         {"central": union},
         split.val,
         rounds,
-        local_work,
+        central_work,
         output_dir / "baselines" / "centralised",
         momentum="local",
         label="centralised",
