@@ -147,6 +147,7 @@ def _baselines(
 ) -> dict[str, Any]:
     # one "site" training continuously (momentum kept) for the same number of passes over its data
     union = [c for cases in split.train.values() for c in cases]
+    bundle = _local_setting(bundle)
     # same total work: an epoch over the union, or as many steps per round as all sites together
     central_work = local_work if local_work.steps is None else LocalWork(None, local_work.steps * len(split.train))
     central = FederatedSimulator(
@@ -191,6 +192,16 @@ def _baselines(
             "global_dice": m["final"]["global_dice"],
         }
     return out
+
+
+def _local_setting(bundle: BundleSpec) -> BundleSpec:
+    """Baselines train one model alone: under DP they get the local-setting budget of Table 1, not the federated."""
+    regime = bundle.overrides.get("dp_regime_def")
+    if not isinstance(regime, dict) or regime.get("setting") != "federated":
+        return bundle
+    return BundleSpec(
+        bundle.root, bundle.config_files, {**bundle.overrides, "dp_regime_def": {**regime, "setting": "local"}}
+    )
 
 
 def _write_json(obj: Any, path: Path) -> None:

@@ -343,6 +343,8 @@ class FederatedSimulator:
         if start >= self.rounds and self.progress:
             logger.info(f"checkpoint already at round {start} of {self.rounds}: nothing to do.")
         for rnd in range(start + 1, self.rounds + 1):
+            if not any(site.active for site in self.sites.values()):  # e.g. resumed after every site stopped
+                break
             self.history.append(self._run_round(rnd))
             self._save_checkpoint(rnd)
             self.write_metrics()
@@ -355,6 +357,7 @@ class FederatedSimulator:
         t0 = time.perf_counter()
         site_results: dict[str, dict[str, Any]] = {}
         stop_all = False
+        stop_reason = ""
         for name, site in self.sites.items():
             if not site.active:
                 continue
@@ -364,15 +367,25 @@ class FederatedSimulator:
             exhausted = [o for o in site.stateful.values() if getattr(o, "exhausted", False)]
             if any(getattr(o, "policy", None) == "stop_federation" for o in exhausted):
                 stop_all = True
+                stop_reason = f"privacy budget of {name} exhausted (policy stop_federation)"
+            result: dict[str, Any] = {}
             if not sent:
-                site.active = False
                 reason = "privacy budget exhausted" if exhausted else "sent no update"
                 logger.warning(f"{name} {reason} in round {rnd} and leaves the federation.")
-                site_results[name] = {"stopped": reason}
-                continue
-            result: dict[str, Any] = {"loss": _mean(site.losses)}
-            if name in self.evaluators:
-                result["dice"] = self.evaluators[name](site.trainer.network)["dice"]
+                result["stopped"] = reason
+                if exhausted and _send_partial_round(site):
+                    sent = True  # DP-SGD steps taken before the stop: their result is post-processing, send it
+            if sent:
+                result["loss"] = _mean(site.losses)
+                if name in self.evaluators:
+                    result["dice"] = self.evaluators[name](site.trainer.network)["dice"]
+            elif "stopped" in result:
+                # a stopped site still reports what it has spent (the ledger covers the whole run)
+                facts = [o.privacy_facts() for o in site.stateful.values() if hasattr(o, "privacy_facts")]
+                if facts:
+                    result["privacy"] = max(facts, key=lambda f: f.get("epsilon") or 0.0)
+            if "stopped" in result:
+                site.active = False
             site_results[name] = result
         updates = self.transport.collect()
         if updates:
@@ -398,6 +411,7 @@ class FederatedSimulator:
             record["global"]["privacy"] = privacy
         if stop_all:
             logger.warning(f"a site's privacy budget is exhausted with policy 'stop_federation': stopping after {rnd}.")
+            record["federation_stopped"] = stop_reason
             for site in self.sites.values():
                 site.active = False
         if self.progress:
@@ -422,7 +436,7 @@ class FederatedSimulator:
     def metrics(self) -> dict[str, Any]:
         finals = [r["global"]["dice"] for r in self.history]
         best = max(range(len(finals)), key=lambda i: finals[i]) if finals else None
-        return {
+        out: dict[str, Any] = {
             "label": self.label,
             "config": {**self.fingerprint(), "rounds": self.rounds, "sites": list(self.train_sites)},
             "rounds": self.history,
@@ -434,11 +448,33 @@ class FederatedSimulator:
                 "rounds_completed": len(self.history),
             },
         }
+        stops = [(r["round"], r["federation_stopped"]) for r in self.history if r.get("federation_stopped")]
+        if stops:
+            out["stopped"] = {"round": stops[0][0], "reason": stops[0][1]}
+        return out
 
     def write_metrics(self) -> dict[str, Any]:
         metrics = self.metrics()
         _atomic_write_text(json.dumps(_json_safe(metrics), indent=2), self.output_dir / "metrics.json")
         return metrics
+
+
+def _send_partial_round(site: SiteRuntime) -> bool:
+    """Send the update of a round cut short by a budget stop, if the site took any step in it.
+
+    The steps already taken are accounted in the site's ledger; their result passes through the same filters as any
+    update (post-processing of a DP output costs no privacy). Returns whether an update was sent.
+    """
+    sync, state = site.sync, site.trainer.state
+    if state.output is None and state.iteration > 0:
+        # Ignite counts an iteration before ITERATION_STARTED, where the budget stop terminated it: it never ran
+        # (its output is still None), so it is neither a local step nor part of the update.
+        state.iteration -= 1
+    start = getattr(sync, "_round_start_iteration", None)
+    if start is None or sync._global is None or state.iteration <= start:
+        return False
+    sync._on_round_end(site.trainer)
+    return True
 
 
 def _update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
@@ -473,9 +509,9 @@ def _global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _progress_cell(site: str, result: dict[str, Any]) -> str:
-    if "stopped" in result:
+    if "stopped" in result and "loss" not in result:
         return f"{site} stopped ({result['stopped']})"
-    cell = f"{site} loss {result['loss']:.3f}"
+    cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"
     if "dice" in result:
         cell += f" dice {result['dice']:.3f}"
     eps = result.get("privacy", {}).get("epsilon")

@@ -274,7 +274,9 @@ class _EmptySafeCollate:
                 self.template = _empty_like_batch(out)
             return out
         if self.template is None:
-            self.template = _empty_like_batch(self.collate_fn([self.dataset[0]]))
+            # read through a SeededDataset's base: only shapes are kept, and its item counter must not move
+            base = getattr(self.dataset, "base", self.dataset)
+            self.template = _empty_like_batch(self.collate_fn([base[0]]))
         return self.template
 
 
@@ -311,7 +313,9 @@ class NoiseOnEmptyDataLoader(DataLoader):
             timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context,
-            generator=loader.generator,
+            # Not the sampler's generator: every new iterator draws a worker base seed from this one, which would
+            # shift the Poisson draws by how often the iterator was restarted (a resumed run restarts it once more).
+            generator=_derived_generator(loader.generator),
             prefetch_factor=loader.prefetch_factor,
             persistent_workers=loader.persistent_workers,
         )
@@ -332,6 +336,12 @@ class NoiseOnEmptyDataLoader(DataLoader):
                 self.empty_steps += 1
                 continue
             yield batch
+
+
+def _derived_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    if generator is None:
+        return None
+    return torch.Generator().manual_seed((generator.initial_seed() * 2862933555777941757 + 3037000493) % 2**63)
 
 
 class PrivateParts(NamedTuple):
@@ -611,7 +621,8 @@ class DPSGD:
         return self._parts
 
     def state_dict(self) -> dict[str, Any]:
-        """Random states of the Poisson sampler and of the noise, so a resumed run never replays old noise.
+        """Random states of the Poisson sampler and of the noise (and the dataset's augmentation counter, when it
+        has one), so a resumed run continues the same draws and never replays old noise.
 
         (Restarting both generators from the seed would add the *same* noise again after a resume, which an observer
         of successive updates could cancel.) The ledger is saved by the budget handler.
@@ -619,7 +630,11 @@ class DPSGD:
         noise = self._parts.optimizer.generator.get_state() if self._parts is not None else None
         if noise is None and self._pending_state is not None:
             noise = self._pending_state["noise_generator"]
-        return {"sampler_generator": self._sampler_generator.get_state(), "noise_generator": noise}
+        state = {"sampler_generator": self._sampler_generator.get_state(), "noise_generator": noise}
+        dataset: Any = getattr(self._inputs[2], "dataset", None)
+        if hasattr(dataset, "state_dict"):  # e.g. SeededDataset: which augmentation the next sample gets
+            state["dataset"] = dataset.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "sampler_generator" not in state or "noise_generator" not in state:
@@ -627,6 +642,9 @@ class DPSGD:
                 f"DPSGD state needs 'sampler_generator' and 'noise_generator', got {sorted(state)}."
             )
         self._sampler_generator.set_state(state["sampler_generator"])
+        dataset: Any = getattr(self._inputs[2], "dataset", None)
+        if state.get("dataset") is not None and hasattr(dataset, "load_state_dict"):
+            dataset.load_state_dict(state["dataset"])
         if state["noise_generator"] is None:
             return
         if self._parts is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from monai_fedpriv.report.plots import plot_baselines, plot_dice_per_round
 
-__all__ = ["write_report"]
+__all__ = ["privacy_section", "write_report"]
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -65,24 +65,7 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
             res = r["sites"].get(s)
             cells.append("-" if res is None else f"{_f(res.get('dice'))} / {res.get('local_steps', '-')}")
         lines.append(f"| {r['round']} | {_f(r['global']['dice'])} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
-    privacy_rows = [
-        (r["round"], s, res["privacy"])
-        for r in metrics["rounds"]
-        for s, res in r["sites"].items()
-        if res.get("privacy")
-    ]
-    if privacy_rows:
-        lines += [
-            "",
-            "## Privacy per site",
-            "",
-            "| round | site | epsilon | delta | budget | steps |",
-            "|---|---|---|---|---|---|",
-        ]
-        for rnd, s, p in privacy_rows:
-            lines.append(
-                f"| {rnd} | {s} | {_f(p.get('epsilon'), 2)} | {p.get('delta')} | {p.get('budget')} | {p.get('steps')} |"
-            )
+    lines += privacy_section(metrics)
     comm = [(r["round"], s, res) for r in metrics["rounds"] for s, res in r["sites"].items() if res.get("bytes_sent")]
     if comm:
         last = comm[-len(sites) :]
@@ -110,3 +93,72 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
     path = output_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def privacy_section(metrics: dict[str, Any]) -> list[str]:
+    """Markdown lines of the privacy section (empty without DP): per site the last epsilon against its budget,
+    cumulative DP steps and settings, whether it stopped on its budget, and the global model's epsilon (max over
+    sites) per round."""
+    rounds = metrics.get("rounds", [])
+    last: dict[str, tuple[int, dict[str, Any]]] = {}
+    stopped: dict[str, tuple[int, str]] = {}
+    for r in rounds:
+        for site, res in r["sites"].items():
+            if isinstance(res.get("privacy"), dict):
+                last[site] = (r["round"], res["privacy"])
+            if res.get("stopped") and site not in stopped:
+                stopped[site] = (r["round"], res["stopped"])
+    if not last:
+        return []
+    glob = next((r["global"]["privacy"] for r in reversed(rounds) if r["global"].get("privacy")), None)
+    lines = ["", "## Privacy", ""]
+    if glob:
+        lines.append(
+            f"Global model: **epsilon = {_f(glob['epsilon'], 2)}** at delta = {glob.get('delta')} (the maximum over "
+            f"sites, each site's ledger covering its whole run; from {glob.get('site')})."
+        )
+    on_budget = {s: v for s, v in stopped.items() if "budget" in v[1]}
+    if on_budget:
+        lines.append(
+            "Sites stopped on their privacy budget: "
+            + ", ".join(f"{s} in round {rnd}" for s, (rnd, _) in sorted(on_budget.items()))
+            + "."
+        )
+    else:
+        lines.append("No site reached its privacy budget.")
+    fed_stop = metrics.get("stopped")
+    if fed_stop:
+        lines.append(f"The federation stopped after round {fed_stop['round']}: {fed_stop['reason']}.")
+    lines += [
+        "",
+        "| site | epsilon | budget | used | DP steps | sample rate | noise mult. | clip norm | accountant | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for site, (rnd, p) in sorted(last.items()):
+        eps, budget = p.get("epsilon"), p.get("budget")
+        used = f"{100 * eps / budget:.0f}%" if eps is not None and budget else "-"
+        if site in stopped:
+            status = f"stopped round {stopped[site][0]} ({stopped[site][1]})"
+        else:
+            status = f"active (last report round {rnd})"
+        lines.append(
+            f"| {site} | {_f(eps, 3)} | {'none' if budget is None else _f(budget, 2)} | {used} | {p.get('steps')} | "
+            f"{_f(p.get('sample_rate'), 4)} | {p.get('noise_multiplier')} | {p.get('max_grad_norm')} | "
+            f"{p.get('accountant')} | {status} |"
+        )
+    sites = sorted(last)
+    lines += [
+        "",
+        "Epsilon per round (cumulative):",
+        "",
+        "| round | global (max) | " + " | ".join(sites) + " |",
+        "|---" * (2 + len(sites)) + "|",
+    ]
+    for r in rounds:
+        cells = []
+        for site in sites:
+            p = r["sites"].get(site, {}).get("privacy")
+            cells.append("-" if not p else f"{_f(p.get('epsilon'), 2)} ({p.get('steps')} steps)")
+        g = r["global"].get("privacy")
+        lines.append(f"| {r['round']} | {_f(g['epsilon'], 2) if g else '-'} | " + " | ".join(cells) + " |")
+    return lines
