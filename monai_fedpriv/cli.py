@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main", "build_simulate_parser"]
+__all__ = ["main", "build_simulate_parser", "privacy_overrides", "share_overrides"]
 
 PARTITIONS = ("iid", "institution", "quantity", "skew-low", "skew-mid", "skew-high")
 
@@ -78,6 +78,41 @@ def build_simulate_parser() -> argparse.ArgumentParser:
         default=None,
         help="when a site's budget runs out: continue without it (default) or stop everyone",
     )
+    share = p.add_argument_group(
+        "update sharing (Li et al. 2019, section 2.2): filters on what every site sends, after DP-SGD if any"
+    )
+    share.add_argument(
+        "--share",
+        choices=("none", "percentile", "svt", "gaussian"),
+        default="none",
+        help="percentile: largest fraction of |dw| (no DP); svt: sparse vector technique (pure DP per round); "
+        "gaussian: clip the update norm and add Gaussian noise (client-level DP); default none",
+    )
+    share.add_argument("--share-fraction", type=float, default=None, help="fraction q shared (default 0.1)")
+    share.add_argument(
+        "--share-clip",
+        type=float,
+        default=None,
+        help="clip gamma per local iteration (percentile: default none; svt: default 1e-3)",
+    )
+    share.add_argument(
+        "--svt-epsilon",
+        type=float,
+        default=None,
+        help="SVT selection budget eps1 + eps2 per round, split as Lyu et al. 2017 recommend (default 1)",
+    )
+    share.add_argument("--svt-epsilon3", type=float, default=None, help="SVT budget of the released values (default 1)")
+    share.add_argument(
+        "--svt-threshold", type=float, default=None, help="SVT public threshold h on |dw| (default gamma / 2)"
+    )
+    share.add_argument("--gaussian-clip", type=float, default=None, help="L2 clip norm C of the update (gaussian)")
+    share.add_argument("--gaussian-noise", type=float, default=None, help="noise multiplier sigma (gaussian)")
+    share.add_argument(
+        "--share-delta",
+        type=float,
+        default=None,
+        help="delta of the reported epsilon for --share gaussian without --privacy (default 1e-5)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     return p
@@ -118,6 +153,59 @@ def privacy_overrides(args: argparse.Namespace, config_files: list[str]) -> tupl
     return config_files, overrides
 
 
+SHARE_OPTIONS = {
+    "percentile": ("share_fraction", "share_clip"),
+    "svt": ("share_fraction", "share_clip", "svt_epsilon", "svt_epsilon3", "svt_threshold"),
+    "gaussian": ("gaussian_clip", "gaussian_noise", "share_delta"),
+}
+
+
+def share_overrides(args: argparse.Namespace, config_files: list[str] | None = None) -> dict:
+    """Overrides for ``--share``: the ``fed_share_filters`` slot (+ ``fed_share_stateful``, ``privacy_ledger``).
+
+    The filter is built once here with the given values, so a bad value raises ``ValueError`` (the CLI exits 2)
+    before any data is loaded; every site then builds its own with a generator seeded from ``@site_seed``.
+    """
+    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.errors import PrivacyConfigError
+    from monai_fedpriv.experiments_sharing import bundle_defines, share_filter_overrides, validate_share
+
+    given = {name for names in SHARE_OPTIONS.values() for name in names if getattr(args, name, None) is not None}
+    if args.share == "none":
+        if given:
+            raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in sorted(given))} need --share.")
+        return {}
+    unused = given - set(SHARE_OPTIONS[args.share])
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
+        raise ValueError(f"{names}: not used by --share {args.share}.")
+    if args.share == "gaussian":
+        if args.gaussian_clip is None or args.gaussian_noise is None:
+            raise ValueError("--share gaussian needs --gaussian-clip and --gaussian-noise.")
+        settings = {
+            "clip_norm": args.gaussian_clip,
+            "noise_multiplier": args.gaussian_noise,
+            "delta": args.share_delta if args.share_delta is not None else (None if args.privacy != "none" else 1e-5),
+        }
+    else:
+        settings = {"fraction": 0.1 if args.share_fraction is None else args.share_fraction, "clip": args.share_clip}
+        if args.share == "svt":
+            clip = 1e-3 if args.share_clip is None else args.share_clip
+            settings.update(
+                clip=clip,
+                epsilon_select=1.0 if args.svt_epsilon is None else args.svt_epsilon,
+                epsilon3=1.0 if args.svt_epsilon3 is None else args.svt_epsilon3,
+                threshold=clip / 2 if args.svt_threshold is None else args.svt_threshold,
+            )
+    try:
+        validate_share(args.share, **settings)
+    except PrivacyConfigError as exc:
+        raise ValueError(f"--share {args.share}: {exc}") from exc
+    files = tuple(config_files or args.config_files)
+    define_ledger = not bundle_defines(BundleSpec(args.bundle_dir, files), "privacy_ledger")
+    return share_filter_overrides(args.share, define_ledger=define_ledger, **settings)
+
+
 def simulate_main(argv: list[str]) -> int:
     args = build_simulate_parser().parse_args(argv)
     from monai_fedpriv.bundle.loader import BundleSpec
@@ -133,6 +221,7 @@ def simulate_main(argv: list[str]) -> int:
     )
     try:
         config_files, overrides = privacy_overrides(args, list(args.config_files))
+        overrides = {**overrides, **share_overrides(args, config_files)}
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

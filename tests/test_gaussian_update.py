@@ -109,3 +109,24 @@ def test_reproducible_and_resumable():
 def test_bad_parameters_raise(kwargs):
     with pytest.raises(PrivacyConfigError):
         GaussianUpdatePrivacy(**kwargs)
+
+
+def test_reported_epsilon_comes_from_the_ledger_after_the_release():
+    ledger = PrivacyLedger()
+    gauss = GaussianUpdatePrivacy(1.0, 2.0, ledger=ledger, generator=0, delta=1e-5)
+    for _ in range(2):
+        priv = gauss(update(n=1000)).meta["privacy"]
+        assert priv["epsilon"] == pytest.approx(ledger.epsilon(1e-5)) and priv["delta"] == 1e-5
+    assert ledger.events[0]["count"] == 2
+    # an upstream delta (DP-SGD's) wins over none given here
+    plain = GaussianUpdatePrivacy(1.0, 2.0, ledger=PrivacyLedger(), generator=0)
+    assert "epsilon" not in plain(update(n=1000)).meta["privacy"]
+    u = update(n=1000)
+    u.meta["privacy"] = {"epsilon": 0.0, "delta": 1e-6}
+    assert plain(u).meta["privacy"]["epsilon"] == pytest.approx(plain.ledger.epsilon(1e-6))
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, True])
+def test_bad_delta_raises(delta):
+    with pytest.raises(PrivacyConfigError, match="delta"):
+        GaussianUpdatePrivacy(1.0, 1.0, delta=delta)

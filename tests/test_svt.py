@@ -231,3 +231,35 @@ def test_half_a_million_coordinates_is_fast():
     elapsed = time.perf_counter() - start
     assert elapsed < 1.0, f"SVT on {size} coordinates took {elapsed:.3f}s"
     assert out.meta["privacy"]["filters"][-1]["target"] == round(0.1 * size)
+
+
+def test_reported_epsilon_includes_this_rounds_release():
+    """Upstream (DP-SGD's budget handler) wrote epsilon before SVT recorded: the filter brings it up to date."""
+    ledger = PrivacyLedger()
+    ledger.record_sampled_gaussian(0.1, 1.0, steps=20)
+    svt = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, ledger=ledger, generator=0)
+    values, _ = planted(n_above=50)
+    for rnd in (1, 2):
+        u = split_update(values)
+        stale = ledger.epsilon(1e-5)
+        u.meta["privacy"] = {"epsilon": stale, "delta": 1e-5, "accountant": "rdp", "steps": ledger.steps}
+        priv = svt(u).meta["privacy"]
+        assert priv["filter_epsilon"] == pytest.approx(1.0)
+        assert priv["filter_epsilon_total"] == pytest.approx(float(rnd))
+        assert priv["epsilon"] == pytest.approx(ledger.epsilon(1e-5)) and priv["epsilon"] > stale
+        assert priv["delta"] == 1e-5
+
+
+def test_reported_epsilon_without_dp_sgd_is_the_pure_sum():
+    ledger = PrivacyLedger()
+    with_ledger = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, ledger=ledger, generator=0)
+    no_ledger = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, generator=0)
+    values, _ = planted(n_above=50)
+    for rnd in (1, 2, 3):
+        for svt in (with_ledger, no_ledger):
+            priv = svt(split_update(values)).meta["privacy"]
+            assert priv["epsilon"] == pytest.approx(float(rnd)) and priv["delta"] == 0.0
+    # no shared ledger but an upstream (eps, delta): basic composition on top of it
+    u = split_update(values)
+    u.meta["privacy"] = {"epsilon": 3.0, "delta": 1e-5}
+    assert no_ledger(u).meta["privacy"]["epsilon"] == pytest.approx(3.0 + 4.0)

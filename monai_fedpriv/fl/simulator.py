@@ -342,16 +342,34 @@ class FederatedSimulator:
         start = self._load_checkpoint() if resume else 0
         if start >= self.rounds and self.progress:
             logger.info(f"checkpoint already at round {start} of {self.rounds}: nothing to do.")
-        for rnd in range(start + 1, self.rounds + 1):
-            if not any(site.active for site in self.sites.values()):  # e.g. resumed after every site stopped
-                break
-            self.history.append(self._run_round(rnd))
-            self._save_checkpoint(rnd)
-            self.write_metrics()
-            if not any(site.active for site in self.sites.values()):
-                logger.warning(f"every site has stopped after round {rnd}; ending the federation.")
-                break
+        try:
+            for rnd in range(start + 1, self.rounds + 1):
+                if not any(site.active for site in self.sites.values()):  # e.g. resumed after every site stopped
+                    break
+                self.history.append(self._run_round(rnd))
+                self._save_checkpoint(rnd)
+                self.write_metrics()
+                if not any(site.active for site in self.sites.values()):
+                    logger.warning(f"every site has stopped after round {rnd}; ending the federation.")
+                    break
+        finally:
+            self._release_paused_engines()
         return self.write_metrics()
+
+    def _release_paused_engines(self) -> None:
+        """Close engines left interrupted mid-run (a stopped federation, an error) so that Ignite does not report
+        their suspended runs as failures when they are garbage-collected."""
+        for site in self.sites.values():
+            paused = getattr(site.trainer, "_internal_run_generator", None)  # Ignite's interrupt/resume state
+            if paused is None:
+                continue
+            level = site.trainer.logger.level
+            site.trainer.logger.setLevel(logging.CRITICAL)
+            try:
+                paused.close()
+            finally:
+                site.trainer.logger.setLevel(level)
+                site.trainer._internal_run_generator = None
 
     def _run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -24,7 +24,16 @@ import torch
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["UpdateFilter", "FilterChain", "copy_update", "make_generator", "laplace", "shared_count", "top_k_mask"]
+__all__ = [
+    "UpdateFilter",
+    "FilterChain",
+    "copy_update",
+    "make_generator",
+    "laplace",
+    "shared_count",
+    "top_k_mask",
+    "report_epsilon",
+]
 
 
 class UpdateFilter(ABC):
@@ -254,3 +263,31 @@ def steps_divisor(update: ModelUpdate, normalise: bool, who: str) -> float:
             f"cannot normalise by the number of local iterations."
         )
     return float(update.local_steps)
+
+
+def report_epsilon(priv: dict[str, Any], ledger: Any | None, delta: float | None = None) -> None:
+    """Set ``priv["epsilon"]`` (and ``priv["delta"]``) to the site's cumulative epsilon *after* this filter's release.
+
+    Upstream, the DP-SGD budget handler writes ``epsilon``/``delta``/``accountant`` into ``meta["privacy"]`` before
+    the share filters run; a filter that then records into the same ledger would leave that figure one release
+    short. This recomputes it from the ledger, so that the reported epsilon covers everything recorded so far:
+
+    * a ``delta`` in ``priv`` (from upstream) or given here: ``ledger.epsilon(delta, accountant)``, the ledger's
+      composition of every event (DP-SGD steps, Gaussian and pure releases);
+    * no delta and a ledger holding only pure events: their sum, with ``delta = 0`` (basic composition);
+    * no delta and Gaussian events in the ledger: nothing is set (an epsilon needs a delta).
+
+    ``priv`` is modified in place. Without a ledger nothing is changed (the caller composes by hand).
+    """
+    if ledger is None or not callable(getattr(ledger, "epsilon", None)):
+        return
+    if priv.get("delta"):
+        delta = float(priv["delta"])
+    if delta is not None:
+        priv["epsilon"] = float(ledger.epsilon(delta, priv.get("accountant") or "rdp"))
+        priv["delta"] = delta
+        return
+    events = getattr(ledger, "events", None)
+    if events is not None and all(e.get("kind") == "pure" for e in events):
+        priv["epsilon"] = float(sum(e["epsilon"] * e["count"] for e in events))
+        priv["delta"] = 0.0

@@ -44,6 +44,7 @@ from monai_fedpriv.privacy.filters import (
     make_generator,
     meta_with_privacy,
     privacy_meta,
+    report_epsilon,
 )
 
 __all__ = ["GaussianUpdatePrivacy", "NEIGHBOURING"]
@@ -63,6 +64,8 @@ class GaussianUpdatePrivacy(UpdateFilter):
         generator: a CPU ``torch.Generator``, an int seed, or ``None`` for a generator seeded from OS entropy.
         neighbouring: ``"replace"`` (sensitivity ``2 C``, default) or ``"add_remove_site"`` (sensitivity ``C``);
             see the module docstring.
+        delta: delta in (0, 1) at which ``meta["privacy"]["epsilon"]`` reports the ledger's epsilon after this
+            release, or ``None`` to use the upstream ``meta["privacy"]["delta"]`` (DP-SGD's) when there is one.
 
     Integer tensors (e.g. ``num_batches_tracked``) are not sent: their delta is zeroed.
 
@@ -80,6 +83,7 @@ class GaussianUpdatePrivacy(UpdateFilter):
         ledger: Any | None = None,
         generator: torch.Generator | int | None = None,
         neighbouring: str = "replace",
+        delta: float | None = None,
     ) -> None:
         self.clip_norm = float(check_positive("clip_norm", clip_norm))  # type: ignore[arg-type]
         self.noise_multiplier = float(check_positive("noise_multiplier", noise_multiplier))  # type: ignore[arg-type]
@@ -87,6 +91,9 @@ class GaussianUpdatePrivacy(UpdateFilter):
             raise PrivacyConfigError(f"neighbouring must be one of {NEIGHBOURING}, got {neighbouring!r}.")
         if ledger is not None and not callable(getattr(ledger, "record_gaussian", None)):
             raise PrivacyConfigError(f"ledger must have a record_gaussian method, got {type(ledger).__name__}.")
+        if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1):
+            raise PrivacyConfigError(f"delta must be in (0, 1) or None, got {delta!r}.")
+        self.delta = None if delta is None else float(delta)
         self.neighbouring = neighbouring
         self.ledger = ledger
         self.generator = make_generator(generator)
@@ -138,6 +145,7 @@ class GaussianUpdatePrivacy(UpdateFilter):
         priv["dp"] = True
         priv.setdefault("filter_epsilon", None)  # (eps, delta) comes from the ledger's RDP accountant
         priv.setdefault("filter_epsilon_total", None)
+        report_epsilon(priv, self.ledger, self.delta)  # the site's epsilon after this release
         priv.setdefault("filters", []).append(
             {
                 "filter": "gaussian",

@@ -63,6 +63,7 @@ from monai_fedpriv.privacy.filters import (
     make_generator,
     meta_with_privacy,
     privacy_meta,
+    report_epsilon,
     shared_count,
     steps_divisor,
     unflatten,
@@ -121,6 +122,11 @@ class SparseVectorFilter(UpdateFilter):
                                  ledger=ledger, generator=torch.Generator().manual_seed(0))
         private_update = svt(update)
         private_update.meta["privacy"]["filter_epsilon"]   # 2.1
+        private_update.meta["privacy"]["epsilon"]          # the site's cumulative epsilon, this round included
+
+    ``meta["privacy"]["epsilon"]`` is recomputed after recording (see :func:`~.filters.report_epsilon`): with the
+    ledger shared with DP-SGD it is the ledger's composition at the upstream ``delta``; with only SVT events it is
+    the pure sum (``delta = 0``); without a ledger, the upstream figure plus this filter's total (basic composition).
     """
 
     def __init__(
@@ -227,6 +233,12 @@ class SparseVectorFilter(UpdateFilter):
         priv["filter_epsilon"] = (priv.get("filter_epsilon") or 0.0) + spent
         priv["filter_epsilon_total"] = (priv.get("filter_epsilon_total") or 0.0) + self.epsilon_total
         priv["fraction_shared"] = released / size
+        if self.ledger is not None:
+            report_epsilon(priv, self.ledger)  # the site's cumulative epsilon, this release included
+        elif priv.get("epsilon") is not None:  # no shared ledger: basic composition with the upstream figure
+            priv["epsilon"] = float(priv["epsilon"]) + self.epsilon_total
+        else:
+            priv["epsilon"], priv["delta"] = self.epsilon_total, 0.0
         priv.setdefault("filters", []).append(
             {
                 "filter": "svt",

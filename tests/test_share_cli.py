@@ -1,0 +1,129 @@
+"""``monai-fedpriv simulate --share ...`` end to end on a tiny bundle: sparse transport, epsilon reporting, errors."""
+
+import functools
+import json
+
+import pytest
+
+from monai_fedpriv.cli import main
+from monai_fedpriv.privacy.accounting import PrivacyLedger
+from tests.conftest import BUNDLE_DIR
+
+
+@pytest.fixture()
+def tiny_cli_bundle(tiny_data, tmp_path):
+    # the bundle's own U-Net (205,856 parameters): big enough that the codec header does not hide the 8x
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for f in ("train.json", "fed.json", "dp.json", "metadata.json"):
+        (bundle / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
+    tiny = {
+        "dataset_dir": str(tiny_data),
+        "batch_size": 4,
+        "dp_example_input_shape": [2, 1, 32, 32],
+    }
+    (bundle / "configs" / "tiny.json").write_text(json.dumps(tiny))
+    # a 4-8 channel U-Net for the runs that check epsilon only (DP-SGD on the full one is slow on a busy CPU)
+    small = {"network_def#channels": [4, 8], "network_def#strides": [2]}
+    (bundle / "configs" / "small.json").write_text(json.dumps(small))
+    return bundle
+
+
+def _simulate(bundle, out, *extra, small=False, sites=2):
+    argv = ["simulate", str(bundle), "--sites", str(sites), "--rounds", "2", "--local-steps", "2", "--output", str(out)]
+    files = ["train.json", "fed.json", "tiny.json"] + (["small.json"] if small else [])
+    argv += ["--config-files", *files, "--partition", "iid", "--no-report", *extra]
+    return main(argv)
+
+
+def _site_rounds(out):
+    m = json.loads((out / "metrics.json").read_text())
+    return [(r["round"], name, s) for r in m["rounds"] for name, s in r["sites"].items()], m
+
+
+def test_percentile_sends_at_most_an_eighth(tiny_cli_bundle, tmp_path):
+    out = tmp_path / "pct"
+    assert _simulate(tiny_cli_bundle, out, "--share", "percentile", "--share-fraction", "0.1") == 0
+    rows, _ = _site_rounds(out)
+    assert len(rows) == 4
+    for _, _, s in rows:
+        assert s["bytes_sent"] * 8 <= s["dense_bytes"], s
+        assert s["privacy"]["dp"] is False and s["privacy"]["filter_epsilon"] is None
+        assert s["privacy"]["fraction_shared"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_svt_reports_filter_epsilon_per_round_and_total(tiny_cli_bundle, tmp_path):
+    out = tmp_path / "svt"
+    args = ["--share", "svt", "--share-fraction", "0.1", "--svt-epsilon", "2", "--svt-epsilon3", "0.5"]
+    assert _simulate(tiny_cli_bundle, out, *args) == 0
+    rows, m = _site_rounds(out)
+    for rnd, _, s in rows:
+        priv = s["privacy"]
+        assert s["bytes_sent"] * 8 <= s["dense_bytes"]
+        assert priv["dp"] is True
+        assert priv["filter_epsilon"] == pytest.approx(2.5)
+        assert priv["filter_epsilon_total"] == pytest.approx(2.5 * rnd)
+        assert priv["epsilon"] == pytest.approx(2.5 * rnd) and priv["delta"] == 0.0  # pure DP, basic composition
+    assert m["rounds"][-1]["global"]["privacy"]["epsilon"] == pytest.approx(5.0)
+
+
+def test_dp_sgd_and_svt_report_the_combined_epsilon(tiny_cli_bundle, tmp_path):
+    out = tmp_path / "dp_svt"
+    dp_svt = ["--privacy", "medium", "--epsilon-budget", "1000", "--share", "svt", "--svt-epsilon", "0.5"]
+    assert _simulate(tiny_cli_bundle, out, *dp_svt, small=True, sites=1) == 0  # one site: RDP here is slow
+    rows, _ = _site_rounds(out)
+    assert len(rows) == 2
+
+    @functools.cache
+    def recomputed(q, sigma, steps, rnd, delta):
+        """From the events: DP-SGD steps so far, and one SVT release per round (this one included)."""
+        dp_only = PrivacyLedger()
+        dp_only.record_sampled_gaussian(q, sigma, steps=steps)
+        both = PrivacyLedger()
+        both.load_state_dict(dp_only.state_dict())
+        both.record_pure(1.5, label="svt", count=rnd)
+        return dp_only.epsilon(delta), both.epsilon(delta)  # RDP at q = 2/3 is slow: the sites share the result
+
+    for rnd, _, s in rows:
+        priv = s["privacy"]
+        assert priv["filter_epsilon"] == pytest.approx(1.5) and priv["filter_epsilon_total"] == pytest.approx(1.5 * rnd)
+        eps_dp, eps_both = recomputed(priv["sample_rate"], priv["noise_multiplier"], priv["steps"], rnd, priv["delta"])
+        assert priv["epsilon"] == pytest.approx(eps_both, rel=1e-9)
+        assert eps_dp < priv["epsilon"] <= eps_dp + priv["filter_epsilon_total"] + 1e-9
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--share", "percentile", "--share-fraction", "0"],
+        ["--share", "percentile", "--share-fraction", "1.5"],
+        ["--share", "svt", "--svt-epsilon", "-1"],
+        ["--share", "svt", "--svt-threshold", "-0.1"],
+        ["--share", "svt", "--share-clip", "0"],
+        ["--share", "gaussian", "--gaussian-clip", "1"],
+        ["--share", "gaussian", "--gaussian-clip", "1", "--gaussian-noise", "0"],
+        ["--share", "percentile", "--svt-epsilon", "1"],
+        ["--share-fraction", "0.1"],
+    ],
+)
+def test_bad_share_values_exit_2(tiny_cli_bundle, tmp_path, capsys, args):
+    assert _simulate(tiny_cli_bundle, tmp_path / "bad", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_svt_state_and_ledger_survive_resume(tiny_cli_bundle, tmp_path):
+    """Round 2 after --resume equals round 2 of an uninterrupted run: filter generator, epsilon total and ledger."""
+    share = ["--share", "svt", "--svt-epsilon", "1e4", "--svt-epsilon3", "1e4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _simulate(tiny_cli_bundle, straight, *share) == 0
+    argv = ["simulate", str(tiny_cli_bundle), "--sites", "2", "--local-steps", "2", "--output", str(resumed)]
+    argv += ["--config-files", "train.json", "fed.json", "tiny.json", "--partition", "iid", "--no-report", *share]
+    assert main([*argv, "--rounds", "1"]) == 0
+    assert main([*argv, "--rounds", "2", "--resume"]) == 0
+    a, _ = _site_rounds(straight)
+    b, _ = _site_rounds(resumed)
+    assert [(r, n, s["privacy"], s["bytes_sent"], s["global_dice"]) for r, n, s in a] == [
+        (r, n, s["privacy"], s["bytes_sent"], s["global_dice"]) for r, n, s in b
+    ]
