@@ -296,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import importlib
 
+    from monai_fedpriv.errors import BundleError, DataError, PrivacyConfigError, UpdateError
+
     module, func = COMMANDS[argv[0]]
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    except (BundleError, DataError, PrivacyConfigError, UpdateError, FileNotFoundError) as exc:
+        # bad input: one clear line (the exception names the file, key or setting), no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

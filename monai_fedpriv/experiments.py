@@ -133,6 +133,8 @@ def run_experiment(
 
 
 def _run(sim: FederatedSimulator, resume: bool) -> dict[str, Any]:
+    if resume and not sim.checkpoint_path.is_file():
+        print(f"[{sim.label}] --resume: no checkpoint at {sim.checkpoint_path}, starting at round 1", flush=True)
     return sim.run(resume=resume and sim.checkpoint_path.is_file())
 
 

@@ -48,3 +48,8 @@ def test_cli_usage_and_bad_args(capsys):
     assert main([]) == 2
     assert main(["--help"]) == 0
     assert main(["simulate", "x", "--sites", "0", "--output", "o"]) == 2
+
+
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path / "missing_bundle"), "--output", str(tmp_path / "o")]) == 2
+    assert "missing_bundle does not exist" in capsys.readouterr().err
