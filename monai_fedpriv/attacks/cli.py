@@ -30,9 +30,21 @@ from monai_fedpriv.attacks.victim import (
     load_victim_label,
     update_norm,
 )
-from monai_fedpriv.errors import BundleError
+from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.privacy.selective import PercentileSharing
+from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
 
-__all__ = ["attack_main", "build_parser", "load_bundle_model", "release_epsilon", "run_attack"]
+__all__ = [
+    "attack_image",
+    "attack_main",
+    "build_parser",
+    "build_share_filter",
+    "load_bundle_model",
+    "load_victim",
+    "release_epsilon",
+    "run_attack",
+]
 
 DELTA = 1e-5
 
@@ -111,6 +123,49 @@ def release_epsilon(noise_multiplier: float, steps: int, delta: float = DELTA) -
     return float(accountant.get_epsilon(delta=delta))
 
 
+def build_share_filter(
+    share: str,
+    *,
+    fraction: float = 0.1,
+    clip: float | None = None,
+    threshold: float = 5e-4,
+    epsilon_select: float = 1.0,
+    epsilon3: float = 1.0,
+    seed: int = 0,
+) -> Any | None:
+    """The update filter a site applies after DP-SGD: ``none``, ``percentile`` or ``svt`` (Li et al. 2019).
+
+    ``svt`` defaults follow ``configs/svt.json`` (``clip`` 1e-3, threshold 5e-4, selection budget 1 split as Lyu et
+    al. recommend, answers 1); ``percentile`` shares the top ``fraction`` coordinates, clipped to ``clip`` if given.
+    """
+    if share == "none":
+        return None
+    if share == "percentile":
+        return PercentileSharing(fraction=fraction, clip=clip)
+    if share == "svt":
+        return _SizedSvt(fraction, clip if clip is not None else 1e-3, threshold, epsilon_select, epsilon3, seed)
+    raise ValueError(f"share must be 'none', 'percentile' or 'svt', got {share!r}.")
+
+
+class _SizedSvt:
+    """SVT whose selection budget is split once the update size (hence ``c``) is known, as ``svt.json`` does."""
+
+    def __init__(
+        self, fraction: float, clip: float, threshold: float, epsilon_select: float, epsilon3: float, seed: int
+    ) -> None:
+        self.fraction, self.clip, self.threshold = fraction, clip, threshold
+        self.epsilon_select, self.epsilon3, self.seed = epsilon_select, epsilon3, seed
+        SparseVectorFilter(fraction, epsilon_select / 2, epsilon_select / 2, epsilon3, clip, threshold)  # validate
+
+    def __call__(self, update: ModelUpdate) -> ModelUpdate:
+        size = sum(v.numel() for v in update.delta.values() if v.is_floating_point())
+        eps1, eps2 = lyu_budget_split(self.epsilon_select, max(1, int(self.fraction * size + 0.5)))
+        svt = SparseVectorFilter(
+            self.fraction, eps1, eps2, self.epsilon3, clip=self.clip, threshold=self.threshold, generator=self.seed
+        )
+        return svt(update)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monai-fedpriv attack", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle_dir", help="MONAI bundle folder with configs/train.json defining network_def")
@@ -119,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice of a volume (default: middle)")
     p.add_argument("--size", type=int, default=64, help="victim image side after resizing (default 64)")
     p.add_argument("--privacy", choices=sorted(PRIVACY_REGIMES), default="none", help="DP-SGD regime (seed 000)")
+    p.add_argument("--noise-multiplier", type=float, default=None, help="custom DP-SGD noise (overrides --privacy)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="custom DP-SGD clip (with --noise-multiplier)")
+    p.add_argument("--share", choices=["none", "percentile", "svt"], default="none",
+                   help="filter on the update after DP-SGD (Li et al. 2019): selective sharing or SVT")  # fmt: skip
+    p.add_argument("--share-fraction", type=float, default=0.1, help="fraction of coordinates shared (default 0.1)")
+    p.add_argument("--share-clip", type=float, default=None,
+                   help="clip gamma of shared values (percentile: none, svt: 1e-3)")  # fmt: skip
+    p.add_argument("--svt-threshold", type=float, default=5e-4, help="SVT threshold h (default 5e-4)")
+    p.add_argument("--svt-epsilon", type=float, default=1.0, help="SVT selection budget eps1+eps2 (default 1)")
+    p.add_argument("--svt-epsilon3", type=float, default=1.0, help="SVT answer budget eps3 (default 1)")
     p.add_argument("--local-steps", type=int, default=1, help="local SGD steps behind the update (default 1)")
     p.add_argument("--lr", type=float, default=0.01, help="local SGD learning rate (default 0.01)")
     p.add_argument("--mask", choices=["known", "unknown"], default="known", help="does the attacker know the mask")
@@ -133,51 +198,97 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_attack(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the attack described by parsed CLI arguments and write the outputs; returns the JSON record."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network, loss, pixel_range = load_bundle_model(args.bundle_dir)
-    if args.checkpoint:
-        _load_checkpoint(network, args.checkpoint)
-    network = network.to(device).train()
+def load_victim(
+    image_path: str | Path,
+    label_path: str | Path | None,
+    num_classes: int,
+    pixel_range: tuple[float, float] = (0.0, 1.0),
+    slice_index: int | None = None,
+    size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Victim image in the pixel range, its label map and where the label came from (``"label"``/``"intensity"``)."""
     lo, hi = pixel_range
-    image = lo + (hi - lo) * load_victim_image(args.victim, args.slice_index, args.size)
+    image = lo + (hi - lo) * load_victim_image(image_path, slice_index, size)
+    if label_path:
+        label = load_victim_label(label_path, slice_index, size)
+        if int(label.max()) >= num_classes or int(label.min()) < 0:
+            raise DataError(f"victim label {str(label_path)!r} has values outside [0, {num_classes - 1}].")
+        return image, label, "label"
+    return image, intensity_label((image - lo) / (hi - lo), num_classes), "intensity"
+
+
+def attack_image(
+    network: torch.nn.Module,
+    loss: torch.nn.Module,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    pixel_range: tuple[float, float] = (0.0, 1.0),
+    *,
+    privacy: str = "none",
+    noise_multiplier: float | None = None,
+    max_grad_norm: float | None = None,
+    share_filter: Any | None = None,
+    share: str = "none",
+    local_steps: int = 1,
+    lr: float = 0.01,
+    mask_known: bool = True,
+    iterations: int = 1000,
+    restarts: int = 4,
+    tv_weight: float = 5e-2,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Build the update a site would send for ``(image, label)`` and attack it; returns ``(record, reconstruction)``.
+
+    The DP-SGD setting is a named regime, or ``noise_multiplier``/``max_grad_norm`` when given (``"custom"``); a
+    ``share_filter`` (e.g. from :func:`build_share_filter`) is applied to the update after DP-SGD, and the attack
+    then matches the shared coordinates only.
+    """
+    device = next(network.parameters()).device
     with torch.no_grad():
         num_classes = int(network(image[None].to(device)).shape[1])
-    if args.victim_label:
-        label = load_victim_label(args.victim_label, args.slice_index, args.size)
+    custom = noise_multiplier is not None or max_grad_norm is not None
+    common = dict(
+        image_shape=tuple(image.shape[1:]), num_classes=num_classes, in_channels=image.shape[0],
+        local_steps=local_steps, lr=lr, mask_known=mask_known, pixel_range=pixel_range,
+    )  # fmt: skip
+    if custom:
+        tm = ThreatModel(noise_multiplier=noise_multiplier or 0.0, max_grad_norm=max_grad_norm, **common)  # type: ignore[arg-type]
+        privacy = "custom"
     else:
-        label = intensity_label((image - lo) / (hi - lo), num_classes)
-    tm = ThreatModel.for_regime(
-        args.privacy,
-        image_shape=tuple(image.shape[1:]),
-        num_classes=num_classes,
-        in_channels=image.shape[0],
-        local_steps=args.local_steps,
-        lr=args.lr,
-        mask_known=args.mask == "known",
-        pixel_range=pixel_range,
-    )
-    gen = torch.Generator().manual_seed(args.seed)
+        tm = ThreatModel.for_regime(privacy, **common)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
     delta = build_victim_update(
         network, loss, image[None].to(device), label[None].to(device), tm.local_steps, tm.lr,
         tm.noise_multiplier, tm.max_grad_norm, gen,
     )  # fmt: skip
+    sent: ModelUpdate | dict[str, torch.Tensor] = delta
+    share_meta: dict[str, Any] = {}
+    if share_filter is not None:
+        update = ModelUpdate("victim", 1, {n: v.cpu() for n, v in delta.items()}, n_samples=1,
+                             local_steps=tm.local_steps)  # fmt: skip
+        filtered: ModelUpdate = share_filter(update)
+        share_meta = dict(filtered.meta.get("privacy", {}))
+        sent = filtered
     recon, stats = reconstruct(
-        delta, network, tm, loss, mask=label[None].to(device) if tm.mask_known else None,
-        iterations=args.iterations, restarts=args.restarts, tv_weight=args.tv_weight,
-        generator=torch.Generator().manual_seed(args.seed + 1), num_threads=args.threads,
+        sent, network, tm, loss, mask=label[None].to(device) if tm.mask_known else None,
+        iterations=iterations, restarts=restarts, tv_weight=tv_weight,
+        generator=torch.Generator().manual_seed(seed + 1), num_threads=num_threads,
     )  # fmt: skip
     recon = recon[0]
-    scores = score_reconstruction(recon, image, label, pixel_range)
-    eps = release_epsilon(tm.noise_multiplier, tm.local_steps)
+    scores = score_reconstruction(recon, image.cpu(), label.cpu(), pixel_range)
+    eps_sgd = release_epsilon(tm.noise_multiplier, tm.local_steps)
+    eps_share = share_meta.get("filter_epsilon")
+    epsilon = eps_sgd
+    if eps_share is not None:  # pure eps-DP filter after (eps, delta)-DP DP-SGD: basic composition
+        epsilon = eps_share + (eps_sgd or 0.0)
     record = {
         "psnr": scores["psnr"],
         "ssim": scores["ssim"],
         "ncc": scores["ncc"],
         "baselines": scores["baselines"],
         "verdict": scores["verdict"],
-        "epsilon": eps,
+        "epsilon": epsilon,
         "iterations": stats["iterations"],
         "seconds": stats["seconds"],
         "ncc_inside_mask": scores["ncc_inside_mask"],
@@ -185,17 +296,49 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         "update_norm": update_norm(delta),
         "max_grad_norm": tm.max_grad_norm,
         "noise_multiplier": tm.noise_multiplier,
+        "epsilon_dp_sgd": eps_sgd,
         "iterations_per_second": stats["iterations_per_second"],
         "mask_known": tm.mask_known,
-        "privacy": args.privacy,
+        "privacy": privacy,
+        "share": share,
+        "fraction_shared": share_meta.get("fraction_shared", 1.0),
+        "epsilon_share": eps_share,
         "local_steps": tm.local_steps,
         "restarts": stats["restarts"],
         "matching_loss": stats["matching_loss"],
         "delta": DELTA,
     }
+    return record, recon
+
+
+def run_attack(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the attack described by parsed CLI arguments and write the outputs; returns the JSON record."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    network, loss, pixel_range = load_bundle_model(args.bundle_dir)
+    if args.checkpoint:
+        _load_checkpoint(network, args.checkpoint)
+    network = network.to(device).train()
+    out_channels = int(getattr(network, "out_channels", 0)) or None
+    if out_channels is None:
+        with torch.no_grad():
+            out_channels = int(network(torch.zeros(1, 1, args.size, args.size, device=device)).shape[1])
+    image, label, source = load_victim(
+        args.victim, args.victim_label, out_channels, pixel_range, args.slice_index, args.size
+    )
+    share_filter = build_share_filter(
+        args.share, fraction=args.share_fraction, clip=args.share_clip, threshold=args.svt_threshold,
+        epsilon_select=args.svt_epsilon, epsilon3=args.svt_epsilon3, seed=args.seed,
+    )  # fmt: skip
+    record, recon = attack_image(
+        network, loss, image, label, pixel_range, privacy=args.privacy, noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm, share_filter=share_filter, share=args.share,
+        local_steps=args.local_steps, lr=args.lr, mask_known=args.mask == "known", iterations=args.iterations,
+        restarts=args.restarts, tv_weight=args.tv_weight, seed=args.seed, num_threads=args.threads,
+    )  # fmt: skip
+    record["mask_source"] = source
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"privacy={args.privacy}, mask {'known' if tm.mask_known else 'unknown'}, SSIM {scores['ssim']:.2f}"
+    title = f"privacy={record['privacy']}, share={args.share}, mask {args.mask}, SSIM {record['ssim']:.2f}"
     save_reconstruction_grid([(title, image, recon)], out / "attack.png", pixel_range)
     with open(out / "attack.json", "w") as f:
         json.dump(_finite(record), f, indent=2, allow_nan=False)

@@ -9,6 +9,11 @@ The server knows the global weights it sent. The evaluator snapshots them at the
 each round (after the site loaded the global model, before the first step), and takes the victim batch from the
 first iteration of the round. The replay is exact when the round is one local step on one batch (the audit
 setting); with several steps on different batches the attack replays ``K`` steps on the first batch, a lower bound.
+
+Leakage gate (optional, ``gate_ssim``): run site-side, the evaluator can *drop* an attacked update whose
+reconstruction beats both baselines and reaches ``gate_ssim``: the update is replaced by one with every coordinate
+unshared (all-``False`` masks, zero delta), which the aggregator ignores. The gate only sees the rounds it attacks,
+and the decision to drop depends on the data, so it is a safety net on top of DP, never a privacy guarantee.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class ReconstructionAttackEvaluator:
         image_key: batch key of the images.
         label_key: batch key of the label maps.
         num_threads: CPU threads during an attack (``None``: torch's setting; 1 is fastest on a busy CPU).
+        gate_ssim: drop an attacked update whose reconstruction beats both baselines with SSIM >= this value
+            (``None``: never drop; the evaluator is then a pure pass-through).
 
     Example:
         >>> evaluator = ReconstructionAttackEvaluator([1], "runs/attack", tm, net, loss)  # doctest: +SKIP
@@ -70,6 +77,7 @@ class ReconstructionAttackEvaluator:
         image_key: str = "image",
         label_key: str = "label",
         num_threads: int | None = None,
+        gate_ssim: float | None = None,
     ) -> None:
         self.rounds = sorted({int(r) for r in rounds})
         if not self.rounds or self.rounds[0] < 1:
@@ -89,6 +97,9 @@ class ReconstructionAttackEvaluator:
         self.image_key = image_key
         self.label_key = label_key
         self.num_threads = num_threads
+        if gate_ssim is not None and not (isinstance(gate_ssim, (int, float)) and 0.0 < gate_ssim <= 1.0):
+            raise ValueError(f"gate_ssim should be None or a number in (0, 1], got {gate_ssim!r}.")
+        self.gate_ssim = None if gate_ssim is None else float(gate_ssim)
         self.results: dict[int, dict[str, Any]] = {}
         self._global: dict[str, torch.Tensor] | None = None
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -119,7 +130,7 @@ class ReconstructionAttackEvaluator:
 
     # -- filter ---------------------------------------------------------------------------------------------------
     def __call__(self, update: ModelUpdate) -> ModelUpdate:
-        """Attack ``update`` if its round is listed; always return it unchanged."""
+        """Attack ``update`` if its round is listed; return it unchanged unless the leakage gate drops it."""
         try:
             if update.round in self.rounds:
                 if self._global is None or self._batch is None:
@@ -127,10 +138,20 @@ class ReconstructionAttackEvaluator:
                         f"round {update.round}: no global weights or batch were observed; attach the evaluator to "
                         "the trainer and put it in FederatedSync's filters."
                     )
-                self.results[update.round] = self.attack(update, self._global, *self._batch)
+                record = self.attack(update, self._global, *self._batch)
+                self.results[update.round] = record
+                if self._gate(record):
+                    record["dropped"] = True
+                    return _dropped(update, record)
         finally:
             self._armed, self._batch = True, None  # the next round starts from a new global model
         return update
+
+    def _gate(self, record: dict[str, Any]) -> bool:
+        if self.gate_ssim is None:
+            return False
+        leaks = [s["verdict"].startswith("leaks") and s["ssim"] >= self.gate_ssim for s in record["images"]]
+        return any(leaks)
 
     def attack(
         self, update: ModelUpdate, global_weights: dict[str, torch.Tensor], image: torch.Tensor, label: torch.Tensor
@@ -190,6 +211,22 @@ class ReconstructionAttackEvaluator:
         if "results" not in state:
             raise KeyError("ReconstructionAttackEvaluator state lacks 'results'.")
         self.results = {int(k): v for k, v in state["results"].items()}
+
+
+def _dropped(update: ModelUpdate, record: dict[str, Any]) -> ModelUpdate:
+    """``update`` with nothing shared (zero delta, all-``False`` masks): the aggregator ignores every coordinate."""
+    meta = dict(update.meta)
+    privacy = dict(meta.get("privacy", {}) or {})
+    privacy["leakage_gate"] = {"dropped": True, "round": update.round, "ssim": record["ssim"]}
+    privacy["fraction_shared"] = 0.0
+    meta["privacy"] = privacy
+    return dataclasses.replace(
+        update,
+        delta={k: torch.zeros_like(v) for k, v in update.delta.items()},
+        masks={k: torch.zeros_like(v, dtype=torch.bool) for k, v in update.delta.items()},
+        optimizer_state=None,
+        meta=meta,
+    )
 
 
 def _plain(value: Any) -> torch.Tensor:
