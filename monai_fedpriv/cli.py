@@ -113,9 +113,32 @@ def build_simulate_parser() -> argparse.ArgumentParser:
         default=None,
         help="delta of the reported epsilon for --share gaussian without --privacy (default 1e-5)",
     )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="ID=JSON",
+        help="bundle config override applied last, e.g. --override learning_rate=0.001 (repeatable)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     return p
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["a#b=1", "c=\"x\""]`` -> ``{"a#b": 1, "c": "x"}``; a value that is not JSON is taken as a string."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--override expects ID=VALUE, got {item!r}.")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
 
 
 def privacy_overrides(args: argparse.Namespace, config_files: list[str]) -> tuple[list[str], dict]:
@@ -222,6 +245,11 @@ def simulate_main(argv: list[str]) -> int:
     try:
         config_files, overrides = privacy_overrides(args, list(args.config_files))
         overrides = {**overrides, **share_overrides(args, config_files)}
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        overrides.update(parse_overrides(args.override))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -224,6 +224,9 @@ class FederatedSimulator:
                 "num_workers": self.num_workers,
             },
             "site_seed": site_seed,
+            # anything the bundle writes (checkpoints, evaluation, attack audits) goes into the run, not the bundle
+            "ckpt_dir": str(self.output_dir / "sites" / name / "models"),
+            "output_dir": str(self.output_dir / "sites" / name),
             "train#trainer#max_epochs": max_epochs,
             "train#trainer#epoch_length": epoch_length,
             "train#trainer#train_handlers": [],

@@ -122,6 +122,12 @@ class ReconstructionAttackEvaluator:
         if self._batch is not None:
             return
         batch: Any = engine.state.batch
+        if isinstance(batch, list) and batch and isinstance(batch[0], dict):  # MONAI decollated the batch
+            batch = {
+                k: torch.stack([torch.as_tensor(_plain(item[k])) for item in batch])
+                for k in batch[0]
+                if k in (self.image_key, self.label_key)
+            }
         if isinstance(batch, dict):
             image, label = batch[self.image_key], batch[self.label_key]
         else:
