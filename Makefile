@@ -28,5 +28,9 @@ lint: install
 	$(BIN)/ruff check monai_fedpriv tests benchmarks
 	$(BIN)/mypy monai_fedpriv
 
+bench: install
+	$(BIN)/python benchmarks/dp_step.py --json runs/bench/dp_step.json
+	$(BIN)/python benchmarks/attack_speed.py
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache .mypy_cache

@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"{method}_error" in row:
                 print(f"  {method} failed: {row[f'{method}_error']}")
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cases": results}, indent=2))
     return 0
 
