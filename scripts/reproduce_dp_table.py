@@ -62,7 +62,7 @@ def write_report(results: dict, output: Path, figure: Path, data_args: dict, min
         "",
         f"- data: `build_brain_tissue_2d` with {data_args['cases_per_site']} training and {data_args['val_per_site']}"
         f" validation slices per site, {data_args['image_size']}x{data_args['image_size']}, seed {data_args['seed']}"
-        f" (training sizes {cfg['train_sizes']})",
+        f" (training sizes {cfg['train_sizes']}), batch size {data_args.get('batch_size', 8)}",
         f"- rounds: {cfg['rounds']} with {cfg['local_work']} per round; local = {cfg['local_site']} alone for the same"
         f" number of epochs; budget policy `{cfg['policy']}`; wall time {minutes:.1f} min",
         f"- budgets (Table 1): {cfg['budgets']}",
@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases-per-site", type=int, default=200)
     p.add_argument("--val-per-site", type=int, default=10)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="site batch size; sample rate = batch / cases per site (800 cases + batch 32 keeps q = 0.04 "
+        "with 4x less noise per averaged gradient than 200 + 8)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regimes", nargs="+", default=list(PRIVACY_LEVELS), choices=PRIVACY_LEVELS)
     args = p.parse_args(argv)
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_brain_tissue_2d(args.output / "data", n_sites=3, **data_args)
     results = run_dp_table(
         BUNDLE,
-        {"dataset_dir": str(data)},
+        {"dataset_dir": str(data), "batch_size": args.batch_size},
         args.output,
         args.rounds,
         LocalWork(epochs=args.local_epochs),
@@ -142,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     minutes = (time.perf_counter() - t0) / 60
+    data_args["batch_size"] = args.batch_size
     fig = plot(results, args.output / "dice_vs_epsilon.png")
     report = write_report(results, args.output, fig, data_args, minutes)
     print(f"report: {report}; results: {args.output / 'results.json'}; {minutes:.1f} min")
