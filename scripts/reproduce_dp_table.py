@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         "with 4x less noise per averaged gradient than 200 + 8)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--regimes", nargs="+", default=list(PRIVACY_LEVELS), choices=PRIVACY_LEVELS)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data_args = {k: getattr(args, k) for k in ("cases_per_site", "val_per_site", "image_size", "seed")}
     data = build_brain_tissue_2d(args.output / "data", n_sites=3, **data_args)
