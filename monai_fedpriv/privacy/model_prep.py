@@ -197,7 +197,7 @@ def prepare_for_dp(
 
 def _check_grad_samples(model: nn.Module, example_input: torch.Tensor) -> None:
     """Dry run of the per-sample path: every trainable parameter must get a per-sample gradient of the right size."""
-    from monai_fedpriv.privacy.dp_sgd import TensorHookGradSampleModule
+    from monai_fedpriv.privacy.grad_sample import TensorHookGradSampleModule
 
     batch = example_input if example_input.shape[0] >= 2 else torch.cat([example_input, example_input])
     probe = TensorHookGradSampleModule(copy.deepcopy(model).train())
