@@ -39,3 +39,13 @@ def tiny_overrides(data_dir: Path) -> dict:
 @pytest.fixture()
 def tiny_bundle(tiny_data) -> BundleSpec:
     return BundleSpec(BUNDLE_DIR, ("train.json",), tiny_overrides(tiny_data))
+
+
+def assert_same_run(full: dict, resumed: dict, full_dir: Path, resumed_dir: Path) -> None:
+    """A resumed run ended with bit-identical global weights and the same per-round metrics (timings aside)."""
+    a = torch.load(full_dir / "models" / "model.pt")
+    b = torch.load(resumed_dir / "models" / "model.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [{**r, "seconds": 0} for r in full["rounds"]] == [{**r, "seconds": 0} for r in resumed["rounds"]]

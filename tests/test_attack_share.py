@@ -17,17 +17,7 @@ from monai_fedpriv.attacks.report import attack_table, latent_table, noise_break
 from monai_fedpriv.errors import DataError, PrivacyConfigError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.selective import PercentileSharing
-
-NETWORK = {
-    "_target_": "monai.networks.nets.UNet",
-    "spatial_dims": 2,
-    "in_channels": 1,
-    "out_channels": 3,
-    "channels": [4, 8, 16],
-    "strides": [2, 2],
-    "norm": "INSTANCE",
-    "num_res_units": 1,
-}
+from tests.test_attack_cli import NETWORK
 
 
 def _phantom(size: int = 24) -> np.ndarray:

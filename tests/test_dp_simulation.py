@@ -14,7 +14,7 @@ from monai_fedpriv.experiments import bundle_datalist, split_sites
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
 from monai_fedpriv.privacy.accounting import PrivacyLedger
 from monai_fedpriv.report.markdown import privacy_section
-from tests.conftest import BUNDLE_DIR, tiny_overrides
+from tests.conftest import BUNDLE_DIR, assert_same_run, tiny_overrides
 
 PRIVACY_KEYS = ("epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate", "steps", "accountant", "budget")
 SIGMA, CLIP, DELTA = 1.5, 1.0, 1e-5
@@ -77,13 +77,7 @@ def test_resume_under_dp_gives_identical_weights_and_epsilon(tiny_data, tmp_path
     full = _sim(bundle, tmp_path / "full", 2).run()
     _sim(bundle, tmp_path / "cut", 1).run()
     resumed = _sim(bundle, tmp_path / "cut", 2).run(resume=True)
-    a = torch.load(tmp_path / "full" / "models" / "model.pt")
-    b = torch.load(tmp_path / "cut" / "models" / "model.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda m: [{**r, "seconds": 0} for r in m["rounds"]]  # noqa: E731
-    assert strip(full) == strip(resumed)
+    assert_same_run(full, resumed, tmp_path / "full", tmp_path / "cut")
     assert full["rounds"][-1]["global"]["privacy"]["epsilon"] == resumed["rounds"][-1]["global"]["privacy"]["epsilon"]
 
 

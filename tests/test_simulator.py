@@ -9,6 +9,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.experiments import bundle_datalist, split_sites
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
+from tests.conftest import assert_same_run
 
 
 def _split(bundle, scheme="institution"):
@@ -25,13 +26,7 @@ def test_resume_gives_identical_weights_and_metrics(tiny_bundle, tmp_path, work)
     full = _sim(tiny_bundle, split, tmp_path / "full", 3, work).run()
     _sim(tiny_bundle, split, tmp_path / "cut", 2, work).run()
     resumed = _sim(tiny_bundle, split, tmp_path / "cut", 3, work).run(resume=True)
-    a = torch.load(tmp_path / "full" / "models" / "model.pt")
-    b = torch.load(tmp_path / "cut" / "models" / "model.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    strip = lambda m: [{**r, "seconds": 0} for r in m["rounds"]]  # noqa: E731
-    assert strip(full) == strip(resumed)
+    assert_same_run(full, resumed, tmp_path / "full", tmp_path / "cut")
     steps = [r["sites"]["site-1"]["local_steps"] for r in full["rounds"]]
     assert steps == ([3, 3, 3] if work.steps else [2, 2, 2])  # 6 cases / batch 4 -> 2 steps per epoch
 
