@@ -1,0 +1,136 @@
+"""The fast per-sample path: grouped-convolution samplers, the frozen-weight forward, the lean clip-and-noise step."""
+
+import copy
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from monai_fedpriv.privacy.dp_sgd import _LedgerDPOptimizer
+from monai_fedpriv.privacy.grad_sample import (
+    TensorHookGradSampleModule,
+    _conv_grad_sample,
+    _grouped_conv_grad_sample,
+)
+
+
+def _loop_grads(layer, x, g):
+    """Per-sample weight/bias gradients of <layer(x_i), g_i> by one backward per sample."""
+    out = []
+    for i in range(x.shape[0]):
+        layer.zero_grad()
+        (layer(x[i : i + 1]) * g[i : i + 1]).sum().backward()
+        out.append({p: p.grad.detach().clone() for p in layer.parameters()})
+    return out
+
+
+LAYERS = {
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (3, 4, 12, 12)),
+    "conv2d_dilated_grouped": (lambda: nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2), (3, 4, 12, 12)),
+    "conv2d_nobias_1x1": (lambda: nn.Conv2d(5, 3, 1, bias=False), (2, 5, 9, 9)),
+    "conv3d": (lambda: nn.Conv3d(3, 4, 3, stride=(1, 2, 2), padding=1), (2, 3, 6, 8, 8)),
+    "convT2d": (lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1), (3, 6, 5, 5)),
+    "convT2d_grouped": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (2, 4, 5, 5)),
+    "convT3d": (lambda: nn.ConvTranspose3d(3, 2, 3, stride=2, padding=1, output_padding=1), (2, 3, 4, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_grouped_conv_grad_sample_equals_per_sample_loop(name):
+    torch.manual_seed(0)
+    make, shape = LAYERS[name]
+    layer = make()
+    x = torch.randn(shape)
+    g = torch.randn_like(layer(x))
+    ref = _loop_grads(layer, x, g)
+    got = _grouped_conv_grad_sample(layer, [x], g)
+    assert set(got) == set(layer.parameters())
+    for p, gs in got.items():
+        assert gs.shape == (x.shape[0], *p.shape)
+        for i in range(x.shape[0]):
+            torch.testing.assert_close(gs[i], ref[i][p], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [6, 16])  # 36 output positions: im2col path; 256: grouped path
+@pytest.mark.parametrize("kind", ["conv", "convT"])
+def test_shape_rule_takes_both_paths_with_same_result(size, kind):
+    torch.manual_seed(1)
+    layer = nn.Conv2d(3, 4, 3, padding=1) if kind == "conv" else nn.ConvTranspose2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, size, size)
+    g = torch.randn_like(layer(x))
+    ref = _loop_grads(layer, x, g)
+    got = _conv_grad_sample(layer, [x], g)
+    for p, gs in got.items():
+        for i in range(2):
+            torch.testing.assert_close(gs[i], ref[i][p], rtol=1e-4, atol=1e-5)
+
+
+def _unet():
+    return UNet(2, 1, 3, (4, 8, 16), (2, 2), num_res_units=1, norm="instance")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_frozen_forward_gives_same_grad_samples_and_no_batch_gradient(skip, monkeypatch):
+    torch.manual_seed(0)
+    model = _unet().train()
+    reference = TensorHookGradSampleModule(copy.deepcopy(model))
+    monkeypatch.setattr(reference, "skip_batch_grad", False)
+    gsm = TensorHookGradSampleModule(model)
+    monkeypatch.setattr(gsm, "skip_batch_grad", skip)
+    x = torch.rand(3, 1, 16, 16)
+    reference(x).pow(2).mean().backward()
+    gsm(x).pow(2).mean().backward()
+    for p, q in zip(model.parameters(), reference._module.parameters(), strict=True):
+        assert p.requires_grad
+        torch.testing.assert_close(p.grad_sample, q.grad_sample, rtol=1e-5, atol=1e-7)
+        assert (p.grad is None) == skip  # the batch gradient is only formed without the frozen forward
+        assert q.grad is not None
+
+
+def test_frozen_forward_restores_requires_grad_on_error_and_leaves_eval_alone():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 1))
+    frozen = nn.Linear(1, 1).requires_grad_(False)
+    model.append(frozen)
+    gsm = TensorHookGradSampleModule(model).train()
+    with pytest.raises(RuntimeError):
+        gsm(torch.rand(2, 1, 5, 5))  # wrong size for the Linear layer
+    assert all(p.requires_grad for p in model[:3].parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())  # frozen parameters stay frozen
+    gsm.eval()
+    gsm(torch.rand(2, 1, 8, 8)).sum().backward()  # no per-sample path in eval: the plain batch gradient
+    assert model[0].weight.grad is not None and getattr(model[0].weight, "grad_sample", None) is None
+
+
+def _optimizers(seed=0):
+    torch.manual_seed(seed)
+    params = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))]
+    gens = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)]
+    mine = _LedgerDPOptimizer(
+        torch.optim.SGD(params, lr=1.0), noise_multiplier=0.8, max_grad_norm=1.5, expected_batch_size=6,
+        generator=gens[0],
+    )  # fmt: skip
+    theirs = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0), noise_multiplier=0.8, max_grad_norm=1.5, expected_batch_size=6,
+        generator=gens[1],
+    )  # fmt: skip
+    return params, mine, theirs
+
+
+def test_lean_clip_and_noise_equal_opacus_draw_for_draw():
+    params, mine, theirs = _optimizers()
+    samples = [torch.randn(6, 4, 3) * 2, torch.randn(6, 5) * 2]
+    results = []
+    for opt in (mine, theirs):
+        for p, s in zip(params, samples, strict=True):
+            p.grad_sample = s.clone()
+            p.summed_grad = None
+            p.grad = None
+        assert opt.pre_step()
+        results.append([p.grad.clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # clipping was active and every clipped per-sample gradient is within the norm
+    norms = torch.stack([s.reshape(6, -1).norm(dim=1) for s in samples], 1).norm(dim=1)
+    assert (norms > 1.5).any()
