@@ -53,15 +53,34 @@ def test_grouped_conv_grad_sample_equals_per_sample_loop(name):
             torch.testing.assert_close(gs[i], ref[i][p], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("size", [6, 16])  # 36 output positions: im2col path; 256: grouped path
-@pytest.mark.parametrize("kind", ["conv", "convT"])
-def test_shape_rule_takes_both_paths_with_same_result(size, kind):
+@pytest.mark.parametrize(
+    ("kind", "channels", "size", "path"),
+    [
+        ("conv", 8, 8, "im2col"),  # 64 output positions
+        ("conv", 8, 16, "grouped"),
+        ("conv", 3, 16, "im2col"),  # few channels, small unfolded input
+        ("convT", 8, 8, "im2col"),  # the contraction runs over the 64 *input* positions
+        ("convT", 8, 16, "grouped"),
+        ("convT_grouped", 8, 4, "grouped"),  # im2col handles groups=1 only
+    ],
+)
+def test_shape_rule_picks_the_expected_path_with_same_result(kind, channels, size, path, monkeypatch):
+    from monai_fedpriv.privacy import grad_sample
+
     torch.manual_seed(1)
-    layer = nn.Conv2d(3, 4, 3, padding=1) if kind == "conv" else nn.ConvTranspose2d(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, size, size)
+    layer = {
+        "conv": lambda: nn.Conv2d(channels, 8, 3, padding=1),
+        "convT": lambda: nn.ConvTranspose2d(channels, 8, 3, padding=1),
+        "convT_grouped": lambda: nn.ConvTranspose2d(channels, 8, 3, padding=1, groups=2),
+    }[kind]()
+    x = torch.randn(2, channels, size, size)
     g = torch.randn_like(layer(x))
     ref = _loop_grads(layer, x, g)
+    taken = []
+    grouped = grad_sample._grouped_conv_grad_sample
+    monkeypatch.setattr(grad_sample, "_grouped_conv_grad_sample", lambda *a: taken.append("grouped") or grouped(*a))
     got = _conv_grad_sample(layer, [x], g)
+    assert (taken or ["im2col"]) == [path]
     for p, gs in got.items():
         for i in range(2):
             torch.testing.assert_close(gs[i], ref[i][p], rtol=1e-4, atol=1e-5)

@@ -79,40 +79,49 @@ class _LedgerDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self) -> None:
         """Opacus' per-sample clipping (same factors ``min(1, C / (||g_i|| + 1e-6))``), with the clipped sum taken as
         one matrix-vector product per parameter instead of an ``einsum`` over a broadcast copy."""
-        samples = self.grad_samples
+        params = self.params
+        samples = [self._get_flat_grad_sample(p) for p in params]
         n = len(samples[0]) if samples else 0
         if n == 0:
             return super().clip_and_accumulate()
         flat = [g.reshape(n, -1) for g in samples]
-        norms = torch.stack([torch.linalg.vector_norm(f, dim=1).to(flat[0].device) for f in flat], dim=1)
+        device = flat[0].device
+        norms = torch.stack([torch.linalg.vector_norm(f, dim=1).to(device) for f in flat], dim=1)
         factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)
-        for p, f in zip(self.params, flat, strict=True):
+        for p, f in zip(params, flat, strict=True):
             _check_processed_flag(p.grad_sample)
             grad = (factor.to(device=f.device, dtype=p.dtype) @ f.to(p.dtype)).view(p.shape)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self) -> None:
-        """Opacus' Gaussian noise (same draws from ``generator``, in the same order), added in place into the
-        clipped sum instead of through a zero-initialised noise buffer."""
+        """Opacus' Gaussian noise (same draws from ``generator``, in the same order) and ``loss_reduction="mean"``
+        scaling, written into the fresh noise tensor (Opacus allocates a zero buffer per parameter and, in
+        :meth:`scale_grad`, recounts the accumulated iterations once per parameter)."""
         if self.secure_mode:
-            return super().add_noise()
+            super().add_noise()
+            super().scale_grad()
+            return
+        params = self.params
         std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
+        denom = self.expected_batch_size * self.accumulated_iterations if self.loss_reduction == "mean" else 1
+        for p in params:
             _check_processed_flag(p.summed_grad)
+            ref = p.summed_grad
             if std > 0:
-                noise = torch.normal(
-                    mean=0,
-                    std=std,
-                    size=p.summed_grad.shape,
-                    device=p.summed_grad.device,
-                    generator=self.generator,
-                    dtype=p.summed_grad.dtype,
+                grad = torch.normal(
+                    mean=0, std=std, size=ref.shape, device=ref.device, generator=self.generator, dtype=ref.dtype
                 )
-                p.grad = (p.summed_grad + noise).view_as(p)
+                grad.add_(ref)
             else:
-                p.grad = p.summed_grad.clone().view_as(p)
+                grad = ref.clone()
+            if denom != 1:
+                grad.div_(denom)
+            p.grad = grad.view_as(p)
             _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Done in :meth:`add_noise` (``pre_step`` always calls the two together)."""
 
     def pre_step(self, closure: Any = None) -> bool | None:
         if self.params and all(getattr(p, "grad_sample", None) is None for p in self.params):
