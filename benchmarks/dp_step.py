@@ -6,7 +6,7 @@ busy CPU then slows all of them alike); peak memory (max RSS on CPU, max allocat
 
 The "opacus" method is what ``PrivacyEngine.make_private`` builds by default (``ModuleValidator.fix`` +
 ``GradSampleModule`` hooks + ``DPOptimizer``); "project" is ``monai_fedpriv.privacy.make_site_private`` with
-``--project-mode`` (default ``hooks``: tensor-hook grad samples, closed-form PReLU/ConvTranspose samplers).
+``--project-mode`` (default ``hooks``: frozen-weight forward, tensor hooks, per-shape convolution samplers).
 Both private paths produce the same clipped-and-noised update (tested in ``tests/test_dp_sgd.py``).
 
 Usage:
@@ -105,7 +105,12 @@ def _build(case: str, method: str, project_mode: str, device: Any):
 def time_case(case: str, steps: int, warmup: int, project_mode: str, device_name: str) -> dict[str, float]:
     """Median seconds per step of each method, steps interleaved round-robin so that a busy machine slows all
     methods alike (the ratios stay meaningful on a shared CPU)."""
+    import warnings
+
     import torch
+
+    # Opacus' module hooks warn when the network input does not require grad (it never does here)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     device = torch.device(device_name)
     fns = {m: _build(case, m, project_mode, device) for m in METHODS}

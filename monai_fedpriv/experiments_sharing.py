@@ -20,12 +20,20 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 
-__all__ = ["SHARE_METHODS", "share_filter_overrides", "validate_share", "bundle_defines", "run_sharing_study"]
+__all__ = [
+    "SHARE_METHODS",
+    "ShareSettings",
+    "share_filter_overrides",
+    "validate_share",
+    "bundle_defines",
+    "run_sharing_study",
+]
 
 SHARE_METHODS = ("percentile", "svt", "gaussian")
 
@@ -35,20 +43,9 @@ _FLOAT_SIZE = "$sum(p.numel() for p in @network_def.state_dict().values() if p.i
 _SHARE_SEED = "$(int(@site_seed) * 1000003 + 7919) % (2 ** 62)"
 
 
-def share_filter_overrides(
-    method: str,
-    *,
-    fraction: float | None = None,
-    clip: float | None = None,
-    epsilon_select: float | None = None,
-    epsilon3: float | None = None,
-    threshold: float | None = None,
-    clip_norm: float | None = None,
-    noise_multiplier: float | None = None,
-    delta: float | None = None,
-    define_ledger: bool = True,
-) -> dict[str, Any]:
-    """Bundle overrides that make every site send its update through one share filter.
+@dataclass(frozen=True)
+class ShareSettings:
+    """One share filter and its settings, as ``monai-fedpriv simulate --share ...`` takes them.
 
     Args:
         method: ``"percentile"`` (:class:`~monai_fedpriv.privacy.selective.PercentileSharing`, no DP),
@@ -59,95 +56,112 @@ def share_filter_overrides(
         epsilon_select, epsilon3, threshold: SVT budget of the selection (``eps1 + eps2``), of the answers, and the
             public threshold ``h``.
         clip_norm, noise_multiplier, delta: Gaussian update privacy (``delta`` only for the reported epsilon).
-        define_ledger: also define ``privacy_ledger`` (set ``False`` when the bundle's config files, e.g.
-            ``dp.json``, already define it, so that DP-SGD and the filter record into one ledger).
-
-    Returns:
-        ``{id: value}`` overrides; the filter is ``share_filter``, built per site with a generator seeded from
-        ``@site_seed``.
     """
-    if method not in SHARE_METHODS:
-        raise ValueError(f"share method must be one of {SHARE_METHODS}, got {method!r}.")
-    out: dict[str, Any] = {}
-    stateful: dict[str, Any] = {}
-    if method == "percentile":
-        out["share_filter"] = {
-            "_target_": "monai_fedpriv.privacy.selective.PercentileSharing",
-            "fraction": fraction,
-            "clip": clip,
-        }
-    elif method == "svt":
-        out.update(
-            {
-                "share_fraction": fraction,
-                "share_count": {
-                    "_target_": "monai_fedpriv.privacy.filters.shared_count",
-                    "fraction": "@share_fraction",
-                    "size": _FLOAT_SIZE,
-                },
-                "share_budget": {
-                    "_target_": "monai_fedpriv.privacy.svt.lyu_budget_split",
-                    "epsilon": epsilon_select,
-                    "count": "@share_count",
-                },
-                "share_filter": {
-                    "_target_": "monai_fedpriv.privacy.svt.SparseVectorFilter",
-                    "fraction": "@share_fraction",
-                    "epsilon1": "$@share_budget[0]",
-                    "epsilon2": "$@share_budget[1]",
-                    "epsilon3": epsilon3,
-                    "clip": clip,
-                    "threshold": threshold,
-                    "ledger": "@privacy_ledger",
-                    "generator": _SHARE_SEED,
-                },
+
+    method: str
+    fraction: float | None = None
+    clip: float | None = None
+    epsilon_select: float | None = None
+    epsilon3: float | None = None
+    threshold: float | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+
+    def validate(self) -> None:
+        """Build the filter once (with a throw-away generator), so bad values raise ``PrivacyConfigError`` before
+        any data is loaded."""
+        from monai_fedpriv.privacy.gaussian_update import GaussianUpdatePrivacy
+        from monai_fedpriv.privacy.selective import PercentileSharing
+        from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
+
+        v: Any = self  # the filters check for None themselves, with messages naming the setting
+        if v.method == "percentile":
+            PercentileSharing(v.fraction, v.clip)
+        elif v.method == "svt":
+            eps1, eps2 = lyu_budget_split(v.epsilon_select, 1)
+            SparseVectorFilter(v.fraction, eps1, eps2, v.epsilon3, v.clip, v.threshold, generator=0)
+        elif v.method == "gaussian":
+            GaussianUpdatePrivacy(v.clip_norm, v.noise_multiplier, generator=0, delta=v.delta)
+        else:
+            raise ValueError(f"share method must be one of {SHARE_METHODS}, got {v.method!r}.")
+
+    def overrides(self, define_ledger: bool = True) -> dict[str, Any]:
+        """Bundle overrides that make every site send its update through this filter.
+
+        Args:
+            define_ledger: also define ``privacy_ledger`` (set ``False`` when the bundle's config files, e.g.
+                ``dp.json``, already define it, so that DP-SGD and the filter record into one ledger).
+
+        Returns:
+            ``{id: value}`` overrides; the filter is ``share_filter``, built per site with a generator seeded from
+            ``@site_seed``.
+        """
+        method = self.method
+        if method not in SHARE_METHODS:
+            raise ValueError(f"share method must be one of {SHARE_METHODS}, got {method!r}.")
+        out: dict[str, Any] = {}
+        stateful: dict[str, Any] = {}
+        if method == "percentile":
+            out["share_filter"] = {
+                "_target_": "monai_fedpriv.privacy.selective.PercentileSharing",
+                "fraction": self.fraction,
+                "clip": self.clip,
             }
-        )
-        stateful["share_filter"] = "@share_filter"
-    else:
-        out["share_filter"] = {
-            "_target_": "monai_fedpriv.privacy.gaussian_update.GaussianUpdatePrivacy",
-            "clip_norm": clip_norm,
-            "noise_multiplier": noise_multiplier,
-            "ledger": "@privacy_ledger",
-            "generator": _SHARE_SEED,
-            "delta": delta,
-        }
-        stateful["share_filter"] = "@share_filter"
-    if method != "percentile" and define_ledger:
-        out["privacy_ledger"] = {"_target_": "monai_fedpriv.privacy.accounting.PrivacyLedger"}
-        stateful["share_ledger"] = "@privacy_ledger"  # without dp.json nothing else checkpoints the ledger
-    out["fed_share_filters"] = "$[@share_filter]"
-    out["fed_share_stateful"] = stateful
-    return out
+        elif method == "svt":
+            out.update(
+                {
+                    "share_fraction": self.fraction,
+                    "share_count": {
+                        "_target_": "monai_fedpriv.privacy.filters.shared_count",
+                        "fraction": "@share_fraction",
+                        "size": _FLOAT_SIZE,
+                    },
+                    "share_budget": {
+                        "_target_": "monai_fedpriv.privacy.svt.lyu_budget_split",
+                        "epsilon": self.epsilon_select,
+                        "count": "@share_count",
+                    },
+                    "share_filter": {
+                        "_target_": "monai_fedpriv.privacy.svt.SparseVectorFilter",
+                        "fraction": "@share_fraction",
+                        "epsilon1": "$@share_budget[0]",
+                        "epsilon2": "$@share_budget[1]",
+                        "epsilon3": self.epsilon3,
+                        "clip": self.clip,
+                        "threshold": self.threshold,
+                        "ledger": "@privacy_ledger",
+                        "generator": _SHARE_SEED,
+                    },
+                }
+            )
+            stateful["share_filter"] = "@share_filter"
+        else:
+            out["share_filter"] = {
+                "_target_": "monai_fedpriv.privacy.gaussian_update.GaussianUpdatePrivacy",
+                "clip_norm": self.clip_norm,
+                "noise_multiplier": self.noise_multiplier,
+                "ledger": "@privacy_ledger",
+                "generator": _SHARE_SEED,
+                "delta": self.delta,
+            }
+            stateful["share_filter"] = "@share_filter"
+        if method != "percentile" and define_ledger:
+            out["privacy_ledger"] = {"_target_": "monai_fedpriv.privacy.accounting.PrivacyLedger"}
+            stateful["share_ledger"] = "@privacy_ledger"  # without dp.json nothing else checkpoints the ledger
+        out["fed_share_filters"] = "$[@share_filter]"
+        out["fed_share_stateful"] = stateful
+        return out
 
 
-def validate_share(
-    method: str,
-    *,
-    fraction: float | None = None,
-    clip: float | None = None,
-    epsilon_select: float | None = None,
-    epsilon3: float | None = None,
-    threshold: float | None = None,
-    clip_norm: float | None = None,
-    noise_multiplier: float | None = None,
-    delta: float | None = None,
-) -> None:
-    """Build the filter once with these settings (and a throw-away generator); raises ``PrivacyConfigError``."""
-    from monai_fedpriv.privacy.gaussian_update import GaussianUpdatePrivacy
-    from monai_fedpriv.privacy.selective import PercentileSharing
-    from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
+def share_filter_overrides(method: str, *, define_ledger: bool = True, **settings: Any) -> dict[str, Any]:
+    """``ShareSettings(method, **settings).overrides(define_ledger)``."""
+    return ShareSettings(method, **settings).overrides(define_ledger)
 
-    if method == "percentile":
-        PercentileSharing(fraction, clip)  # type: ignore[arg-type]
-    elif method == "svt":
-        eps1, eps2 = lyu_budget_split(epsilon_select, 1)  # type: ignore[arg-type]
-        SparseVectorFilter(fraction, eps1, eps2, epsilon3, clip, threshold, generator=0)  # type: ignore[arg-type]
-    elif method == "gaussian":
-        GaussianUpdatePrivacy(clip_norm, noise_multiplier, generator=0, delta=delta)  # type: ignore[arg-type]
-    else:
-        raise ValueError(f"share method must be one of {SHARE_METHODS}, got {method!r}.")
+
+def validate_share(method: str, **settings: Any) -> None:
+    """``ShareSettings(method, **settings).validate()``."""
+    ShareSettings(method, **settings).validate()
 
 
 def bundle_defines(bundle: BundleSpec, rid: str) -> bool:

@@ -25,3 +25,10 @@ def test_load_rejects_mismatched_keys():
 
 def test_strip_prefixes_nested():
     assert list(strip_prefixes({"module._module.a.b": 1})) == ["a.b"]
+
+
+def test_strip_prefixes_refuses_colliding_keys():
+    import pytest
+
+    with pytest.raises(KeyError, match="collide"):
+        strip_prefixes({"_module.a": 1, "a": 2})

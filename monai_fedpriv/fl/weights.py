@@ -8,6 +8,7 @@ the plain bundle network.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 __all__ = ["unwrap", "exchangeable_state", "load_exchangeable_state", "subtract", "strip_prefixes"]
 
 _WRAPPER_ATTRS = ("_module", "module")
+_WRAPPER_PREFIXES = ("_module.", "module.")
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -34,19 +36,26 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove leading ``_module.`` / ``module.`` prefixes from every key."""
-    out = {}
+def strip_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove wrapper prefixes from every key: leading ``_module.`` / ``module.`` (Opacus, DataParallel/DDP) and an
+    inner ``._module.`` (Opacus wrapping a submodule), so the keys are the plain network's.
+
+    Raises:
+        KeyError: when two keys become the same after stripping (the state mixes wrapped and plain entries).
+
+    Example:
+        >>> list(strip_prefixes({"module._module.conv.weight": 1, "head._module.bias": 2}))
+        ['conv.weight', 'head.bias']
+    """
+    out: dict[str, Any] = {}
     for key, value in state.items():
-        k = key
-        changed = True
-        while changed:
-            changed = False
-            for prefix in ("_module.", "module."):
-                if k.startswith(prefix):
-                    k = k[len(prefix) :]
-                    changed = True
-        out[k] = value
+        new = key
+        while new.startswith(_WRAPPER_PREFIXES):
+            new = new.split(".", 1)[1]
+        new = new.replace("._module.", ".")
+        if new in out:
+            raise KeyError(f"stripping wrapper prefixes makes key {key!r} collide with {new!r}.")
+        out[new] = value
     return out
 
 

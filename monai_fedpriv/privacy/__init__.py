@@ -9,6 +9,7 @@ from monai_fedpriv.privacy.accounting import ACCOUNTANTS, PrivacyLedger, solve_n
 from monai_fedpriv.privacy.dp_sgd import (
     DPSGD,
     GRAD_SAMPLE_MODES,
+    DPSettings,
     MicroBatchGradSampleModule,
     NoiseOnEmptyDataLoader,
     PrivateParts,
@@ -24,6 +25,7 @@ from monai_fedpriv.privacy.regimes import REGIMES, PrivacyRegime, get_regime
 __all__ = [
     "ACCOUNTANTS",
     "DPSGD",
+    "DPSettings",
     "GRAD_SAMPLE_MODES",
     "MicroBatchGradSampleModule",
     "NoiseOnEmptyDataLoader",

@@ -6,18 +6,11 @@ to their loop. Every real optimizer step (empty Poisson batches included: they s
 sampled-Gaussian step in the site's :class:`~monai_fedpriv.privacy.accounting.PrivacyLedger`. Empty draws are
 stepped (noise only) by the loader itself and never reach the engine (:class:`NoiseOnEmptyDataLoader`).
 
-Per-sample gradient modes (``grad_sample_mode``):
-
-* ``"hooks"`` (default): Opacus' per-layer grad samplers, but the gradient w.r.t. each layer output is captured with
-  a *tensor* hook instead of a module full-backward hook, and shared submodules are hooked once. This makes
-  networks with in-place residual adds (``x += identity`` in MONAI's SegResNet/DynUNet blocks) and modules
-  reachable through two attribute paths (DynUNet's ``skip_layers``) work; stock Opacus crashes on the former
-  and hooks the latter twice.
-* ``"microbatch"``: each sample runs its own forward/backward (:class:`MicroBatchGradSampleModule`); exact for any
-  network, but a batch of one is inefficient (measured slower than ``"hooks"`` at batch 32 on CPU,
-  ``benchmarks/dp_step.py``).
-* ``"opacus_hooks"``: Opacus' ``GradSampleModule`` unchanged. ``"functorch"``: ours, every layer through
-  ``torch.func``. ``"ew"``: PyTorch expanded weights.
+Per-sample gradient modes (``grad_sample_mode``, :mod:`monai_fedpriv.privacy.grad_sample`): ``"hooks"`` (default:
+frozen-weight forward, tensor hooks, per-shape convolution samplers; works with MONAI's in-place residual adds and
+DynUNet's shared ``skip_layers``, on which stock Opacus crashes or double-counts), ``"microbatch"`` (exact for any
+network, slow), ``"opacus_hooks"``, ``"functorch"``, ``"ew"``. The clipping and noise are Opacus' (same clip factors,
+same noise draws in the same order), computed without Opacus' intermediate copies (:class:`_LedgerDPOptimizer`).
 
 Example:
     >>> ledger = PrivacyLedger()
@@ -31,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -44,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.fl.weights import strip_prefixes
 from monai_fedpriv.privacy.accounting import PrivacyLedger
 from monai_fedpriv.privacy.grad_sample import (
     GRAD_SAMPLE_MODES,
@@ -56,6 +51,7 @@ from monai_fedpriv.privacy.grad_sample import (
 __all__ = [
     "GRAD_SAMPLE_MODES",
     "DPSGD",
+    "DPSettings",
     "MicroBatchGradSampleModule",
     "PrivateParts",
     "NoiseOnEmptyDataLoader",
@@ -228,22 +224,14 @@ class PrivateParts(NamedTuple):
 
 
 def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Remove Opacus' ``_module.`` key prefix (at any depth) so weights load into the plain network.
+    """Opacus' ``_module.`` key prefix removed (at any depth) so DP-trained weights load into the plain network;
+    :func:`monai_fedpriv.fl.weights.strip_prefixes` under the name Opacus users look for.
 
     Example:
         >>> strip_module_prefix({"_module.conv.weight": 1})
         {'conv.weight': 1}
     """
-    out: dict[str, Any] = {}
-    for key, value in state_dict.items():
-        new = key
-        while new.startswith("_module."):
-            new = new[len("_module.") :]
-        new = new.replace("._module.", ".")
-        if new in out:
-            raise PrivacyConfigError(f"stripping '_module.' makes key {key!r} collide with {new!r}.")
-        out[new] = value
-    return out
+    return strip_prefixes(state_dict)
 
 
 def rebuild_optimizer(optimizer: torch.optim.Optimizer, network: nn.Module) -> torch.optim.Optimizer:
@@ -265,6 +253,35 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer, network: nn.Module) -> t
     if not groups:
         raise PrivacyConfigError(f"{type(network).__name__} has no trainable parameters.")
     return type(optimizer)(groups, **optimizer.defaults)
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """How a site runs DP-SGD, checked at construction (privacy fails closed: a bad value never reaches training).
+
+    See :func:`make_site_private` for the meaning of each field.
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    poisson: bool = True
+    grad_sample_mode: str = "hooks"
+    max_physical_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("noise_multiplier", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise PrivacyConfigError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}."
+            )
+        size = self.max_physical_batch_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise PrivacyConfigError(f"max_physical_batch_size must be an int >= 1 or None, got {size!r}.")
+        if not isinstance(self.poisson, bool):
+            raise PrivacyConfigError(f"poisson must be True or False, got {self.poisson!r}.")
 
 
 def make_site_private(
@@ -304,17 +321,7 @@ def make_site_private(
         raise PrivacyConfigError(f"ledger must be a PrivacyLedger, got {type(ledger).__name__}.")
     if not isinstance(generator, torch.Generator):
         raise PrivacyConfigError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise PrivacyConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
-    for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
-    if max_physical_batch_size is not None and (
-        not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
-    ):
-        raise PrivacyConfigError(
-            f"max_physical_batch_size must be an int >= 1 or None, got {max_physical_batch_size!r}."
-        )
+    DPSettings(noise_multiplier, max_grad_norm, poisson, grad_sample_mode, max_physical_batch_size)
     if isinstance(network, (GradSampleModule, MicroBatchGradSampleModule)) or isinstance(optimizer, DPOptimizer):
         raise PrivacyConfigError("network/optimizer are already private; pass the plain objects.")
     if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
@@ -428,19 +435,10 @@ class DPSGD:
         image_key: str = "image",
         budget_handler: Any = None,
     ) -> None:
-        for name, value in (("noise_multiplier", noise_multiplier), ("max_grad_norm", max_grad_norm)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise PrivacyConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}.")
+        self.settings = DPSettings(noise_multiplier, max_grad_norm, poisson, grad_sample_mode, max_physical_batch_size)
         self._inputs = (network, optimizer, data_loader)
-        self.noise_multiplier = float(noise_multiplier)
-        self.max_grad_norm = float(max_grad_norm)
         self.seed = int(seed)
         self.ledger = ledger if ledger is not None else PrivacyLedger()
-        self.poisson = poisson
-        self.grad_sample_mode = grad_sample_mode
-        self.max_physical_batch_size = max_physical_batch_size
         self.example_input_shape = tuple(example_input_shape) if example_input_shape is not None else None
         self.norm = norm
         self.image_key = image_key
@@ -468,13 +466,9 @@ class DPSGD:
                 network,
                 optimizer,
                 loader,
-                noise_multiplier=self.noise_multiplier,
-                max_grad_norm=self.max_grad_norm,
                 ledger=self.ledger,
-                poisson=self.poisson,
                 generator=self._sampler_generator,
-                grad_sample_mode=self.grad_sample_mode,
-                max_physical_batch_size=self.max_physical_batch_size,
+                **asdict(self.settings),
             )
             if self.budget_handler is not None:
                 self.budget_handler.set_optimizer(self._parts.optimizer)
