@@ -153,3 +153,44 @@ def test_lean_clip_and_noise_equal_opacus_draw_for_draw():
     # clipping was active and every clipped per-sample gradient is within the norm
     norms = torch.stack([s.reshape(6, -1).norm(dim=1) for s in samples], 1).norm(dim=1)
     assert (norms > 1.5).any()
+
+
+def _no_randomness(net):
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "drop_connect_rate"):
+            m.drop_connect_rate = 0.0
+    return net
+
+
+@pytest.mark.parametrize("name", ["BasicUNet", "FlexibleUNet"])
+def test_prepared_monai_networks_grad_samples_equal_per_sample_loop(name):
+    """Depthwise (grouped) convolutions, static-same padding, GroupNorm, LeakyReLU: the fast path stays exact."""
+    from monai.networks.nets import BasicUNet, FlexibleUNet
+
+    from monai_fedpriv.privacy.model_prep import prepare_for_dp
+
+    torch.manual_seed(0)
+    if name == "BasicUNet":
+        net = BasicUNet(2, 1, 3, features=(4, 4, 8, 8, 16, 4))
+    else:
+        net = FlexibleUNet(1, 3, "efficientnet-b0", pretrained=False, spatial_dims=2)
+    x = torch.rand(2, 1, 32, 32)
+    net, _ = prepare_for_dp(_no_randomness(net), x, norm="group")
+    net.train()
+    ref = []
+    for i in range(2):
+        net.zero_grad()
+        net(x[i : i + 1]).pow(2).mean().backward()
+        ref.append({n: p.grad.detach().clone() for n, p in net.named_parameters() if p.requires_grad})
+    net.zero_grad()
+    gsm = TensorHookGradSampleModule(net)
+    gsm(x).pow(2).mean().backward()
+    checked = 0
+    for n, p in net.named_parameters():
+        if p.requires_grad:
+            for i in range(2):
+                torch.testing.assert_close(p.grad_sample[i], ref[i][n], rtol=1e-3, atol=1e-6, msg=n)
+            checked += 1
+    assert checked > 20
