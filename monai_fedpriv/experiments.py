@@ -16,6 +16,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.partition import Partition, partition_cases
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
+from monai_fedpriv.fl.checkpoint import write_json
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
 
 __all__ = ["SiteSplit", "split_sites", "bundle_datalist", "run_experiment"]
@@ -128,7 +129,7 @@ def run_experiment(
         previous = json.loads((output_dir / "metrics.json").read_text())
         if "baselines" in previous:
             metrics["baselines"] = previous["baselines"]
-    _write_json(metrics, output_dir / "metrics.json")
+    write_json(metrics, output_dir / "metrics.json")
     return metrics
 
 
@@ -204,9 +205,3 @@ def _local_setting(bundle: BundleSpec) -> BundleSpec:
     return BundleSpec(
         bundle.root, bundle.config_files, {**bundle.overrides, "dp_regime_def": {**regime, "setting": "local"}}
     )
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    from monai_fedpriv.fl.simulator import _atomic_write_text, _json_safe
-
-    _atomic_write_text(json.dumps(_json_safe(obj), indent=2), path)

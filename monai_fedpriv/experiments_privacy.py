@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.experiments import bundle_datalist, split_sites
-from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork, _atomic_write_text, _json_safe
+from monai_fedpriv.fl.checkpoint import write_json
+from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
 from monai_fedpriv.privacy.regimes import get_regime
 
 __all__ = ["PRIVACY_LEVELS", "SETTINGS", "dp_table_bundle", "run_dp_table", "summarise_cell"]
@@ -172,7 +172,7 @@ def run_dp_table(
         "target": medium_target(cells),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(json.dumps(_json_safe(results), indent=2), output_dir / "results.json")
+    write_json(results, output_dir / "results.json")
     return results
 
 

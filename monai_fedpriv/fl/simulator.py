@@ -9,10 +9,7 @@ and checkpoints. A run resumed from the last checkpoint continues with identical
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.stream import StreamSampler, derive_seed
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
+from monai_fedpriv.fl.checkpoint import CHECKPOINT_VERSION, atomic_torch_save, load_round_checkpoint, write_json
 from monai_fedpriv.fl.evaluation import DiceEvaluator
 from monai_fedpriv.fl.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
@@ -36,7 +34,6 @@ from monai_fedpriv.handlers.federated_sync import FederatedSync
 __all__ = ["FederatedSimulator", "LocalWork", "SiteRuntime"]
 
 logger = logging.getLogger("monai_fedpriv.simulator")
-CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -308,19 +305,11 @@ class FederatedSimulator:
             "sites": {name: site.state_dict() for name, site in self.sites.items()},
             "history": self.history,
         }
-        _atomic_torch_save(state, self.checkpoint_path)
-        _atomic_torch_save(self.global_weights, self.output_dir / "models" / "model.pt")
+        atomic_torch_save(state, self.checkpoint_path)
+        atomic_torch_save(self.global_weights, self.output_dir / "models" / "model.pt")
 
     def _load_checkpoint(self) -> int:
-        path = self.checkpoint_path
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}.")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path} has checkpoint version {state.get('version')}, expected {CHECKPOINT_VERSION}.")
-        if state["fingerprint"] != self.fingerprint():
-            diff = [k for k in self.fingerprint() if state["fingerprint"].get(k) != self.fingerprint()[k]]
-            raise ValueError(f"{path} belongs to a different run configuration (differs in {diff}).")
+        state = load_round_checkpoint(self.checkpoint_path, self.fingerprint())
         self.global_weights = state["global_weights"]
         self.aggregator.load_state_dict(state["aggregator"])
         max_epochs = self.rounds * (self.local_work.epochs or 1)
@@ -476,7 +465,7 @@ class FederatedSimulator:
 
     def write_metrics(self) -> dict[str, Any]:
         metrics = self.metrics()
-        _atomic_write_text(json.dumps(_json_safe(metrics), indent=2), self.output_dir / "metrics.json")
+        write_json(metrics, self.output_dir / "metrics.json")
         return metrics
 
 
@@ -541,29 +530,3 @@ def _progress_cell(site: str, result: dict[str, Any]) -> str:
 
 def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if torch.is_tensor(obj):
-        return _json_safe(obj.tolist())
-    return obj
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
