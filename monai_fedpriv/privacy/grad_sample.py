@@ -113,7 +113,7 @@ def _grouped_conv_grad_sample(
         _, gw, _ = torch.ops.aten.convolution_backward(
             backprops.reshape(1, -1, *backprops.shape[2:]),
             x.reshape(1, -1, *x.shape[2:]),
-            w.new_empty((n * w.shape[0], *w.shape[1:])),  # only its shape is read for the weight gradient
+            w.new_empty((n * w.shape[0], *w.shape[1:]), dtype=backprops.dtype),  # only its shape is read
             None,
             list(layer.stride),
             list(layer.padding),
