@@ -101,12 +101,15 @@ def test_share_filter_and_victim_validation(bundle):
 def test_report_tables_and_noise_break():
     base = {"constant": {"psnr": 10.0, "ssim": 0.1}, "mask": {"psnr": 12.0, "ssim": 0.3}}
     sweep = [
-        {"noise_multiplier": 0.1, "ssim": 0.05, "baselines": base},
-        {"noise_multiplier": 0.01, "ssim": 0.5, "baselines": base},
-        {"noise_multiplier": 0.03, "ssim": 0.2, "baselines": base},
+        {"noise_multiplier": 0.1, "psnr": 11.0, "ssim": 0.05, "baselines": base},
+        {"noise_multiplier": 0.01, "psnr": 15.0, "ssim": 0.5, "baselines": base},
+        {"noise_multiplier": 0.03, "psnr": 13.0, "ssim": 0.2, "baselines": base},
     ]
     assert noise_break(sweep) == {"mask": 0.03, "constant": 0.1}
     assert noise_break(sweep[1:2]) == {"mask": None, "constant": None}
+    # higher SSIM but lower PSNR than the constant image: not beaten, as in the verdict column
+    sweep[2] = {**sweep[2], "psnr": 9.0}
+    assert noise_break(sweep) == {"mask": 0.03, "constant": 0.03}
     row = {"case": "none", "victim": "v", "epsilon": None, "psnr": 20.0, "ssim": 0.7, "ncc": 0.9, "baselines": base,
            "verdict": "leaks"}  # fmt: skip
     assert "| none | v | inf | 20.00 | 0.700 |" in attack_table([row])

@@ -67,10 +67,13 @@ def latent_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def noise_break(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """Smallest noise multiplier of a sweep at which the attack stops beating each baseline on SSIM.
+    """Smallest noise multiplier of a sweep at which the attack stops beating each baseline.
+
+    "Beating" is the criterion of :func:`~monai_fedpriv.attacks.scores.verdict`: higher PSNR *and* higher SSIM than
+    the baseline, so this summary and the verdict column of the table always agree.
 
     Args:
-        rows: sweep records (one victim) with ``noise_multiplier``, ``ssim`` and ``baselines``; sorted here.
+        rows: sweep records (one victim) with ``noise_multiplier``, ``psnr``, ``ssim`` and ``baselines``.
 
     Returns:
         ``{"mask": sigma or None, "constant": sigma or None}``; ``None`` = the attack beat that baseline at every
@@ -80,6 +83,7 @@ def noise_break(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     for r in sorted(rows, key=lambda r: r["noise_multiplier"]):
         for name in out:
             base = r["baselines"].get(name)
-            if out[name] is None and base is not None and r["ssim"] <= base["ssim"]:
+            beaten = base is not None and r["psnr"] > base["psnr"] and r["ssim"] > base["ssim"]
+            if out[name] is None and base is not None and not beaten:
                 out[name] = float(r["noise_multiplier"])
     return out
