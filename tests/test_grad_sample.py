@@ -194,3 +194,32 @@ def test_prepared_monai_networks_grad_samples_equal_per_sample_loop(name):
                 torch.testing.assert_close(p.grad_sample[i], ref[i][n], rtol=1e-3, atol=1e-6, msg=n)
             checked += 1
     assert checked > 20
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("wrapper", ["ours", "opacus"])
+def test_plain_copy_leaves_the_dp_hooks_behind_and_on_the_original(wrapper):
+    from opacus import GradSampleModule
+
+    from monai_fedpriv.privacy.grad_sample import plain_copy
+
+    torch.manual_seed(0)
+    net = _unet().train()
+    user_hook = net.model[0].register_forward_hook(lambda *_: None)  # hooks of others survive, in order
+    gsm = TensorHookGradSampleModule(net) if wrapper == "ours" else GradSampleModule(net)
+    x = torch.rand(2, 1, 16, 16)
+    gsm(x).pow(2).mean().backward()
+    order = [list(m._forward_hooks) for m in net.modules()]
+    clone = plain_copy(net)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in clone.modules() if m is not clone.model[0])
+    assert list(clone.model[0]._forward_hooks) == [user_hook.id]
+    assert all(not hasattr(p, "grad_sample") and not hasattr(p, "_forward_counter") for p in clone.parameters())
+    clone(x).pow(2).mean().backward()  # a plain network: batch gradients, no per-sample ones
+    assert all(p.grad is not None and not hasattr(p, "grad_sample") for p in clone.parameters())
+    # the original still has its hooks and state, and still computes per-sample gradients
+    assert [list(m._forward_hooks) for m in net.modules()] == order
+    assert all(p.grad_sample is not None for p in net.parameters())
+    for p in net.parameters():
+        p.grad_sample = None
+    gsm(x).pow(2).mean().backward()
+    assert all(p.grad_sample.shape[0] == 2 for p in net.parameters())

@@ -127,3 +127,20 @@ def test_svt_state_and_ledger_survive_resume(tiny_cli_bundle, tmp_path):
     assert [(r, n, s["privacy"], s["bytes_sent"], s["global_dice"]) for r, n, s in a] == [
         (r, n, s["privacy"], s["bytes_sent"], s["global_dice"]) for r, n, s in b
     ]
+
+
+def test_in_training_attack_runs_on_a_dp_site(tiny_cli_bundle, tmp_path):
+    """attack.json + --privacy: the evaluator attacks the DP-noised update; its server copy of the network carries
+    none of the per-sample hooks the DP wrapper installed (they used to crash the attack)."""
+    configs = tiny_cli_bundle / "configs"
+    configs.joinpath("attack.json").write_text((BUNDLE_DIR / "configs" / "attack.json").read_text())
+    configs.joinpath("fast_attack.json").write_text(json.dumps({"attack_iterations": 5, "attack_restarts": 1}))
+    out = tmp_path / "dp_attack"
+    files = ["train.json", "fed.json", "tiny.json", "small.json", "attack.json", "fast_attack.json"]
+    assert _simulate(tiny_cli_bundle, out, "--privacy", "medium", "--config-files", *files) == 0
+    rows, _ = _site_rounds(out)
+    for name in ("site-1", "site-2"):
+        record = json.loads((out / "federated" / "sites" / name / "attack" / "round_1" / "attack.json").read_text())
+        eps = next(s["privacy"]["epsilon"] for rnd, n, s in rows if rnd == 1 and n == name)
+        assert record["epsilon"] == pytest.approx(eps) and record["noise_multiplier"] == 1.0
+        assert 0.0 <= record["ssim"] <= 1.0 and record["iterations"] == 5

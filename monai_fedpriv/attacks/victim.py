@@ -7,7 +7,6 @@ gradient, and Opacus' ``noise / expected_batch_size`` is the noise itself, so th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from monai_fedpriv.errors import DataError, PrivacyConfigError
+from monai_fedpriv.privacy.grad_sample import plain_copy
 
 __all__ = ["load_victim_image", "load_victim_label", "build_victim_update", "intensity_label", "update_norm"]
 
@@ -167,7 +167,7 @@ def build_victim_update(
         raise PrivacyConfigError("noise_multiplier > 0 needs both max_grad_norm and an explicit torch.Generator.")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise PrivacyConfigError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
-    site = copy.deepcopy(model).train()
+    site = plain_copy(model).train()  # without a DP wrapper's per-sample hooks
     params = {n: p for n, p in site.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in params.items()}
     batch = image.shape[0]

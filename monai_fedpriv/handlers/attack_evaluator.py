@@ -34,6 +34,7 @@ from monai_fedpriv.attacks.scores import score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
 from monai_fedpriv.attacks.victim import update_norm
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.privacy.grad_sample import plain_copy
 
 __all__ = ["ReconstructionAttackEvaluator"]
 
@@ -163,12 +164,10 @@ class ReconstructionAttackEvaluator:
         self, update: ModelUpdate, global_weights: dict[str, torch.Tensor], image: torch.Tensor, label: torch.Tensor
     ) -> dict[str, Any]:
         """Invert one update against the batch it came from, write the outputs and return the JSON record."""
-        import copy
-
         device = next(self.model.parameters()).device
         self._hook.remove()  # keep the snapshot hook (and this evaluator) out of the server's copy
         try:
-            server_model = copy.deepcopy(self.model)
+            server_model = plain_copy(self.model)  # nor a DP wrapper's per-sample hooks
         finally:
             self._hook = self.model.register_forward_pre_hook(self._snapshot)
         with torch.no_grad():

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -44,6 +45,7 @@ __all__ = [
     "MicroBatchGradSampleModule",
     "TensorHookGradSampleModule",
     "empty_like_batch",
+    "plain_copy",
     "wrap_for_grad_sample",
 ]
 
@@ -371,6 +373,47 @@ class MicroBatchGradSampleModule(nn.Module):
 
         leaf.register_hook(per_sample)
         return leaf
+
+
+def _is_grad_sample_hook(hook: Any) -> bool:
+    fn = getattr(hook, "func", hook)  # functools.partial or a bound method
+    return isinstance(getattr(fn, "__self__", None), GradSampleModule)
+
+
+_PER_SAMPLE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "_dp_trainable")
+_PER_SAMPLE_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad")
+
+
+def plain_copy(module: nn.Module) -> nn.Module:
+    """Deep copy of a network without the per-sample-gradient machinery a DP wrapper installed on it.
+
+    A ``GradSampleModule`` (ours or Opacus') registers hooks on the submodules of the network it wraps, and a
+    bundle's ``@network`` is that inner network; ``copy.deepcopy`` would carry the hooks (and a copy of the wrapper)
+    into the copy, where they fire on every forward (e.g. an attack replaying the server's view of training). The
+    hooks are taken off the original during the copy and put back in their order afterwards; per-sample state
+    (captured activations, ``grad_sample``) is left out of the copy.
+    """
+    saved: list[tuple[dict[int, Any], dict[int, Any]]] = []
+    for m in module.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks):
+            if any(_is_grad_sample_hook(h) for h in hooks.values()):
+                saved.append((hooks, dict(hooks)))
+                for key in [k for k, h in hooks.items() if _is_grad_sample_hook(h)]:
+                    del hooks[key]
+    attrs = {m: {a: m.__dict__.pop(a) for a in _PER_SAMPLE_ATTRS if a in m.__dict__} for m in module.modules()}
+    params = {
+        p: {a: p.__dict__.pop(a) for a in _PER_SAMPLE_PARAM_ATTRS if a in p.__dict__} for p in module.parameters()
+    }
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for hooks, original in saved:
+            hooks.clear()
+            hooks.update(original)
+        for m, values in attrs.items():
+            m.__dict__.update(values)
+        for p, values in params.items():
+            p.__dict__.update(values)
 
 
 def empty_like_batch(batch: Any) -> Any:
