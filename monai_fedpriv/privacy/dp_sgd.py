@@ -178,17 +178,11 @@ class NoiseOnEmptyDataLoader(DataLoader):
         super().__init__(
             loader.dataset,
             batch_sampler=loader.batch_sampler,
-            num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
             # Not the sampler's generator: every new iterator draws a worker base seed from this one, which would
             # shift the Poisson draws by how often the iterator was restarted (a resumed run restarts it once more).
             generator=_derived_generator(loader.generator),
-            prefetch_factor=loader.prefetch_factor,
-            persistent_workers=loader.persistent_workers,
+            **_worker_settings(loader),
         )
         self.optimizer = optimizer
         self.sample_rate = getattr(loader, "sample_rate", None)
@@ -207,6 +201,13 @@ class NoiseOnEmptyDataLoader(DataLoader):
                 self.empty_steps += 1
                 continue
             yield batch
+
+
+def _worker_settings(loader: DataLoader) -> dict[str, Any]:
+    """How ``loader`` runs its workers, to carry over to the loader that replaces it."""
+    names = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context", "prefetch_factor",
+             "persistent_workers")  # fmt: skip
+    return {name: getattr(loader, name) for name in names}
 
 
 def _derived_generator(generator: torch.Generator | None) -> torch.Generator | None:
@@ -340,15 +341,9 @@ def make_site_private(
         private_loader: DataLoader = DPDataLoader(
             dataset=data_loader.dataset,
             sample_rate=min(1.0, data_loader.batch_size / n_data),
-            num_workers=data_loader.num_workers,
             collate_fn=data_loader.collate_fn,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
             generator=generator,
-            prefetch_factor=data_loader.prefetch_factor,
-            persistent_workers=data_loader.persistent_workers,
+            **_worker_settings(data_loader),
         )
         private_loader.collate_fn = _EmptySafeCollate(data_loader.collate_fn, data_loader.dataset)
         sample_rate = private_loader.sample_rate  # type: ignore[attr-defined]

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 
@@ -36,6 +35,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.privacy.grad_sample import plain_copy
 
 __all__ = ["prepare_for_dp", "convert_batchnorm", "find_dp_problems"]
 
@@ -121,7 +121,7 @@ def find_dp_problems(model: nn.Module, example_input: torch.Tensor) -> dict[str,
         "inplace": [n for n, m in model.named_modules() if getattr(m, "inplace", False) is True],
         "frozen": [n for n, p in model.named_parameters() if not p.requires_grad],
     }
-    probe = copy.deepcopy(model).train()
+    probe = plain_copy(model).train()
     calls: Counter[str] = Counter()
     hooks = []
     for name, module in probe.named_modules():
@@ -172,7 +172,7 @@ def prepare_for_dp(
     if isinstance(model, GradSampleModule):
         raise PrivacyConfigError("model is already wrapped in a GradSampleModule; prepare the plain network.")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = plain_copy(model)
     was_training = model.training
     model.train()
     changes: list[str] = []
@@ -200,7 +200,7 @@ def _check_grad_samples(model: nn.Module, example_input: torch.Tensor) -> None:
     from monai_fedpriv.privacy.grad_sample import TensorHookGradSampleModule
 
     batch = example_input if example_input.shape[0] >= 2 else torch.cat([example_input, example_input])
-    probe = TensorHookGradSampleModule(copy.deepcopy(model).train())
+    probe = TensorHookGradSampleModule(plain_copy(model).train())
     try:
         _dry_run_loss(probe(batch)).backward()
     except Exception as err:  # noqa: BLE001 - re-raised with context
