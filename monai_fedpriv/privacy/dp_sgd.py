@@ -9,7 +9,7 @@ stepped (noise only) by the loader itself and never reach the engine (:class:`No
 Per-sample gradient modes (``grad_sample_mode``, :mod:`monai_fedpriv.privacy.grad_sample`): ``"hooks"`` (default:
 frozen-weight forward, tensor hooks, per-shape convolution samplers; works with MONAI's in-place residual adds and
 DynUNet's shared ``skip_layers``, on which stock Opacus crashes or double-counts), ``"microbatch"`` (exact for any
-network, slow), ``"opacus_hooks"``, ``"functorch"``, ``"ew"``. The clipping and noise are Opacus' (same clip factors,
+network, slow), ``"opacus_hooks"``, ``"functorch"``. The clipping and noise are Opacus' (same clip factors,
 same noise draws in the same order), computed without Opacus' intermediate copies (:class:`_LedgerDPOptimizer`).
 
 Example:

@@ -11,8 +11,9 @@
   - no copies of output gradients or per-sample gradients beyond what the samplers write.
 
 * ``"microbatch"``: each sample runs its own forward/backward (exact for any network, slow).
-* ``"opacus_hooks"``: Opacus' ``GradSampleModule`` unchanged; ``"functorch"``: every layer through ``torch.func``;
-  ``"ew"``: PyTorch expanded weights.
+* ``"opacus_hooks"``: Opacus' ``GradSampleModule`` unchanged; ``"functorch"``: every layer through ``torch.func``.
+
+(PyTorch's expanded weights are not offered: they reject PReLU, the activation of MONAI's UNet.)
 
 ``benchmarks/dp_step.py`` measures them against the non-private step.
 """
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from opacus import GradSampleModule
-from opacus.grad_sample import GradSampleModuleExpandedWeights
 from opacus.grad_sample.conv import compute_conv_grad_sample as _OPACUS_CONV
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.grad_sample.grad_sample_module import (
@@ -49,7 +49,7 @@ __all__ = [
     "wrap_for_grad_sample",
 ]
 
-GRAD_SAMPLE_MODES = ("hooks", "microbatch", "opacus_hooks", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("hooks", "microbatch", "opacus_hooks", "functorch")
 
 
 def _prelu_grad_sample(
@@ -435,4 +435,4 @@ def wrap_for_grad_sample(network: nn.Module, mode: str) -> nn.Module:
         return TensorHookGradSampleModule(network, batch_first=True, loss_reduction="mean", force_functorch=True)
     if mode == "opacus_hooks":
         return GradSampleModule(network, batch_first=True, loss_reduction="mean")
-    return GradSampleModuleExpandedWeights(network, batch_first=True, loss_reduction="mean")
+    raise PrivacyConfigError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}.")
