@@ -118,3 +118,13 @@ def test_bad_inputs_raise():
         prepare_for_dp(nn.Conv2d(1, 1, 3), torch.rand(2, 1, 8, 8), norm="layer")
     with pytest.raises(PrivacyConfigError, match="dry run"):
         prepare_for_dp(nn.Conv2d(1, 1, 3), torch.rand(2, 3, 8, 8))  # wrong channel count
+
+
+def test_preparation_dry_runs_the_mode_training_will_use():
+    # stock Opacus hooks cannot take SegResNet's in-place residual adds: refused at preparation, naming the mode
+    net = NETS["SegResNet"]()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with pytest.raises(PrivacyConfigError, match="'opacus_hooks'"):
+        prepare_for_dp(net, x, grad_sample_mode="opacus_hooks")
+    for mode in ("hooks", "microbatch", "functorch"):
+        prepare_for_dp(net, x, grad_sample_mode=mode, inplace=False)

@@ -456,7 +456,12 @@ class DPSGD:
             from monai_fedpriv.privacy.model_prep import prepare_for_dp
 
             network, optimizer, loader = self._inputs
-            network, self.changes = prepare_for_dp(network, self._example(network, loader), norm=self.norm)
+            network, self.changes = prepare_for_dp(
+                network,
+                self._example(network, loader),
+                norm=self.norm,
+                grad_sample_mode=self.settings.grad_sample_mode,
+            )
             self._parts = make_site_private(
                 network,
                 optimizer,

@@ -144,7 +144,12 @@ def find_dp_problems(model: nn.Module, example_input: torch.Tensor) -> dict[str,
 
 
 def prepare_for_dp(
-    model: nn.Module, example_input: torch.Tensor, *, norm: str = "instance", inplace: bool = True
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    norm: str = "instance",
+    inplace: bool = True,
+    grad_sample_mode: str = "hooks",
 ) -> tuple[nn.Module, list[str]]:
     """Fix what breaks per-sample gradients and check the result with a dry run through ``GradSampleModule``.
 
@@ -157,6 +162,7 @@ def prepare_for_dp(
         example_input: one small input batch (e.g. ``torch.zeros(2, 1, 64, 64)``) on the model's device.
         norm: replacement for BatchNorm, ``"instance"`` (default, as the seed paper) or ``"group"``.
         inplace: modify ``model`` itself (default) or a copy.
+        grad_sample_mode: the per-sample gradient mode the dry run checks (the one training will use).
 
     Returns:
         ``(model, changes)``: the prepared network and human-readable lines describing every change (empty when
@@ -190,28 +196,27 @@ def prepare_for_dp(
         changes.append(f"{name}: trainable but gets no gradient -> frozen (requires_grad=False)")
     for line in problems["reused"]:
         changes.append(f"{line}: note, per-sample gradients are summed over the calls before clipping")
-    _check_grad_samples(model, example_input)
+    _check_grad_samples(model, example_input, grad_sample_mode)
     model.train(was_training)
     return model, changes
 
 
-def _check_grad_samples(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Dry run of the per-sample path: every trainable parameter must get a per-sample gradient of the right size."""
-    from monai_fedpriv.privacy.grad_sample import TensorHookGradSampleModule
+def _check_grad_samples(model: nn.Module, example_input: torch.Tensor, mode: str = "hooks") -> None:
+    """Dry run of the per-sample path that training will use (``mode``, see
+    :data:`~monai_fedpriv.privacy.grad_sample.GRAD_SAMPLE_MODES`): every trainable parameter must get a per-sample
+    gradient of the right size, so an unsupported layer fails here rather than at the first training step."""
+    from monai_fedpriv.privacy.grad_sample import wrap_for_grad_sample
 
     batch = example_input if example_input.shape[0] >= 2 else torch.cat([example_input, example_input])
-    probe = TensorHookGradSampleModule(plain_copy(model).train())
+    probe_net = plain_copy(model).train()
+    probe = wrap_for_grad_sample(probe_net, mode)
     try:
         _dry_run_loss(probe(batch)).backward()
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise PrivacyConfigError(
-            f"per-sample gradients fail for {type(model).__name__} after preparation: {err}"
+            f"per-sample gradients ({mode!r}) fail for {type(model).__name__} after preparation: {err}"
         ) from err
-    bad = [
-        n
-        for n, p in probe.named_parameters()
-        if p.requires_grad and (p.grad_sample is None or p.grad_sample.shape[0] != batch.shape[0])
-    ]
-    probe.remove_hooks()
+    samples = {n: getattr(p, "grad_sample", None) for n, p in probe_net.named_parameters() if p.requires_grad}
+    bad = [n for n, g in samples.items() if not torch.is_tensor(g) or g.shape[0] != batch.shape[0]]
     if bad:
-        raise PrivacyConfigError(f"no per-sample gradient for {bad[:5]} in {type(model).__name__}.")
+        raise PrivacyConfigError(f"no per-sample gradient ({mode!r}) for {bad[:5]} in {type(model).__name__}.")
