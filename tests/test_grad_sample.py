@@ -223,3 +223,24 @@ def test_plain_copy_leaves_the_dp_hooks_behind_and_on_the_original(wrapper):
         p.grad_sample = None
     gsm(x).pow(2).mean().backward()
     assert all(p.grad_sample.shape[0] == 2 for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+        lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="circular"),
+        lambda: nn.Conv3d(2, 3, 3, stride=2, padding=1, padding_mode="replicate"),
+    ],
+)
+def test_non_zero_padding_modes_are_exact(make):
+    """Opacus' im2col sampler zero-pads and gets these wrong; the project's sampler pads like the layer does."""
+    torch.manual_seed(0)
+    layer = make()
+    x = torch.randn((2, layer.in_channels) + (6,) * (layer.weight.dim() - 2))
+    g = torch.randn_like(layer(x))
+    ref = _loop_grads(layer, x, g)
+    got = _conv_grad_sample(layer, [x], g)
+    for p, gs in got.items():
+        for i in range(2):
+            torch.testing.assert_close(gs[i], ref[i][p], rtol=1e-4, atol=1e-5)
