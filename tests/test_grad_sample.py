@@ -33,6 +33,10 @@ LAYERS = {
     "conv3d": (lambda: nn.Conv3d(3, 4, 3, stride=(1, 2, 2), padding=1), (2, 3, 6, 8, 8)),
     "convT2d": (lambda: nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1), (3, 6, 5, 5)),
     "convT2d_grouped": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, groups=2), (2, 4, 5, 5)),
+    "convT2d_dilated": (
+        lambda: nn.ConvTranspose2d(4, 3, 3, stride=3, padding=1, dilation=2, output_padding=2),
+        (2, 4, 5, 5),
+    ),
     "convT3d": (lambda: nn.ConvTranspose3d(3, 2, 3, stride=2, padding=1, output_padding=1), (2, 3, 4, 4, 4)),
 }
 
