@@ -133,3 +133,23 @@ def test_dp_checkpoint_loads_into_the_plain_bundle_network(tiny_data, tmp_path):
     net.load_state_dict(weights, strict=True)
     out = net(torch.zeros(1, 1, 32, 32))
     assert out.shape == (1, 3, 32, 32)
+
+
+def test_network_preparation_is_reported(tiny_data, tmp_path, capsys):
+    """A BatchNorm network is converted under DP; the simulator says so, and metrics.json and the report keep it."""
+    bundle = _dp_bundle(tiny_data)
+    bundle = BundleSpec(bundle.root, bundle.config_files, {**bundle.overrides, "network_def#norm": "batch"})
+    _sim(bundle, tmp_path, 1).run()
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for site in ("site-1", "site-2"):
+        setup = m["setup"][site]
+        assert setup["dp_grad_sample_mode"] == "hooks"
+        assert any("BatchNorm2d -> InstanceNorm2d" in c for c in setup["dp_network_changes"])
+    assert "BatchNorm2d -> InstanceNorm2d" in capsys.readouterr().out
+    section = "\n".join(privacy_section(m))
+    assert "Network preparation (site-1, site-2; per-sample gradients: `hooks`)" in section
+    assert "BatchNorm2d -> InstanceNorm2d" in section
+    # the server aggregates and evaluates the prepared network (no BatchNorm running statistics anywhere)
+    weights = torch.load(tmp_path / "models" / "model.pt")
+    assert not any("running_mean" in k for k in weights) and any(".N.weight" in k for k in weights)
+    assert 0.0 < m["final"]["global_dice"] <= 1.0

@@ -28,8 +28,9 @@ from monai_fedpriv.fl.checkpoint import CHECKPOINT_VERSION, atomic_torch_save, l
 from monai_fedpriv.fl.evaluation import DiceEvaluator
 from monai_fedpriv.fl.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
-from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
+from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, unwrap
 from monai_fedpriv.handlers.federated_sync import FederatedSync
+from monai_fedpriv.privacy.grad_sample import plain_copy
 
 __all__ = ["FederatedSimulator", "LocalWork", "SiteRuntime"]
 
@@ -76,6 +77,7 @@ class SiteRuntime:
         self.stateful = dict(stateful)
         self.losses: list[float] = []
         self.active = True
+        self.setup: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -265,6 +267,11 @@ class FederatedSimulator:
         for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)
         site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful)
+        site.setup = _privacy_setup(parser)
+        if site.setup.get("dp_network_changes"):
+            print(f"[{self.label}] {name}: network prepared for DP-SGD:", flush=True)
+            for change in site.setup["dp_network_changes"]:
+                print(f"  {change}", flush=True)
 
         def _record_loss(engine: Any) -> None:
             out = engine.state.output
@@ -324,7 +331,30 @@ class FederatedSimulator:
         self._build_server()
         for name, data in self.train_sites.items():
             self.sites[name] = self._build_site(name, data)
+        self._match_server_to_sites()
         self.transport.publish(GlobalModel(0, self.global_weights))
+
+    def _match_server_to_sites(self) -> None:
+        """Give the server the sites' network structure when an override changed it at the sites.
+
+        DP-SGD prepares each site's network before training (``dp.json``: BatchNorm becomes InstanceNorm, which has
+        no running statistics), so the bundle's plain network no longer matches what the sites train and send.
+        The server then evaluates and aggregates a copy of the prepared network, starting from the server's own
+        initial weights wherever the names agree (the converted norms keep their affine weights).
+        """
+        assert self._server_network is not None
+        keys = {name: sorted(exchangeable_state(_site_network(site))) for name, site in self.sites.items()}
+        first, site_keys = next(iter(keys.items()))
+        differing = [name for name, k in keys.items() if k != site_keys]
+        if differing:
+            raise BundleError(f"sites {differing} train a different network structure from {first}'s.")
+        if site_keys == sorted(self.global_weights):
+            return
+        server = plain_copy(_site_network(self.sites[first]))
+        initial = {k: self.global_weights.get(k, v) for k, v in exchangeable_state(server).items()}
+        load_exchangeable_state(server, initial)
+        self._server_network = server
+        self.global_weights = exchangeable_state(server)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run all rounds (continuing from the last checkpoint with ``resume=True``); returns the metrics dict."""
@@ -458,6 +488,9 @@ class FederatedSimulator:
                 "rounds_completed": len(self.history),
             },
         }
+        setup = {name: site.setup for name, site in self.sites.items() if site.setup}
+        if setup:
+            out["setup"] = setup
         stops = [(r["round"], r["federation_stopped"]) for r in self.history if r.get("federation_stopped")]
         if stops:
             out["stopped"] = {"round": stops[0][0], "reason": stops[0][1]}
@@ -467,6 +500,24 @@ class FederatedSimulator:
         metrics = self.metrics()
         write_json(metrics, self.output_dir / "metrics.json")
         return metrics
+
+
+def _site_network(site: SiteRuntime) -> torch.nn.Module:
+    """The plain network a site trains (under any privacy wrapper)."""
+    return unwrap(site.sync.network if site.sync.network is not None else site.trainer.network)
+
+
+def _privacy_setup(parser: ConfigParser) -> dict[str, Any]:
+    """What the bundle's DP-SGD object (``dp``, from ``dp.json``) did to the site's network before training:
+    the per-sample gradient mode and every change of the preparation (BatchNorm replaced, in-place activations
+    made out-of-place, unused parameters frozen)."""
+    if parser_get(parser, "dp") is None:
+        return {}
+    dp = parser.get_parsed_content("dp")
+    settings = getattr(dp, "settings", None)
+    if settings is None:
+        return {}
+    return {"dp_grad_sample_mode": settings.grad_sample_mode, "dp_network_changes": list(getattr(dp, "changes", []))}
 
 
 def _send_partial_round(site: SiteRuntime) -> bool:

@@ -146,6 +146,7 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
             f"{_f(p.get('sample_rate'), 4)} | {p.get('noise_multiplier')} | {p.get('max_grad_norm')} | "
             f"{p.get('accountant')} | {status} |"
         )
+    lines += _setup_lines(metrics.get("setup") or {})
     sites = sorted(last)
     lines += [
         "",
@@ -161,4 +162,18 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
             cells.append("-" if not p else f"{_f(p.get('epsilon'), 2)} ({p.get('steps')} steps)")
         g = r["global"].get("privacy")
         lines.append(f"| {r['round']} | {_f(g['epsilon'], 2) if g else '-'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _setup_lines(setup: dict[str, Any]) -> list[str]:
+    """How each site's network was prepared for DP-SGD (identical sites are listed once)."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for site, info in sorted(setup.items()):
+        if "dp_grad_sample_mode" in info:
+            key = (str(info["dp_grad_sample_mode"]), tuple(info.get("dp_network_changes") or ()))
+            groups.setdefault(key, []).append(site)
+    lines: list[str] = []
+    for (mode, changes), sites in groups.items():
+        lines += ["", f"Network preparation ({', '.join(sites)}; per-sample gradients: `{mode}`):"]
+        lines += [f"- {c}" for c in changes] if changes else ["- nothing had to change"]
     return lines
