@@ -207,3 +207,28 @@ def test_dpsgd_resume_continues_random_streams_instead_of_replaying_them():
     assert not torch.equal(torch.randn(5, generator=fresh.optimizer.generator), next_noise)
     with pytest.raises(PrivacyConfigError):
         fresh.load_state_dict({"sampler_generator": None})
+
+
+def test_amp_loss_scaling_is_refused_at_attach():
+    class _Scaler:
+        def __init__(self, enabled):
+            self.enabled = enabled
+
+        def is_enabled(self):
+            return self.enabled
+
+    class _Engine:
+        def __init__(self, enabled):
+            self.scaler = _Scaler(enabled)
+            self.optimizer = None
+
+        def has_event_handler(self, *_):
+            return False
+
+        def add_event_handler(self, *_):
+            pass
+
+    handler = PrivacyBudgetHandler(PrivacyLedger(), budget=1.0, delta=1e-5, sample_rate=0.1, noise_multiplier=1.0)
+    with pytest.raises(PrivacyConfigError, match="amp=False"):
+        handler.attach(_Engine(enabled=True))
+    handler.attach(_Engine(enabled=False))  # a disabled scaler (amp requested without CUDA) changes nothing

@@ -115,6 +115,12 @@ class PrivacyBudgetHandler:
 
     # ---------------------------------------------------------------- Ignite handler
     def attach(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            raise PrivacyConfigError(
+                "DP-SGD cannot run with the trainer's amp=True: its GradScaler multiplies the loss, so per-sample "
+                "gradients would be clipped at the scaled norm and the noised update never unscaled. Set amp=False."
+            )
         optimizer = getattr(engine, "optimizer", None)
         if self._optimizer is None and optimizer is not None:
             self.set_optimizer(optimizer)
