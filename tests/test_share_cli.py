@@ -144,3 +144,15 @@ def test_in_training_attack_runs_on_a_dp_site(tiny_cli_bundle, tmp_path):
         eps = next(s["privacy"]["epsilon"] for rnd, n, s in rows if rnd == 1 and n == name)
         assert record["epsilon"] == pytest.approx(eps) and record["noise_multiplier"] == 1.0
         assert 0.0 <= record["ssim"] <= 1.0 and record["iterations"] == 5
+
+
+def test_dp_report_for_a_batchnorm_network(tiny_cli_bundle, tmp_path):
+    """--privacy on a BatchNorm network, with the report: the segmentation figure loads the global model into the
+    prepared (InstanceNorm) network, and the report lists the conversion."""
+    out = tmp_path / "bn"
+    argv = ["simulate", str(tiny_cli_bundle), "--sites", "2", "--rounds", "1", "--local-steps", "1", "--output", str(out)]
+    argv += ["--config-files", "train.json", "fed.json", "tiny.json", "small.json", "--partition", "iid"]
+    assert main([*argv, "--privacy", "medium", "--override", 'network_def#norm="batch"']) == 0
+    report = (out / "report.md").read_text()
+    assert "Network preparation" in report and "BatchNorm2d -> InstanceNorm2d" in report
+    assert (out / "figures" / "segmentations.png").stat().st_size > 0

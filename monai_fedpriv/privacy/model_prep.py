@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from opacus import GradSampleModule
@@ -37,7 +38,7 @@ from torch import nn
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.privacy.grad_sample import plain_copy
 
-__all__ = ["prepare_for_dp", "convert_batchnorm", "find_dp_problems"]
+__all__ = ["load_trained_weights", "prepare_for_dp", "convert_batchnorm", "find_dp_problems"]
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -220,3 +221,23 @@ def _check_grad_samples(model: nn.Module, example_input: torch.Tensor, mode: str
     bad = [n for n, g in samples.items() if not torch.is_tensor(g) or g.shape[0] != batch.shape[0]]
     if bad:
         raise PrivacyConfigError(f"no per-sample gradient ({mode!r}) for {bad[:5]} in {type(model).__name__}.")
+
+
+def load_trained_weights(
+    network: nn.Module, weights: Mapping[str, torch.Tensor], example_input: torch.Tensor, *, norm: str = "instance"
+) -> nn.Module:
+    """Load weights that came out of a federation into a freshly built bundle network, preparing the network the
+    way the sites' DP-SGD did when the weights say so (e.g. no BatchNorm running statistics: InstanceNorm).
+
+    Returns:
+        ``network`` (changed in place when it had to be prepared), holding ``weights``.
+
+    Raises:
+        KeyError: when the weights match neither the plain nor the prepared network (names the keys).
+    """
+    from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
+
+    if set(exchangeable_state(network)) != set(weights):
+        network, _ = prepare_for_dp(network, example_input, norm=norm)
+    load_exchangeable_state(network, weights)
+    return network

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.fl.evaluation import DiceEvaluator
-from monai_fedpriv.fl.weights import load_exchangeable_state
+from monai_fedpriv.privacy.model_prep import load_trained_weights
 
 __all__ = ["plot_example_segmentations"]
 
@@ -30,11 +30,15 @@ def plot_example_segmentations(
     import matplotlib.pyplot as plt
 
     parser = load_bundle(bundle, required=("network", "validate#preprocessing"))
-    network = parser.get_parsed_content("network").to("cpu")
-    load_exchangeable_state(network, weights)
-    network.eval()
     transform = parser.get_parsed_content("validate#preprocessing")
     rows = [(site, cases[0]) for site, cases in val_sets.items() if cases]
+    if not rows:
+        raise ValueError("no validation case to show: every site's validation set is empty.")
+    example = torch.as_tensor(transform(dict(rows[0][1]))["image"])[None].float()
+    network = parser.get_parsed_content("network").to("cpu")
+    # under DP the sites (and so the global model) train the prepared network, e.g. without BatchNorm statistics
+    network = load_trained_weights(network, weights, example, norm=str(parser_get(parser, "dp#norm", "instance")))
+    network.eval()
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), dpi=100, squeeze=False)
     for i, (site, case) in enumerate(rows):
         item = transform(dict(case))
