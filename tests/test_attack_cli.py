@@ -136,3 +136,26 @@ def test_evaluator_filter_attacks_what_is_sent_and_passes_it_through(tmp_path):
     assert restored.results[1]["ssim"] == pytest.approx(result["ssim"])
     with pytest.raises(ValueError):
         ReconstructionAttackEvaluator([0], tmp_path, tm, net, loss)
+
+
+def test_checkpoint_of_a_dp_trained_batchnorm_model_loads_and_bad_ones_are_named(bundle, tmp_path, capsys):
+    from monai_fedpriv.cli import main
+    from monai_fedpriv.privacy.model_prep import prepare_for_dp
+
+    config = json.loads((bundle / "bundle" / "configs" / "train.json").read_text())
+    config["network_def"] = {**NETWORK, "norm": "BATCH"}
+    (bundle / "bundle" / "configs" / "train.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    trained, _ = prepare_for_dp(
+        UNet(2, 1, 3, (4, 8, 16), (2, 2), norm="BATCH", num_res_units=1), torch.rand(2, 1, 24, 24)
+    )
+    torch.save({"_module." + k: v for k, v in trained.state_dict().items()}, tmp_path / "global.pt")
+    record = _run(
+        bundle, tmp_path / "ok", "--iterations", "5", "--restarts", "1", "--checkpoint", str(tmp_path / "global.pt")
+    )
+    assert 0.0 <= record["ssim"] <= 1.0
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    argv = ["attack", str(bundle / "bundle"), "--victim", str(bundle / "victim.nii.gz"), "--size", "24",
+            "--checkpoint", str(tmp_path / "broken.pt"), "--output", str(tmp_path / "bad")]  # fmt: skip
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --checkpoint")

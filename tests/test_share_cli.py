@@ -150,7 +150,18 @@ def test_dp_report_for_a_batchnorm_network(tiny_cli_bundle, tmp_path):
     """--privacy on a BatchNorm network, with the report: the segmentation figure loads the global model into the
     prepared (InstanceNorm) network, and the report lists the conversion."""
     out = tmp_path / "bn"
-    argv = ["simulate", str(tiny_cli_bundle), "--sites", "2", "--rounds", "1", "--local-steps", "1", "--output", str(out)]
+    argv = [
+        "simulate",
+        str(tiny_cli_bundle),
+        "--sites",
+        "2",
+        "--rounds",
+        "1",
+        "--local-steps",
+        "1",
+        "--output",
+        str(out),
+    ]
     argv += ["--config-files", "train.json", "fed.json", "tiny.json", "small.json", "--partition", "iid"]
     assert main([*argv, "--privacy", "medium", "--override", 'network_def#norm="batch"']) == 0
     report = (out / "report.md").read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from monai_fedpriv.attacks.victim import (
 )
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.fl.weights import strip_prefixes
+from monai_fedpriv.privacy.model_prep import load_trained_weights
 from monai_fedpriv.privacy.selective import PercentileSharing
 from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
 
@@ -102,14 +105,24 @@ def load_bundle_model(bundle_dir: str | Path) -> tuple[torch.nn.Module, torch.nn
     return network, loss, pixel_range
 
 
-def _load_checkpoint(network: torch.nn.Module, path: str | Path) -> None:
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+def _load_checkpoint(network: torch.nn.Module, path: str | Path, size: int) -> torch.nn.Module:
+    """Load a saved global model (a plain or ``{"network"|"model"|"state_dict": ...}`` state dict, wrapper prefixes
+    allowed); a model trained under DP-SGD is loaded into the network prepared as its sites prepared it."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise DataError(f"--checkpoint {path}: cannot be read as a PyTorch state dict ({err}).") from err
     for key in ("network", "model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    state = {(k[len("_module.") :] if k.startswith("_module.") else k): v for k, v in state.items()}
-    network.load_state_dict(state)
+    if not isinstance(state, dict):
+        raise DataError(f"--checkpoint {path}: expected a state dict, got {type(state).__name__}.")
+    example = torch.zeros(2, int(getattr(network, "in_channels", 1) or 1), size, size)
+    try:
+        return load_trained_weights(network, strip_prefixes(state), example)
+    except KeyError as err:
+        raise DataError(f"--checkpoint {path} does not fit the bundle's network: {err}") from err
 
 
 def release_epsilon(noise_multiplier: float, steps: int, delta: float = DELTA) -> float | None:
@@ -316,7 +329,7 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network, loss, pixel_range = load_bundle_model(args.bundle_dir)
     if args.checkpoint:
-        _load_checkpoint(network, args.checkpoint)
+        network = _load_checkpoint(network, args.checkpoint, args.size)
     network = network.to(device).train()
     out_channels = int(getattr(network, "out_channels", 0)) or None
     if out_channels is None:
