@@ -27,7 +27,8 @@ from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
 from monai_fedpriv.fl.checkpoint import CHECKPOINT_VERSION, atomic_torch_save, load_round_checkpoint, write_json
 from monai_fedpriv.fl.evaluation import DiceEvaluator
 from monai_fedpriv.fl.inprocess import InProcessTransport
-from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
+from monai_fedpriv.fl.round_records import global_privacy, mean, privacy_setup, progress_cell, update_facts
+from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, unwrap
 from monai_fedpriv.handlers.federated_sync import FederatedSync
 from monai_fedpriv.privacy.grad_sample import plain_copy
@@ -267,7 +268,7 @@ class FederatedSimulator:
         for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
             handler.attach(trainer)
         site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful)
-        site.setup = _privacy_setup(parser)
+        site.setup = privacy_setup(parser)
         if site.setup.get("dp_network_changes"):
             print(f"[{self.label}] {name}: network prepared for DP-SGD:", flush=True)
             for change in site.setup["dp_network_changes"]:
@@ -416,7 +417,7 @@ class FederatedSimulator:
                 if exhausted and _send_partial_round(site):
                     sent = True  # DP-SGD steps taken before the stop: their result is post-processing, send it
             if sent:
-                result["loss"] = _mean(site.losses)
+                result["loss"] = mean(site.losses)
                 if name in self.evaluators:
                     result["dice"] = self.evaluators[name](site.trainer.network)["dice"]
             elif "stopped" in result:
@@ -433,7 +434,7 @@ class FederatedSimulator:
             opt_state = self.aggregator.aggregate_optimizer_state(updates)
             self.transport.publish(GlobalModel(rnd, self.global_weights, opt_state))
         for u in updates:
-            site_results[u.site].update(_update_facts(u, self.transport.wire_bytes.get(u.site)))
+            site_results[u.site].update(update_facts(u, self.transport.wire_bytes.get(u.site)))
         assert self._server_network is not None
         load_exchangeable_state(self._server_network, self.global_weights)
         glob = self.evaluate_global()
@@ -446,7 +447,7 @@ class FederatedSimulator:
             "global": {"dice": glob["dice"], "per_site": glob["per_set"]},
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        privacy = _global_privacy([*self.history, record])
+        privacy = global_privacy([*self.history, record])
         if privacy:
             record["global"]["privacy"] = privacy
         if stop_all:
@@ -455,7 +456,7 @@ class FederatedSimulator:
             for site in self.sites.values():
                 site.active = False
         if self.progress:
-            parts = " | ".join(_progress_cell(n, r) for n, r in site_results.items())
+            parts = " | ".join(progress_cell(n, r) for n, r in site_results.items())
             print(
                 f"[{self.label}] round {rnd}/{self.rounds} | {parts} | global dice {glob['dice']:.3f} "
                 f"| {record['seconds']:.1f}s",
@@ -507,19 +508,6 @@ def _site_network(site: SiteRuntime) -> torch.nn.Module:
     return unwrap(site.sync.network if site.sync.network is not None else site.trainer.network)
 
 
-def _privacy_setup(parser: ConfigParser) -> dict[str, Any]:
-    """What the bundle's DP-SGD object (``dp``, from ``dp.json``) did to the site's network before training:
-    the per-sample gradient mode and every change of the preparation (BatchNorm replaced, in-place activations
-    made out-of-place, unused parameters frozen)."""
-    if parser_get(parser, "dp") is None:
-        return {}
-    dp = parser.get_parsed_content("dp")
-    settings = getattr(dp, "settings", None)
-    if settings is None:
-        return {}
-    return {"dp_grad_sample_mode": settings.grad_sample_mode, "dp_network_changes": list(getattr(dp, "changes", []))}
-
-
 def _send_partial_round(site: SiteRuntime) -> bool:
     """Send the update of a round cut short by a budget stop, if the site took any step in it.
 
@@ -536,48 +524,3 @@ def _send_partial_round(site: SiteRuntime) -> bool:
         return False
     sync._on_round_end(site.trainer)
     return True
-
-
-def _update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
-    facts: dict[str, Any] = {
-        "n_samples": update.n_samples,
-        "local_steps": update.local_steps,
-        "bytes_sent": wire_bytes,
-        "dense_bytes": update.dense_bytes(),
-    }
-    if "privacy" in update.meta:
-        facts["privacy"] = update.meta["privacy"]
-    return facts
-
-
-def _global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The global model's guarantee: the largest cumulative epsilon any site has reported so far (each site's
-    ledger covers its whole run), with the site it comes from."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in history:
-        for site, res in record["sites"].items():
-            if isinstance(res.get("privacy"), dict) and res["privacy"].get("epsilon") is not None:
-                latest[site] = res["privacy"]
-    if not latest:
-        return None
-    site, worst = max(latest.items(), key=lambda kv: kv[1]["epsilon"])
-    return {
-        "epsilon": worst["epsilon"],
-        "delta": worst.get("delta"),
-        "site": site,
-        "per_site": {k: v["epsilon"] for k, v in latest.items()},
-    }
-
-
-def _progress_cell(site: str, result: dict[str, Any]) -> str:
-    if "stopped" in result and "loss" not in result:
-        return f"{site} stopped ({result['stopped']})"
-    cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"
-    if "dice" in result:
-        cell += f" dice {result['dice']:.3f}"
-    eps = result.get("privacy", {}).get("epsilon")
-    return cell + (f" eps {eps:.2f}" if eps is not None else "")
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
