@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from monai_fedpriv.attacks.threat_model import ThreatModel, soft_target_loss
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.fl.weights import strip_prefixes
 
 __all__ = ["reconstruct", "replay_update", "total_variation", "cosine_matching_loss", "cpu_threads"]
 
@@ -103,16 +104,12 @@ def replay_update(
     return {n: p[n] - params[n] for n in params}
 
 
-def _strip(name: str) -> str:
-    return name[len("_module.") :] if name.startswith("_module.") else name
-
-
 def _flatten_update(
     update: ModelUpdate | Mapping[str, torch.Tensor], names: list[str], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     delta = update.delta if isinstance(update, ModelUpdate) else update
     masks = update.masks if isinstance(update, ModelUpdate) else None
-    delta = {_strip(k): v for k, v in delta.items()}
+    delta = strip_prefixes(delta)
     missing = [n for n in names if n not in delta]
     if missing:
         raise UpdateError(f"the update lacks parameters of the attacked model: {missing[:5]}.")
@@ -121,7 +118,7 @@ def _flatten_update(
         raise UpdateError("the update is all zeros or not finite; there is nothing to invert.")
     keep = None
     if masks is not None:
-        masks = {_strip(k): v for k, v in masks.items()}
+        masks = strip_prefixes(masks)
         keep = torch.cat([masks[n].reshape(-1) for n in names]).to(device).float()
     return flat, keep
 
@@ -178,8 +175,8 @@ def reconstruct(
     device = next(model.parameters()).device
     was_training = model.training
     model.train()  # the site trained in train mode; restored below
-    params = {_strip(n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    buffers = {_strip(n): b.detach() for n, b in model.named_buffers()}
+    params = strip_prefixes({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    buffers = strip_prefixes({n: b.detach() for n, b in model.named_buffers()})
     names = list(params)
     target, keep = _flatten_update(update, names, device)
     if keep is not None:

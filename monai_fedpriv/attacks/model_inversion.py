@@ -11,7 +11,6 @@ encoders of increasing depth that seed 004 compares (its Table 2: deeper encoder
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from monai.networks.layers.simplelayers import SkipConnection
 
 from monai_fedpriv.attacks.gradient_inversion import cpu_threads, total_variation
+from monai_fedpriv.privacy.grad_sample import plain_copy
 
 __all__ = ["unet_encoder", "invert_latents"]
 
@@ -52,7 +52,7 @@ def unet_encoder(unet: torch.nn.Module, depth: int) -> torch.nn.Sequential:
             node = None
         if node is None and len(blocks) < depth:
             raise ValueError(f"the UNet has only {len(blocks)} encoding blocks, cannot cut depth {depth}.")
-    return copy.deepcopy(torch.nn.Sequential(*blocks)).eval()
+    return plain_copy(torch.nn.Sequential(*blocks)).eval()  # a DP wrapper's per-sample hooks stay behind
 
 
 def invert_latents(

@@ -24,7 +24,7 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -388,11 +388,12 @@ def _is_grad_sample_hook(hook: Any) -> bool:
     return isinstance(getattr(fn, "__self__", None), GradSampleModule)
 
 
+_M = TypeVar("_M", bound=nn.Module)
 _PER_SAMPLE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "_dp_trainable")
 _PER_SAMPLE_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad")
 
 
-def plain_copy(module: nn.Module) -> nn.Module:
+def plain_copy(module: _M) -> _M:
     """Deep copy of a network without the per-sample-gradient machinery a DP wrapper installed on it.
 
     A ``GradSampleModule`` (ours or Opacus') registers hooks on the submodules of the network it wraps, and a
