@@ -344,7 +344,7 @@ class FederatedSimulator:
         initial weights wherever the names agree (the converted norms keep their affine weights).
         """
         assert self._server_network is not None
-        keys = {name: sorted(exchangeable_state(_site_network(site))) for name, site in self.sites.items()}
+        keys = {name: sorted(_site_network(site).state_dict()) for name, site in self.sites.items()}
         first, site_keys = next(iter(keys.items()))
         differing = [name for name, k in keys.items() if k != site_keys]
         if differing:
@@ -352,10 +352,9 @@ class FederatedSimulator:
         if site_keys == sorted(self.global_weights):
             return
         server = plain_copy(_site_network(self.sites[first]))
-        initial = {k: self.global_weights.get(k, v) for k, v in exchangeable_state(server).items()}
-        load_exchangeable_state(server, initial)
+        self.global_weights = {k: self.global_weights.get(k, v) for k, v in exchangeable_state(server).items()}
+        load_exchangeable_state(server, self.global_weights)
         self._server_network = server
-        self.global_weights = exchangeable_state(server)
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Run all rounds (continuing from the last checkpoint with ``resume=True``); returns the metrics dict."""

@@ -246,7 +246,9 @@ class TensorHookGradSampleModule(GradSampleModule):
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
         self._trainable = [p for p in self._module.parameters() if p.requires_grad]
         for module in self.iterate_submodules(self._module):
-            module._dp_trainable = [p for p in module.parameters() if p.requires_grad]  # type: ignore[assignment]
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            module._dp_trainable = trainable  # type: ignore[assignment]
+            module._dp_numel = sum(p.numel() for p in trainable)  # type: ignore[assignment]
             if force_functorch or type(module) not in self.GRAD_SAMPLERS:
                 prepare_layer(module, batch_first=batch_first)
             hook = partial(self._forward_hook, loss_reduction=loss_reduction, batch_first=batch_first)
@@ -302,8 +304,7 @@ class TensorHookGradSampleModule(GradSampleModule):
         if loss_reduction not in ("mean", "sum"):
             raise PrivacyConfigError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
         scale = n if loss_reduction == "mean" else 1
-        grad_numel = n * sum(p.numel() for p in module._dp_trainable)
-        if scale != 1 and backprops.numel() <= grad_numel:
+        if scale != 1 and backprops.numel() <= n * module._dp_numel:
             backprops, scale = backprops * scale, 1
         module_type = self._get_module_type(module)
         if not self.force_functorch and module_type in self.GRAD_SAMPLERS:
@@ -389,7 +390,7 @@ def _is_grad_sample_hook(hook: Any) -> bool:
 
 
 _M = TypeVar("_M", bound=nn.Module)
-_PER_SAMPLE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "_dp_trainable")
+_PER_SAMPLE_ATTRS = ("activations", "max_batch_len", "autograd_grad_sample_hooks", "_dp_trainable", "_dp_numel")
 _PER_SAMPLE_PARAM_ATTRS = ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad")
 
 
