@@ -111,6 +111,14 @@ def _dry_run_loss(out: object) -> torch.Tensor:
     return torch.zeros(())
 
 
+def _dry_run(probe: nn.Module, batch: torch.Tensor, failure: str) -> None:
+    """One forward/backward of ``probe``; any error becomes a ``PrivacyConfigError`` starting with ``failure``."""
+    try:
+        _dry_run_loss(probe(batch)).backward()
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise PrivacyConfigError(f"{failure}: {err}") from err
+
+
 def find_dp_problems(model: nn.Module, example_input: torch.Tensor) -> dict[str, list[str]]:
     """Diagnose without changing ``model``: Opacus validator errors, in-place modules, unused and reused modules.
 
@@ -131,11 +139,8 @@ def find_dp_problems(model: nn.Module, example_input: torch.Tensor) -> dict[str,
     for p in probe.parameters():
         p.grad = None
     try:
-        _dry_run_loss(probe(example_input)).backward()
-    except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise PrivacyConfigError(
-            f"dry run of {type(model).__name__} failed on input {tuple(example_input.shape)}: {err}"
-        ) from err
+        shape = tuple(example_input.shape)
+        _dry_run(probe, example_input, f"dry run of {type(model).__name__} failed on input {shape}")
     finally:
         for h in hooks:
             h.remove()
@@ -211,12 +216,7 @@ def _check_grad_samples(model: nn.Module, example_input: torch.Tensor, mode: str
     batch = example_input if example_input.shape[0] >= 2 else torch.cat([example_input, example_input])
     probe_net = plain_copy(model).train()
     probe = wrap_for_grad_sample(probe_net, mode)
-    try:
-        _dry_run_loss(probe(batch)).backward()
-    except Exception as err:  # noqa: BLE001 - re-raised with context
-        raise PrivacyConfigError(
-            f"per-sample gradients ({mode!r}) fail for {type(model).__name__} after preparation: {err}"
-        ) from err
+    _dry_run(probe, batch, f"per-sample gradients ({mode!r}) fail for {type(model).__name__} after preparation")
     samples = {n: getattr(p, "grad_sample", None) for n, p in probe_net.named_parameters() if p.requires_grad}
     bad = [n for n, g in samples.items() if not torch.is_tensor(g) or g.shape[0] != batch.shape[0]]
     if bad:
