@@ -1,0 +1,293 @@
+"""Adapt a data set (:class:`~monai_fedpriv.data.dataset_info.DatasetInfo`) to a network (:class:`AdaptTarget`).
+
+Everything returned is a JSON-serialisable MONAI bundle config (``{"_target_": "LoadImaged", ...}``), so it can be set
+as a ``ConfigParser`` override (e.g. ``train#deterministic_transforms``) and stored in ``metrics.json``. Instantiate a
+list with ``ConfigParser({"t": chain}).get_parsed_content("t")`` and wrap it in ``monai.transforms.Compose``.
+
+Example:
+    >>> info = describe_dataset("/data/Task09_Spleen")  # doctest: +SKIP
+    >>> target = AdaptTarget(spatial_dims=2, patch_size=(64, 64), spacing=(1.5, 1.5, None))
+    >>> chains = adapted_transforms(info, target)  # doctest: +SKIP
+    >>> overrides = {"train#deterministic_transforms": chains["deterministic"], "validate#inferer":
+    ...              inferer_config(info, target), **network_channels(info, target)}  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from monai_fedpriv.data.dataset_info import DatasetInfo
+from monai_fedpriv.errors import DataError
+
+__all__ = [
+    "AdaptTarget",
+    "adapted_transforms",
+    "inferer_config",
+    "network_channels",
+    "contiguous_label_mapping",
+    "BRATS_REGIONS",
+    "BRATS_2023_REGIONS",
+]
+
+#: Overlapping BraTS evaluation regions on 2017-2021 labels, in the channel order of MONAI's
+#: ``ConvertToMultiChannelBasedOnBratsClassesd``: tumour core, whole tumour, enhancing tumour.
+BRATS_REGIONS = {"TC": (1, 4), "WT": (1, 2, 4), "ET": (4,)}
+#: The same regions on BraTS 2023 labels (or on 2020 labels after the mapping ``{4: 3}``).
+BRATS_2023_REGIONS = {"TC": (1, 3), "WT": (1, 2, 3), "ET": (3,)}
+_IMG_LAB = ["image", "label"]
+
+
+@dataclass(frozen=True)
+class AdaptTarget:
+    """What the bundle's network expects.
+
+    Attributes:
+        spatial_dims: 2 or 3, the network's spatial dimensions.
+        patch_size: training patch (and inference window) size, one entry per network dimension.
+        spacing: target voxel size in mm per *data* axis; an entry ``None`` keeps that axis' spacing (e.g.
+            ``(1.5, 1.5, None)`` for a 2D network on 3D data); ``spacing=None`` skips resampling. Shorter than the data
+            dimensionality: the missing axes are kept.
+        divisible_by: validation volumes are padded in-plane (and through-plane for a 3D network) to a multiple of
+            this (the network's total down-sampling factor).
+        samples_per_volume: patches drawn per volume per visit (``num_samples`` of ``RandCropByPosNegLabeld``).
+        ct_window: HU range mapped to [0, 1] for CT channels (default: the soft-tissue window of MONAI's spleen bundle).
+        label_mapping: ``{stored value: training value}`` applied first (e.g. ``{4: 3}`` for BraTS 2017-2021).
+        regions: ``{name: label values}`` turning the label into one binary channel per (possibly overlapping)
+            region (e.g. :data:`BRATS_REGIONS`), for sigmoid outputs; values are those after ``label_mapping``.
+        pos: weight of foreground-centred patches. neg: weight of background-centred patches.
+        sw_batch_size: windows per inference batch. overlap: sliding-window overlap.
+        augment: add light random augmentation after cropping.
+    """
+
+    spatial_dims: int = 2
+    patch_size: tuple[int, ...] = (64, 64)
+    spacing: tuple[float | None, ...] | None = None
+    divisible_by: int = 8
+    samples_per_volume: int = 4
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    label_mapping: Mapping[int, int] | None = None
+    regions: Mapping[str, Sequence[int]] | None = None
+    pos: float = 1.0
+    neg: float = 1.0
+    sw_batch_size: int = 8
+    overlap: float = 0.25
+    augment: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"AdaptTarget.spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        if len(self.patch_size) != self.spatial_dims or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must hold {self.spatial_dims} positive sizes, got {self.patch_size!r}")
+        if self.spacing is not None and any(s is not None and s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing entries must be positive or None, got {self.spacing!r}")
+        for name in ("divisible_by", "samples_per_volume", "sw_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"AdaptTarget.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window!r}")
+        if self.pos < 0 or self.neg < 0 or self.pos + self.neg == 0 or not 0 <= self.overlap < 1:
+            raise ValueError(
+                f"need pos, neg >= 0 (not both 0) and 0 <= overlap < 1, got pos={self.pos}, "
+                f"neg={self.neg}, overlap={self.overlap}"
+            )
+
+
+def _check(info: DatasetInfo, target: AdaptTarget) -> None:
+    if target.spatial_dims > info.spatial_dims:
+        raise DataError(
+            f"a {target.spatial_dims}D network cannot train on {info.name} at {info.root}: its images are "
+            f"{info.spatial_dims}D"
+        )
+    if target.spacing is not None and len(target.spacing) > info.spatial_dims:
+        raise DataError(f"spacing {target.spacing} has more entries than {info.name} has axes ({info.spatial_dims})")
+    mapped = {int((target.label_mapping or {}).get(v, v)) for v in info.labels}
+    unknown = sorted({int(v) for r in (target.regions or {}).values() for v in r} - mapped)
+    if unknown:
+        raise DataError(
+            f"regions {dict(target.regions or {})} use label values {unknown} that {info.name} does not "
+            f"have after label_mapping (values: {sorted(mapped)})"
+        )
+
+
+def _intensity(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
+    """CT: fixed HU window to [0, 1] (HU are absolute units, so one window fits every scanner); MR and other
+    modalities: z-score per image and channel over non-zero voxels (arbitrary units differ per scan; background
+    stays 0). Mixed channels are split, normalised one by one and concatenated back in order."""
+    lo, hi = (float(v) for v in target.ct_window)
+
+    def one(key: str, kind: str) -> dict:
+        if kind == "ct":
+            return {
+                "_target_": "ScaleIntensityRanged",
+                "keys": key,
+                "a_min": lo,
+                "a_max": hi,
+                "b_min": 0.0,
+                "b_max": 1.0,
+                "clip": True,
+            }
+        return {"_target_": "NormalizeIntensityd", "keys": key, "nonzero": True, "channel_wise": True}
+
+    kinds = info.modality_kinds
+    if len(set(kinds)) == 1:
+        return [one("image", kinds[0])]
+    names = [f"image_{c}" for c in range(len(kinds))]
+    return [
+        {"_target_": "SplitDimd", "keys": "image", "dim": 0, "keepdim": True},
+        *[one(name, kind) for name, kind in zip(names, kinds, strict=True)],
+        {"_target_": "ConcatItemsd", "keys": names, "name": "image", "dim": 0},
+        {"_target_": "DeleteItemsd", "keys": names},
+    ]
+
+
+def _regions(regions: Mapping[str, Sequence[int]]) -> list[dict]:
+    names = [f"label_{r}" for r in regions]
+    return [
+        {"_target_": "CopyItemsd", "keys": "label", "times": len(names), "names": names},
+        *[
+            {"_target_": "LabelToMaskd", "keys": n, "select_labels": [int(v) for v in vals]}
+            for n, vals in zip(names, regions.values(), strict=True)
+        ],
+        {"_target_": "ConcatItemsd", "keys": names, "name": "label", "dim": 0},
+        {"_target_": "DeleteItemsd", "keys": names},
+    ]
+
+
+def _deterministic(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
+    channel_dim = {"none": "no_channel", "last": -1, "files": 0}[info.channel_layout]
+    chain: list[dict] = [
+        {"_target_": "LoadImaged", "keys": _IMG_LAB, "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": channel_dim},
+        {"_target_": "EnsureChannelFirstd", "keys": "label", "channel_dim": "no_channel"},
+    ]
+    if target.label_mapping:
+        pairs = sorted((int(k), int(v)) for k, v in target.label_mapping.items())
+        chain.append(
+            {
+                "_target_": "MapLabelValued",
+                "keys": "label",
+                "orig_labels": [k for k, _ in pairs],
+                "target_labels": [v for _, v in pairs],
+            }
+        )
+    # labels given explicitly: the NIfTI convention (affines in RAS world), which MONAI's default will stop assuming
+    chain.append(
+        {
+            "_target_": "Orientationd",
+            "keys": _IMG_LAB,
+            "axcodes": "RAS"[: info.spatial_dims],
+            "labels": [["L", "R"], ["P", "A"], ["I", "S"]],
+        }
+    )
+    if target.spacing is not None:
+        pixdim = [-1.0 if s is None else float(s) for s in target.spacing]
+        pixdim += [-1.0] * (info.spatial_dims - len(pixdim))  # non-positive: MONAI keeps the stored spacing
+        chain.append({"_target_": "Spacingd", "keys": _IMG_LAB, "pixdim": pixdim, "mode": ["bilinear", "nearest"]})
+    chain += _intensity(info, target)
+    if target.regions:
+        chain += _regions(target.regions)
+    chain.append({"_target_": "CastToTyped", "keys": "label", "dtype": "uint8"})  # 4x smaller in CacheDataset
+    return chain
+
+
+def _random(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
+    slices = target.spatial_dims == 2 and info.spatial_dims == 3
+    patch = [int(p) for p in target.patch_size]
+    crop: dict[str, Any] = {
+        "_target_": "RandCropByPosNegLabeld",
+        "keys": _IMG_LAB,
+        "label_key": "label",
+        "spatial_size": [*patch, 1] if slices else patch,
+        "pos": float(target.pos),
+        "neg": float(target.neg),
+        "num_samples": int(target.samples_per_volume),
+    }
+    if set(info.modality_kinds) == {"ct"}:  # background patches from the body (> window floor), not from the air
+        crop.update(image_key="image", image_threshold=0.0)
+    chain = [{"_target_": "SpatialPadd", "keys": _IMG_LAB, "spatial_size": [*patch, -1] if slices else patch}, crop]
+    if slices:
+        chain.append({"_target_": "SqueezeDimd", "keys": _IMG_LAB, "dim": -1})
+    if target.augment:
+        n = target.spatial_dims
+        chain += [
+            {
+                "_target_": "RandAffined",
+                "keys": _IMG_LAB,
+                "prob": 0.3,
+                "rotate_range": [0.15] * (1 if n == 2 else 3),
+                "scale_range": [0.1] * n,
+                "mode": ["bilinear", "nearest"],
+                "padding_mode": "zeros",
+            },
+            {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
+            {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
+            {"_target_": "RandGaussianNoised", "keys": "image", "std": 0.02, "prob": 0.3},
+        ]
+    return chain
+
+
+def adapted_transforms(info: DatasetInfo, target: AdaptTarget) -> dict[str, list[dict]]:
+    """MONAI transform chains adapting ``info``'s files to ``target``'s network.
+
+    - ``"deterministic"`` (cacheable): load; channel first (single modality: a new axis; MSD 4D: last axis moved
+      first; BraTS/file lists: one channel per file); ``label_mapping``; ``Orientationd`` to RAS so that axes mean the
+      same on every scan (LPS BraTS volumes included) and axis -1 is the axial (slice) axis; ``Spacingd`` to
+      ``target.spacing`` (bilinear image, nearest label); per-modality intensity normalisation (see ``_intensity``);
+      ``regions``; label cast to uint8.
+    - ``"random"`` (per visit): ``SpatialPadd`` to the patch so small volumes work; ``RandCropByPosNegLabeld`` with
+      ``pos``/``neg`` weights (foreground is rare in 3D volumes). For a 2D network on 3D data the crop is
+      ``[*patch, 1]`` (one axial slice region) and ``SqueezeDimd(dim=-1)`` drops the slice axis, so the network sees
+      2D ``(C, H, W)`` samples. Then light augmentation (small affine, intensity scale/shift, noise; no flips, since
+      much anatomy is lateralised). Each volume yields ``samples_per_volume`` samples: under DP-SGD the per-sample
+      clipping unit is then a patch, not a patient; use 1 where the privacy unit must be the volume.
+    - ``"final"``: ``EnsureTyped`` float32 tensors without meta data (as the bundle's ``final_transforms``).
+    - ``"validate"``: deterministic + ``DivisiblePadd`` (in-plane only for slice-wise inference) + final: whole
+      volumes for :func:`inferer_config`'s inferer (batch size 1 for volumes of different shapes).
+
+    Raises:
+        DataError: a 3D network on 2D data, a ``spacing`` with too many entries, or regions naming absent labels.
+    """
+    _check(info, target)
+    final = [{"_target_": "EnsureTyped", "keys": _IMG_LAB, "dtype": "float32", "track_meta": False}]
+    det = _deterministic(info, target)
+    d = int(target.divisible_by)
+    k = [d, d, 1] if target.spatial_dims == 2 and info.spatial_dims == 3 else [d] * info.spatial_dims
+    pad = {"_target_": "DivisiblePadd", "keys": _IMG_LAB, "k": k}
+    return {"deterministic": det, "random": _random(info, target), "final": final, "validate": [*det, pad, *final]}
+
+
+def inferer_config(info: DatasetInfo, target: AdaptTarget) -> dict[str, Any]:
+    """Inferer config: ``SliceInferer`` (2D network over every axial slice of a 3D volume, each slice in windows of
+    ``patch_size``), ``SlidingWindowInferer`` (3D network, Gaussian-weighted windows) or ``SimpleInferer`` (2D data:
+    the padded image is one input of a fully convolutional network)."""
+    _check(info, target)
+    window = {
+        "roi_size": [int(p) for p in target.patch_size],
+        "sw_batch_size": int(target.sw_batch_size),
+        "overlap": float(target.overlap),
+    }
+    if info.spatial_dims == 2:
+        return {"_target_": "SimpleInferer"}
+    if target.spatial_dims == 2:
+        return {"_target_": "SliceInferer", "spatial_dim": 2, **window}
+    return {"_target_": "SlidingWindowInferer", "mode": "gaussian", **window}
+
+
+def contiguous_label_mapping(info: DatasetInfo) -> dict[int, int] | None:
+    """Mapping of the declared label values onto ``0..n_classes-1`` (``{4: 3}`` for BraTS 2020), or ``None``
+    if they are already contiguous. A softmax network needs contiguous classes (one output per class)."""
+    mapping = {v: i for i, v in enumerate(sorted(info.labels)) if v != i}
+    return mapping or None
+
+
+def network_channels(info: DatasetInfo, target: AdaptTarget) -> dict[str, int]:
+    """``{"in_channels", "out_channels"}`` for the network: one input per modality; one output per region (sigmoid)
+    or per class value ``0..max`` after ``label_mapping`` (softmax; a gap such as BraTS' unused 3 costs one output).
+    """
+    _check(info, target)
+    if target.regions:
+        return {"in_channels": info.n_channels, "out_channels": len(target.regions)}
+    mapped = {int((target.label_mapping or {}).get(v, v)) for v in info.labels}
+    return {"in_channels": info.n_channels, "out_channels": max(mapped) + 1}
