@@ -32,3 +32,15 @@ class PrivacyConfigError(ValueError):
 
 class PrivacyBudgetExceeded(RuntimeError):
     """Raised when a step or release would push a site's epsilon past its budget."""
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed: its checkpoint is unreadable, of another version, or from other settings."""
+
+
+class FederationError(RuntimeError):
+    """A federated run cannot go on (too few sites answered a round); the last good round's checkpoint is intact."""
+
+
+class InjectedFault(RuntimeError):
+    """A fault raised on purpose by ``--inject-fault`` to test how a federation copes."""

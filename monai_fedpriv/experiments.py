@@ -15,9 +15,9 @@ from typing import Any
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.partition import Partition, partition_cases
 from monai_fedpriv.errors import BundleError, DataError
-from monai_fedpriv.fl.aggregation import Aggregator, FedAvg
-from monai_fedpriv.fl.checkpoint import write_json
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
+from monai_fedpriv.fl.strategies import FedAvg, Strategy
+from monai_fedpriv.utils.files import write_json
 
 __all__ = ["SiteSplit", "split_sites", "bundle_datalist", "run_experiment"]
 
@@ -94,20 +94,39 @@ def run_experiment(
     *,
     seed: int = 0,
     momentum: str = "restart",
-    aggregator_factory: Callable[[], Aggregator] = FedAvg,
+    strategy_factory: Callable[[], Strategy] = FedAvg,
     baselines: bool = False,
     resume: bool = False,
     device: str = "cpu",
     overrides: Mapping[str, Any] | None = None,
     filters_factory: Callable[[str], list[Any]] | None = None,
+    federation: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Federated training plus (optionally) centralised and local-only baselines with the same total epochs.
 
-    Returns the federated metrics with ``partition`` and ``baselines`` sections; also written to
-    ``output_dir/metrics.json``.
+    ``output_dir/metrics.json`` (the contract file) is rewritten after every federated round, so it is current
+    during a run and after a crash; the baselines are added when they finish.
+
+    Args:
+        federation: simulator options of the federated run only (``screen``, ``min_sites``, ``faults``,
+            ``secure_noise``); the baselines train one model each and are not screened or faulted.
+        extra: more top-level entries for ``metrics.json`` (e.g. which data were used).
+
+    Returns:
+        The federated metrics with ``partition`` and ``baselines`` sections.
     """
     output_dir = Path(output_dir)
     common: dict[str, Any] = {"seed": seed, "device": device, "overrides": overrides}
+    contract = output_dir / "metrics.json"
+    previous = json.loads(contract.read_text()) if resume and contract.is_file() else {}
+
+    def with_context(metrics: dict[str, Any]) -> dict[str, Any]:
+        out = {**metrics, "partition": split.describe(), **dict(extra or {})}
+        if "baselines" in previous:  # keep baselines of the run being resumed until new ones are computed
+            out["baselines"] = previous["baselines"]
+        return out
+
     fed = FederatedSimulator(
         bundle,
         split.train,
@@ -115,20 +134,22 @@ def run_experiment(
         rounds,
         local_work,
         output_dir / "federated",
-        aggregator=aggregator_factory(),
+        strategy=strategy_factory(),
         momentum=momentum,
         filters_factory=filters_factory,
         label="federated",
+        on_round=lambda m: write_json(with_context(m), output_dir / "metrics.json"),
+        **dict(federation or {}),
         **common,
     )
-    metrics = _run(fed, resume)
-    metrics["partition"] = split.describe()
+    try:
+        metrics = with_context(_run(fed, resume))
+    finally:  # a stopped federation still leaves its metrics (with the reason) in the contract file
+        if (output_dir / "federated" / "metrics.json").is_file():
+            latest = json.loads((output_dir / "federated" / "metrics.json").read_text())
+            write_json(with_context(latest), output_dir / "metrics.json")
     if baselines:
         metrics["baselines"] = _baselines(bundle, split, output_dir, rounds, local_work, resume, common)
-    elif resume and (output_dir / "metrics.json").is_file():  # keep baselines of the run being resumed
-        previous = json.loads((output_dir / "metrics.json").read_text())
-        if "baselines" in previous:
-            metrics["baselines"] = previous["baselines"]
     write_json(metrics, output_dir / "metrics.json")
     return metrics
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.experiments import bundle_datalist, split_sites
-from monai_fedpriv.fl.checkpoint import write_json
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
 from monai_fedpriv.privacy.regimes import get_regime
+from monai_fedpriv.utils.files import write_json
 
 __all__ = ["PRIVACY_LEVELS", "SETTINGS", "dp_table_bundle", "run_dp_table", "summarise_cell"]
 
@@ -50,9 +50,9 @@ def dp_table_bundle(
             "name": regime,
             "setting": setting,
         },
-        "dp_policy": policy,
+        "privacy_policy": policy,
     }
-    return BundleSpec(Path(bundle_dir), ("train.json", "dp.json"), {**overrides, **dp})
+    return BundleSpec(Path(bundle_dir), ("train.json", "budget.json", "dp.json"), {**overrides, **dp})
 
 
 def summarise_cell(metrics: Mapping[str, Any], setting: str, regime: str, local_site: str) -> dict[str, Any]:

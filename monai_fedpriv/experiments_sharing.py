@@ -1,18 +1,17 @@
 """Recipes for the update filters of Li et al. 2019 (selective sharing, SVT, Gaussian update privacy).
 
-:func:`share_filter_overrides` turns a method and its settings into bundle overrides that fill the
-``fed_share_filters`` slot of ``train.json`` (and ``fed_share_stateful``, plus a ``privacy_ledger`` when the bundle
-has none), exactly what ``monai-fedpriv simulate --share ...`` passes to the simulator. :func:`validate_share` builds
-the filter once with the given settings, so bad values fail before any data is loaded.
+:class:`ShareSettings` turns a method and its settings into the shared override file that wires it
+(``percentile.json``, ``svt.json`` or ``gaussian.json``) and the values of that file's ids: exactly what
+``monai-fedpriv simulate --share ...`` merges. The override files are the one place the filters are wired.
 
 :func:`run_sharing_study` runs the grid behind ``scripts/reproduce_sharing_figures.py`` (the shape of Li et al.
 Figures 2 and 3: Dice against the shared fraction and clip, and Dice against epsilon for the SVT).
 
 Example::
 
-    overrides = share_filter_overrides("svt", fraction=0.1, clip=1e-3, epsilon_select=1.0, epsilon3=1.0,
-                                       threshold=5e-4, define_ledger=True)
-    bundle = BundleSpec(root, ("train.json", "fed.json"), overrides)
+    share = ShareSettings("svt", fraction=0.1, clip=1e-3, epsilon_select=1.0, epsilon3=1.0, threshold=5e-4)
+    bundle = BundleSpec(root, ("train.json", "fed.json", "budget.json", share.config_file),
+                        {**share.overrides(), "privacy_epsilon_budget": 20.0})
 """
 
 from __future__ import annotations
@@ -24,23 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.bundle.loader import BundleSpec
 
-__all__ = [
-    "SHARE_METHODS",
-    "ShareSettings",
-    "share_filter_overrides",
-    "validate_share",
-    "bundle_defines",
-    "run_sharing_study",
-]
+__all__ = ["SHARE_METHODS", "ShareSettings", "run_sharing_study"]
 
 SHARE_METHODS = ("percentile", "svt", "gaussian")
-
-# number of floating-point coordinates of the bundle's network, as the filters count them
-_FLOAT_SIZE = "$sum(p.numel() for p in @network_def.state_dict().values() if p.is_floating_point())"
-# the filters' generators: derived from the site seed, but a different stream from DP-SGD's (which uses site_seed)
-_SHARE_SEED = "$(int(@site_seed) * 1000003 + 7919) % (2 ** 62)"
 
 
 @dataclass(frozen=True)
@@ -48,14 +35,13 @@ class ShareSettings:
     """One share filter and its settings, as ``monai-fedpriv simulate --share ...`` takes them.
 
     Args:
-        method: ``"percentile"`` (:class:`~monai_fedpriv.privacy.selective.PercentileSharing`, no DP),
-            ``"svt"`` (:class:`~monai_fedpriv.privacy.svt.SparseVectorFilter`, selection budget ``epsilon_select``
-            split by :func:`~monai_fedpriv.privacy.svt.lyu_budget_split`) or ``"gaussian"``
-            (:class:`~monai_fedpriv.privacy.gaussian_update.GaussianUpdatePrivacy`).
+        method: ``"percentile"`` (:class:`~monai_fedpriv.privacy.PercentileSharing`, no DP), ``"svt"``
+            (:class:`~monai_fedpriv.privacy.SparseVectorFilter`, selection budget ``epsilon_select`` split as Lyu et
+            al. recommend) or ``"gaussian"`` (:class:`~monai_fedpriv.privacy.GaussianUpdatePrivacy`).
         fraction, clip: shared fraction ``q`` and clip ``gamma`` (percentile, svt).
         epsilon_select, epsilon3, threshold: SVT budget of the selection (``eps1 + eps2``), of the answers, and the
             public threshold ``h``.
-        clip_norm, noise_multiplier, delta: Gaussian update privacy (``delta`` only for the reported epsilon).
+        clip_norm, noise_multiplier: Gaussian update privacy.
     """
 
     method: str
@@ -66,107 +52,38 @@ class ShareSettings:
     threshold: float | None = None
     clip_norm: float | None = None
     noise_multiplier: float | None = None
-    delta: float | None = None
 
-    def validate(self) -> None:
-        """Build the filter once (with a throw-away generator), so bad values raise ``PrivacyConfigError`` before
-        any data is loaded."""
-        from monai_fedpriv.privacy.gaussian_update import GaussianUpdatePrivacy
-        from monai_fedpriv.privacy.selective import PercentileSharing
-        from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
+    def __post_init__(self) -> None:
+        if self.method not in SHARE_METHODS:
+            raise ValueError(f"share method must be one of {SHARE_METHODS}, got {self.method!r}.")
 
-        v: Any = self  # the filters check for None themselves, with messages naming the setting
-        if v.method == "percentile":
-            PercentileSharing(v.fraction, v.clip)
-        elif v.method == "svt":
-            eps1, eps2 = lyu_budget_split(v.epsilon_select, 1)
-            SparseVectorFilter(v.fraction, eps1, eps2, v.epsilon3, v.clip, v.threshold, generator=0)
-        elif v.method == "gaussian":
-            GaussianUpdatePrivacy(v.clip_norm, v.noise_multiplier, generator=0, delta=v.delta)
-        else:
-            raise ValueError(f"share method must be one of {SHARE_METHODS}, got {v.method!r}.")
+    @property
+    def config_file(self) -> str:
+        """The shared override file that wires the filter."""
+        return f"{self.method}.json"
 
-    def overrides(self, define_ledger: bool = True) -> dict[str, Any]:
-        """Bundle overrides that make every site send its update through this filter.
+    @property
+    def needs_budget(self) -> bool:
+        """Whether the filter releases under a DP guarantee (and so spends from the site's budget)."""
+        return self.method in ("svt", "gaussian")
 
-        Args:
-            define_ledger: also define ``privacy_ledger`` (set ``False`` when the bundle's config files, e.g.
-                ``dp.json``, already define it, so that DP-SGD and the filter record into one ledger).
-
-        Returns:
-            ``{id: value}`` overrides; the filter is ``share_filter``, built per site with a generator seeded from
-            ``@site_seed``.
-        """
-        method = self.method
-        if method not in SHARE_METHODS:
-            raise ValueError(f"share method must be one of {SHARE_METHODS}, got {method!r}.")
-        out: dict[str, Any] = {}
-        stateful: dict[str, Any] = {}
-        if method == "percentile":
-            out["share_filter"] = {
-                "_target_": "monai_fedpriv.privacy.selective.PercentileSharing",
-                "fraction": self.fraction,
-                "clip": self.clip,
-            }
-        elif method == "svt":
-            out.update(
-                {
-                    "share_fraction": self.fraction,
-                    "share_count": {
-                        "_target_": "monai_fedpriv.privacy.filters.shared_count",
-                        "fraction": "@share_fraction",
-                        "size": _FLOAT_SIZE,
-                    },
-                    "share_budget": {
-                        "_target_": "monai_fedpriv.privacy.svt.lyu_budget_split",
-                        "epsilon": self.epsilon_select,
-                        "count": "@share_count",
-                    },
-                    "share_filter": {
-                        "_target_": "monai_fedpriv.privacy.svt.SparseVectorFilter",
-                        "fraction": "@share_fraction",
-                        "epsilon1": "$@share_budget[0]",
-                        "epsilon2": "$@share_budget[1]",
-                        "epsilon3": self.epsilon3,
-                        "clip": self.clip,
-                        "threshold": self.threshold,
-                        "ledger": "@privacy_ledger",
-                        "generator": _SHARE_SEED,
-                    },
-                }
-            )
-            stateful["share_filter"] = "@share_filter"
-        else:
-            out["share_filter"] = {
-                "_target_": "monai_fedpriv.privacy.gaussian_update.GaussianUpdatePrivacy",
-                "clip_norm": self.clip_norm,
-                "noise_multiplier": self.noise_multiplier,
-                "ledger": "@privacy_ledger",
-                "generator": _SHARE_SEED,
-                "delta": self.delta,
-            }
-            stateful["share_filter"] = "@share_filter"
-        if method != "percentile" and define_ledger:
-            out["privacy_ledger"] = {"_target_": "monai_fedpriv.privacy.accounting.PrivacyLedger"}
-            stateful["share_ledger"] = "@privacy_ledger"  # without dp.json nothing else checkpoints the ledger
-        out["fed_share_filters"] = "$[@share_filter]"
-        out["fed_share_stateful"] = stateful
+    def overrides(self) -> dict[str, Any]:
+        """Values of the override file's ids (settings left ``None`` keep the file's defaults)."""
+        ids = {
+            "percentile": {"percentile_fraction": self.fraction, "percentile_clip": self.clip},
+            "svt": {
+                "svt_fraction": self.fraction,
+                "svt_clip": self.clip,
+                "svt_threshold": self.threshold,
+                "svt_epsilon_select": self.epsilon_select,
+                "svt_epsilon3": self.epsilon3,
+            },
+            "gaussian": {"gaussian_clip_norm": self.clip_norm, "gaussian_noise_multiplier": self.noise_multiplier},
+        }[self.method]
+        out = {k: v for k, v in ids.items() if v is not None}
+        if self.method == "percentile" and "percentile_clip" in ids:
+            out["percentile_clip"] = self.clip  # None is a value here: no clipping
         return out
-
-
-def share_filter_overrides(method: str, *, define_ledger: bool = True, **settings: Any) -> dict[str, Any]:
-    """``ShareSettings(method, **settings).overrides(define_ledger)``."""
-    return ShareSettings(method, **settings).overrides(define_ledger)
-
-
-def validate_share(method: str, **settings: Any) -> None:
-    """``ShareSettings(method, **settings).validate()``."""
-    ShareSettings(method, **settings).validate()
-
-
-def bundle_defines(bundle: BundleSpec, rid: str) -> bool:
-    """Whether the bundle's config files (and overrides) define ``rid`` (nothing is instantiated)."""
-    return parser_get(load_bundle(bundle, required=()), rid) is not None
 
 
 # ------------------------------------------------------------------------------------------------- the study
@@ -198,12 +115,18 @@ def run_sharing_study(
         t0 = time.perf_counter()
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
         if metrics is None or metrics.get("final", {}).get("rounds_completed") != rounds:
-            kwargs = {k: v for k, v in setting.items() if k not in ("name", "method", "group")}
+            kwargs = {k: v for k, v in setting.items() if k not in ("name", "method", "group", "epsilon_budget")}
             method = setting.get("method")
             overrides = dict(bundle.overrides)
+            files = list(bundle.config_files)
             if method is not None:
-                overrides.update(share_filter_overrides(str(method), **kwargs))
-            spec = BundleSpec(bundle.root, bundle.config_files, overrides)
+                share = ShareSettings(str(method), **kwargs)
+                overrides.update(share.overrides())
+                if share.needs_budget:
+                    files.append("budget.json")
+                    overrides["privacy_epsilon_budget"] = float(setting.get("epsilon_budget", 1e6))
+                files.append(share.config_file)
+            spec = BundleSpec(bundle.root, tuple(files), overrides)
             metrics = run_experiment(spec, split, run_dir, rounds, LocalWork(epochs=1), seed=seed, momentum="restart")
         results.append(summarise(setting, metrics, time.perf_counter() - t0))
         log(f"{name}: final global Dice {results[-1]['final_dice']:.4f}, best {results[-1]['best_dice']:.4f}")

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 
 from monai_fedpriv.attacks import invert_latents, save_reconstruction_grid, score_reconstruction, unet_encoder
-from monai_fedpriv.attacks.cli import _finite, attack_image, build_share_filter, load_bundle_model, load_victim
+from monai_fedpriv.attacks.cli import attack_image, build_share_filter, load_bundle_model, load_victim
 from monai_fedpriv.attacks.report import attack_table, latent_table, mean, noise_break
+from monai_fedpriv.utils.files import write_json
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_tissue_2d"
 REGIMES = ("low", "medium", "high")
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "noise_break": {**breaks, "clip": args.sweep_clip, "victim": first},
         "seconds": time.perf_counter() - start,
     }
-    with open(out / "results.json", "w") as f:
-        json.dump(_finite(results), f, indent=2, allow_nan=False)
+    write_json(results, out / "results.json")
     (out / "report.md").write_text(render_report(results))
     print(f"done in {results['seconds']:.0f}s -> {out}")
     return results

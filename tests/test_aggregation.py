@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from monai_fedpriv.errors import UpdateError
-from monai_fedpriv.fl.aggregation import FedAvg, FedAvgM, weighted_delta
+from monai_fedpriv.fl.strategies import FedAvg, FedAvgM, weighted_delta
 from monai_fedpriv.fl.update import ModelUpdate
 
 

@@ -124,13 +124,18 @@ def test_evaluator_filter_attacks_what_is_sent_and_passes_it_through(tmp_path):
     trainer.run([batch], max_epochs=1)
     delta = {n: p.detach() - start[n] for n, p in net.named_parameters()}
     update = ModelUpdate("site-1", 1, delta, n_samples=1, local_steps=1, meta={"privacy": {"epsilon": None}})
-    assert evaluator(update) is update  # unchanged
+    passed = evaluator(update)  # a copy, as every filter of a chain returns (FilterChain refuses the input object)
+    assert passed is not update and passed.meta == update.meta
+    assert all(torch.equal(passed.delta[k], v) for k, v in update.delta.items())
     result = evaluator.results[1]
     assert result["ssim"] > 0.3 and result["ssim"] > result["images"][0]["baselines"]["constant"]["ssim"]
     written = json.loads((tmp_path / "attack" / "round_1" / "attack.json").read_text())
     assert written["round"] == 1 and (tmp_path / "attack" / "round_1" / "attack.png").exists()
     skipped = ModelUpdate("site-1", 2, delta, n_samples=1, local_steps=1)
-    assert evaluator(skipped) is skipped and 2 not in evaluator.results
+    assert evaluator(skipped) is not skipped and 2 not in evaluator.results
+    from monai_fedpriv.privacy.filters import FilterChain
+
+    assert FilterChain([evaluator])(skipped).round == 2  # the audit sits in a site's one filter chain
     restored = ReconstructionAttackEvaluator([1], tmp_path, tm, net, loss)
     restored.load_state_dict(evaluator.state_dict())
     assert restored.results[1]["ssim"] == pytest.approx(result["ssim"])

@@ -16,7 +16,7 @@ from monai_fedpriv.attacks.cli import attack_main, build_share_filter, load_vict
 from monai_fedpriv.attacks.report import attack_table, latent_table, noise_break
 from monai_fedpriv.errors import DataError, PrivacyConfigError
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.selective import PercentileSharing
+from monai_fedpriv.privacy.filters import PercentileSharing
 from tests.test_attack_cli import NETWORK
 
 

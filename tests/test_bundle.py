@@ -4,6 +4,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 
+from monai_fedpriv.bundle.loader import shared_config
 from tests.conftest import BUNDLE_DIR, tiny_overrides
 
 
@@ -24,7 +25,7 @@ def test_train_json_trains_one_site_with_monai_bundle_run(tiny_data, tmp_path):
 
 
 def test_fed_json_without_a_transport_says_where_it_comes_from(tiny_data, tmp_path):
-    files = [str(BUNDLE_DIR / "configs" / f) for f in ("train.json", "fed.json")]
+    files = [str(BUNDLE_DIR / "configs" / "train.json"), str(shared_config("fed.json"))]
     with pytest.raises(Exception) as info:
         run(config_file=files, bundle_root=str(tmp_path), max_epochs=1, **tiny_overrides(tiny_data))
     chain, exc = [], info.value

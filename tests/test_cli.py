@@ -23,7 +23,7 @@ def test_simulate_cli_writes_metrics_and_report(tiny_data, tmp_path, monkeypatch
     )
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
-    for f in ("train.json", "fed.json", "metadata.json"):
+    for f in ("train.json", "metadata.json"):  # fed.json, budget.json, dp.json...: the package's shared overrides
         (bundle / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
     (bundle / "configs" / "tiny.json").write_text(overrides)
     common = ["simulate", str(bundle), "--sites", "2", "--rounds", "2", "--local-steps", "2", "--output", str(out)]

@@ -15,8 +15,8 @@ from monai.networks.nets import UNet
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.codec import decode_update, encode_update, encoded_size
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.selective import PercentileSharing
-from monai_fedpriv.privacy.svt import SparseVectorFilter
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
 
 
 def header(data: bytes) -> dict:
@@ -151,7 +151,9 @@ def test_ten_percent_is_at_least_eight_times_smaller(which, realistic):
     f = {
         "percentile": PercentileSharing(0.1),
         "percentile_clipped": PercentileSharing(0.1, clip=1e-4),
-        "svt": SparseVectorFilter(0.1, 1.0, 0.1, 1.0, clip=1e-3, threshold=5e-4, generator=0),
+        "svt": SparseVectorFilter(
+            0.1, 1.0, 0.1, 1.0, clip=1e-3, threshold=5e-4, budget=PrivacyBudget(limit=10.0), generator=0
+        ),
     }[which]
     sparse = f(u)
     data = encode_update(sparse)

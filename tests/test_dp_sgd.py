@@ -4,15 +4,31 @@ from monai.networks.nets import DynUNet, SegResNet, UNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
 from monai_fedpriv.privacy.accounting import PrivacyLedger
+from monai_fedpriv.privacy.budget import PrivacyBudget
 from monai_fedpriv.privacy.dp_sgd import (
+    DPSettings,
     MicroBatchGradSampleModule,
     TensorHookGradSampleModule,
     make_site_private,
     rebuild_optimizer,
     strip_module_prefix,
 )
+
+
+def private(model, opt, loader, *, noise_multiplier, max_grad_norm, ledger=None, seed=0, budget=None, **settings):
+    """make_site_private with a budget around ``ledger`` and generators seeded from ``seed``."""
+    budget = budget if budget is not None else PrivacyBudget(ledger if ledger is not None else PrivacyLedger())
+    return make_site_private(
+        model,
+        opt,
+        loader,
+        settings=DPSettings(noise_multiplier, max_grad_norm, **settings),
+        budget=budget,
+        sampler_generator=torch.Generator().manual_seed(seed),
+        noise_generator=torch.Generator().manual_seed(seed + 1),
+    )
 
 
 def _loader(n=8, size=16, batch=4, seed=0):
@@ -85,17 +101,17 @@ def test_clipped_update_equals_plain_per_sample_loop_without_noise():
     model = UNet(2, 1, 3, (4, 8), (2,), num_res_units=0, norm="instance")
     clip, lr = 0.05, 1.0
     ledger = PrivacyLedger()
-    parts = make_site_private(
+    parts = private(
         model,
         torch.optim.SGD(model.parameters(), lr=lr),
         _loader(n=16, batch=4),
         noise_multiplier=1.0,
         max_grad_norm=clip,
         ledger=ledger,
-        generator=torch.Generator().manual_seed(1),
+        seed=1,
     )
     parts.optimizer.noise_multiplier = 0.0  # noise off, for the comparison only ...
-    hook, parts.optimizer.step_hook = parts.optimizer.step_hook, None  # ... which the ledger would refuse
+    parts.optimizer.step_hook = None  # ... and not accounted (a noise-free step is not a private release)
     x, _ = next(iter(parts.data_loader))
     assert x.shape[0] > 0
     loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
@@ -117,9 +133,7 @@ def test_clipped_update_equals_plain_per_sample_loop_without_noise():
     expected_batch = parts.optimizer.expected_batch_size
     for b, p, cs in zip(before, model.parameters(), clipped_sum, strict=True):
         torch.testing.assert_close(b - p.detach(), lr * cs / expected_batch, rtol=1e-4, atol=1e-7)
-    with pytest.raises(PrivacyConfigError):  # a noise-free step is never accounted as private
-        hook(parts.optimizer)
-    assert ledger.steps == 0
+    assert ledger.steps == 0  # the hook (budget ask + record) was off for the comparison
 
 
 def test_noise_std_matches_sigma_clip_over_batch():
@@ -127,14 +141,14 @@ def test_noise_std_matches_sigma_clip_over_batch():
     sigma, clip, lr, batch = 1.3, 0.7, 1.0, 5
     ds = TensorDataset(torch.rand(50, 100))
     ledger = PrivacyLedger()
-    parts = make_site_private(
+    parts = private(
         model,
         torch.optim.SGD(model.parameters(), lr=lr),
         DataLoader(ds, batch_size=batch),
         noise_multiplier=sigma,
         max_grad_norm=clip,
         ledger=ledger,
-        generator=torch.Generator().manual_seed(3),
+        seed=3,
     )
     (x,) = next(iter(parts.data_loader))
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
@@ -152,14 +166,13 @@ def test_noise_std_matches_sigma_clip_over_batch():
 def test_empty_batches_step_add_noise_and_count():
     model = nn.Linear(4, 2)
     ledger = PrivacyLedger()
-    parts = make_site_private(
+    parts = private(
         model,
         torch.optim.SGD(model.parameters(), lr=1.0),
         DataLoader(TensorDataset(torch.rand(10, 4)), batch_size=2),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         ledger=ledger,
-        generator=torch.Generator().manual_seed(0),
     )
     # empty batch that went through the network (as Opacus' loader produces it)
     before = model.weight.detach().clone()
@@ -181,14 +194,13 @@ def test_loader_steps_empty_draws_itself_and_counts_them():
     model = nn.Linear(4, 2)
     ledger = PrivacyLedger()
     items = [{"image": torch.rand(4), "name": f"item{i}"} for i in range(4)]
-    parts = make_site_private(
+    parts = private(
         model,
         torch.optim.SGD(model.parameters(), lr=1.0),
         DataLoader(items, batch_size=1),  # q = 1/4: about a third of the draws are empty
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         ledger=ledger,
-        generator=torch.Generator().manual_seed(0),
     )
     seen = 0
     for _ in range(5):
@@ -205,14 +217,13 @@ def test_loader_steps_empty_draws_itself_and_counts_them():
 def test_epoch_counts_steps_and_epsilon_matches_history():
     model = UNet(2, 1, 3, (4, 8), (2,), num_res_units=0, norm="instance")
     ledger = PrivacyLedger()
-    parts = make_site_private(
+    parts = private(
         model,
         torch.optim.Adam(model.parameters(), lr=1e-3),
         _loader(n=12, batch=3),
         noise_multiplier=1.1,
         max_grad_norm=1.0,
         ledger=ledger,
-        generator=torch.Generator().manual_seed(0),
         max_physical_batch_size=2,
     )
     logical = 0
@@ -237,14 +248,13 @@ def test_optimizer_rebuilt_with_same_hyper_params_and_prefix_stripped():
     assert type(new) is torch.optim.Adam
     assert [g["lr"] for g in new.param_groups] == [0.1, 0.01]
     assert all(g["weight_decay"] == 0.5 for g in new.param_groups)
-    parts = make_site_private(
+    parts = private(
         model,
         opt,
         DataLoader(TensorDataset(torch.rand(4, 3)), batch_size=2),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         ledger=PrivacyLedger(),
-        generator=torch.Generator(),
     )
     assert parts.optimizer.original_optimizer is not opt
     keys = strip_module_prefix(parts.network.state_dict())
@@ -254,31 +264,64 @@ def test_optimizer_rebuilt_with_same_hyper_params_and_prefix_stripped():
 
 def test_bad_settings_raise():
     model = nn.Linear(2, 1)
-    kw = dict(ledger=PrivacyLedger(), generator=torch.Generator())
     loader = DataLoader(TensorDataset(torch.rand(4, 2)), batch_size=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(PrivacyConfigError):
-        make_site_private(model, opt, loader, noise_multiplier=0.0, max_grad_norm=1.0, **kw)
+        private(model, opt, loader, noise_multiplier=0.0, max_grad_norm=1.0)
     with pytest.raises(PrivacyConfigError):
-        make_site_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=-1.0, **kw)
+        private(model, opt, loader, noise_multiplier=float("nan"), max_grad_norm=1.0)
     with pytest.raises(PrivacyConfigError):
-        make_site_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="x", **kw)
+        private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=-1.0)
     with pytest.raises(PrivacyConfigError):
+        private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="x")
+    with pytest.raises(PrivacyConfigError, match="budget"):
         make_site_private(
-            model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, ledger=None, generator=torch.Generator()
-        )
+            model, opt, loader, settings=DPSettings(1.0, 1.0), budget=PrivacyLedger(),
+            sampler_generator=torch.Generator(), noise_generator=torch.Generator(),
+        )  # fmt: skip
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     with pytest.raises(PrivacyConfigError, match="prepare_for_dp"):
-        make_site_private(
-            bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0, **kw
-        )
+        private(bn, torch.optim.SGD(bn.parameters(), lr=0.1), loader, noise_multiplier=1.0, max_grad_norm=1.0)
 
 
-# ---------------------------------------------------------------- per-sample losses and the privacy unit
+def test_fixed_size_batches_are_refused_not_accounted_as_poisson():
+    # poisson=False used to warn and account as if sampling were Poisson: an epsilon the batches do not have
+    with pytest.raises(PrivacyConfigError, match="Poisson"):
+        DPSettings(1.0, 1.0, poisson=False)
+    with pytest.raises(PrivacyConfigError, match="physical"):
+        DPSettings(1.0, 1.0, privacy_unit="patient", max_physical_batch_size=2)
+    with pytest.raises(PrivacyConfigError):
+        DPSettings(1.0, 1.0, privacy_unit="pixel")
+
+
+def test_step_that_would_pass_the_budget_is_refused_before_the_weights_change():
+    model = nn.Linear(4, 2)
+    q, sigma = 0.5, 1.0
+    one = PrivacyLedger()
+    one.record_sampled_gaussian(q, sigma, steps=3)
+    two = PrivacyLedger()
+    two.record_sampled_gaussian(q, sigma, steps=4)
+    budget = PrivacyBudget(limit=(one.epsilon(1e-5) + two.epsilon(1e-5)) / 2)  # exactly 3 steps fit
+    parts = private(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), DataLoader(TensorDataset(torch.rand(4, 4)), batch_size=2),
+        noise_multiplier=sigma, max_grad_norm=1.0, budget=budget,
+    )  # fmt: skip
+    for _ in range(3):
+        parts.optimizer.zero_grad()
+        parts.optimizer.step()
+    before = model.weight.detach().clone()
+    with pytest.raises(PrivacyBudgetExceeded):
+        parts.optimizer.zero_grad()
+        parts.optimizer.step()
+    assert torch.equal(before, model.weight)
+    assert budget.ledger.steps == 3 and budget.exhausted
+    assert budget.epsilon() <= budget.limit
+
+
+# ---------------------------------------------------------------- per-sample losses
 from monai.losses import DiceCELoss, DiceLoss  # noqa: E402
 
-from monai_fedpriv.errors import DataError  # noqa: E402
-from monai_fedpriv.privacy.losses import PerSampleLoss, check_privacy_unit  # noqa: E402
+from monai_fedpriv.privacy.losses import PerSampleLoss  # noqa: E402
 
 
 def test_per_sample_loss_is_mean_of_independent_sample_losses():
@@ -306,26 +349,3 @@ def test_coupling_losses_are_refused():
         PerSampleLoss("dice", batch=True)
     with pytest.raises(PrivacyConfigError):
         PerSampleLoss("focal")
-    with pytest.raises(PrivacyConfigError):
-        PerSampleLoss("dice", privacy_unit="pixel")
-
-
-def test_patient_privacy_unit_is_enforced():
-    check_privacy_unit({"patient": ["a", "a"]}, "slice")  # slice-level: several slices of a patient are fine
-    check_privacy_unit({"patient": ["a", "b"]}, "patient")
-    check_privacy_unit([{"patient": 1}, {"patient": 2}], "patient")
-    with pytest.raises(DataError, match="more than once"):
-        check_privacy_unit({"patient": ["a", "b", "a"]}, "patient")
-    with pytest.raises(DataError, match="more than once"):
-        check_privacy_unit({"patient": torch.tensor([3, 3])}, "patient")
-    with pytest.raises(DataError, match="'patient'"):
-        check_privacy_unit({"image": torch.zeros(2)}, "patient")
-    from ignite.engine import Engine
-
-    loss = PerSampleLoss("dice", privacy_unit="patient")
-    engine = Engine(lambda e, b: None)
-    loss.attach(engine)
-    loss.attach(engine)  # guarded: a second attach adds nothing
-    engine.run([{"patient": ["p1", "p2"]}], max_epochs=1)
-    with pytest.raises(DataError):
-        engine.run([{"patient": ["p1", "p1"]}], max_epochs=1)

@@ -33,9 +33,9 @@ def _dp_bundle(data_dir, budget=None, policy="stop_site"):
             "delta": DELTA,
             "budget": budget,
         },
-        "dp_policy": policy,
+        "privacy_policy": policy,
     }
-    return BundleSpec(BUNDLE_DIR, ("train.json", "dp.json"), overrides)
+    return BundleSpec(BUNDLE_DIR, ("train.json", "budget.json", "dp.json"), overrides)
 
 
 def _sim(bundle, out, rounds, work=None, **kw):
@@ -63,7 +63,9 @@ def test_every_round_reports_privacy_matching_an_independent_accountant(tiny_dat
             assert p["accountant"] == "rdp" and p["delta"] == DELTA and p["budget"] is None
             assert p["noise_multiplier"] == SIGMA and p["max_grad_norm"] == CLIP
             assert p["sample_rate"] == pytest.approx(2 / 6)
-            assert p["steps"] >= res["local_steps"] + previous.get(site, 0)  # cumulative (+ noise-only empty draws)
+            # local_steps counts logical optimiser steps, noise-only steps on empty Poisson draws included: exactly
+            # the DP-SGD steps the ledger recorded this round
+            assert p["steps"] == res["local_steps"] + previous.get(site, 0)
             previous[site] = p["steps"]
             assert p["epsilon"] == pytest.approx(_opacus_epsilon(p["sample_rate"], SIGMA, p["steps"], DELTA), rel=1e-9)
         eps = {s: res["privacy"]["epsilon"] for s, res in r["sites"].items()}
@@ -90,7 +92,7 @@ def _budget_between(steps):
 
 
 def test_budget_stops_sites_before_epsilon_passes_it(tiny_data, tmp_path):
-    budget = _budget_between(4)  # 3 steps per round: the budget runs out in round 2
+    budget = _budget_between(5)  # about 3 steps per round: the budget runs out in round 2
     m = _sim(_dp_bundle(tiny_data, budget=budget), tmp_path, 3).run()
     for r in m["rounds"]:
         for site, res in r["sites"].items():
@@ -100,26 +102,28 @@ def test_budget_stops_sites_before_epsilon_passes_it(tiny_data, tmp_path):
     last = m["rounds"][-1]
     assert m["final"]["rounds_completed"] == 2  # every site stopped in round 2: the run ends
     for site, res in last["sites"].items():
-        assert res["stopped"] == "privacy budget exhausted"
-        assert res["privacy"]["exhausted"] is True and res["privacy"]["steps"] <= 4
-        # the steps taken before the stop are sent (post-processing); the aborted iteration is not counted
+        assert res["stopped"].startswith("privacy budget exhausted: the next DP-SGD step")
+        assert res["privacy"]["exhausted"] is True and res["privacy"]["steps"] == 5
+        # the steps taken before the stop are sent (post-processing); the refused step is not counted
         spent_in_round = res["privacy"]["steps"] - m["rounds"][0]["sites"][site]["privacy"]["steps"]
-        assert 1 <= res["local_steps"] <= spent_in_round
+        assert 1 <= res["local_steps"] == spent_in_round
     assert m["rounds"][0]["sites"]["site-1"]["privacy"]["exhausted"] is False
     text = "\n".join(privacy_section(m))
     assert f"epsilon = {last['global']['privacy']['epsilon']:.2f}" in text
     assert "Sites stopped on their privacy budget: site-1 in round 2, site-2 in round 2." in text
-    assert "stopped round 2 (privacy budget exhausted)" in text
+    assert "stopped round 2 (privacy budget exhausted" in text
+    # stop_site: when the last site stops, metrics.json says why the federation ended
+    assert m["stopped"]["round"] == 2 and m["stopped"]["reason"].startswith("every site has stopped")
 
 
 def test_stop_federation_ends_the_run_when_one_site_is_exhausted(tiny_data, tmp_path):
     budget = _budget_between(4)
     sim = _sim(_dp_bundle(tiny_data, budget=budget, policy="stop_federation"), tmp_path, 3)
     sim.setup()
-    sim.sites["site-2"].stateful["privacy_budget"].budget = None  # only site-1 runs out
+    sim.sites["site-2"].stateful["privacy_budget"].budget.limit = None  # only site-1 runs out
     m = sim.run()
     assert m["final"]["rounds_completed"] == 2
-    assert m["rounds"][-1]["sites"]["site-1"]["stopped"] == "privacy budget exhausted"
+    assert m["rounds"][-1]["sites"]["site-1"]["stopped"].startswith("privacy budget exhausted")
     assert "stopped" not in m["rounds"][-1]["sites"]["site-2"]
     assert m["stopped"]["reason"].startswith("privacy budget")
 

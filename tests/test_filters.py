@@ -7,8 +7,9 @@ import torch
 
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.filters import FilterChain, UpdateFilter, copy_update, make_generator, top_k_mask
-from monai_fedpriv.privacy.selective import PercentileSharing
+from monai_fedpriv.privacy.filters import FilterChain, PercentileSharing, UpdateFilter, copy_update
+from monai_fedpriv.privacy.filters.vectors import top_k_mask
+from monai_fedpriv.privacy.noise import make_generator
 
 
 def make_update(seed: int = 0, steps: int = 4) -> ModelUpdate:

@@ -8,7 +8,7 @@ from monai.networks.nets import UNet
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from monai_fedpriv.privacy.dp_sgd import _LedgerDPOptimizer
+from monai_fedpriv.privacy.dp_sgd import BudgetedDPOptimizer as _LedgerDPOptimizer
 from monai_fedpriv.privacy.grad_sample import (
     TensorHookGradSampleModule,
     _conv_grad_sample,

@@ -9,7 +9,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from monai_fedpriv.attacks import ThreatModel
-from monai_fedpriv.fl.aggregation import weighted_delta
+from monai_fedpriv.fl.strategies import weighted_delta
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.handlers.attack_evaluator import ReconstructionAttackEvaluator
 from tests.test_attack_share import _label, _phantom
@@ -48,4 +48,5 @@ def test_leakage_gate_drops_a_leaking_update(tmp_path):
     merged = weighted_delta(start, [sent, other])  # the dropped update contributes nothing
     assert all(torch.allclose(v, torch.ones_like(v)) for v in merged.values())
     ungated = ReconstructionAttackEvaluator([2], tmp_path, tm, net, loss, gate_ssim=0.3)
-    assert ungated(update) is update  # rounds it does not attack pass unchanged
+    passed = ungated(update)  # rounds it does not attack pass unchanged (a copy, as every filter returns)
+    assert passed is not update and all(torch.equal(passed.delta[k], v) for k, v in update.delta.items())

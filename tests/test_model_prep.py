@@ -6,7 +6,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.privacy.accounting import PrivacyLedger
-from monai_fedpriv.privacy.dp_sgd import make_site_private, strip_module_prefix
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.dp_sgd import DPSettings, make_site_private, strip_module_prefix
 from monai_fedpriv.privacy.losses import PerSampleLoss
 from monai_fedpriv.privacy.model_prep import find_dp_problems, prepare_for_dp
 
@@ -31,10 +32,10 @@ def _train_one_dp_step(net, size=SIZE):
         net,
         torch.optim.Adam(net.parameters(), lr=1e-2),
         DataLoader(ds, batch_size=3),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        ledger=ledger,
-        generator=torch.Generator().manual_seed(0),
+        settings=DPSettings(1.0, 1.0),
+        budget=PrivacyBudget(ledger),
+        sampler_generator=torch.Generator().manual_seed(0),
+        noise_generator=torch.Generator().manual_seed(1),
     )
     loss_fn = PerSampleLoss("dicece")
     before = {k: v.clone() for k, v in net.state_dict().items()}

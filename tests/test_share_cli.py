@@ -15,7 +15,7 @@ def tiny_cli_bundle(tiny_data, tmp_path):
     # the bundle's own U-Net (205,856 parameters): big enough that the codec header does not hide the 8x
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
-    for f in ("train.json", "fed.json", "dp.json", "metadata.json"):
+    for f in ("train.json", "metadata.json"):  # fed.json, budget.json, dp.json...: the package's shared overrides
         (bundle / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
     tiny = {
         "dataset_dir": str(tiny_data),
@@ -55,7 +55,7 @@ def test_percentile_sends_at_most_an_eighth(tiny_cli_bundle, tmp_path):
 def test_svt_reports_filter_epsilon_per_round_and_total(tiny_cli_bundle, tmp_path):
     out = tmp_path / "svt"
     args = ["--share", "svt", "--share-fraction", "0.1", "--svt-epsilon", "2", "--svt-epsilon3", "0.5"]
-    assert _simulate(tiny_cli_bundle, out, *args) == 0
+    assert _simulate(tiny_cli_bundle, out, *args, "--epsilon-budget", "100") == 0
     rows, m = _site_rounds(out)
     for rnd, _, s in rows:
         priv = s["privacy"]
@@ -63,7 +63,7 @@ def test_svt_reports_filter_epsilon_per_round_and_total(tiny_cli_bundle, tmp_pat
         assert priv["dp"] is True
         assert priv["filter_epsilon"] == pytest.approx(2.5)
         assert priv["filter_epsilon_total"] == pytest.approx(2.5 * rnd)
-        assert priv["epsilon"] == pytest.approx(2.5 * rnd) and priv["delta"] == 0.0  # pure DP, basic composition
+        assert priv["epsilon"] == pytest.approx(2.5 * rnd)  # pure DP only: basic composition (at any delta)
     assert m["rounds"][-1]["global"]["privacy"]["epsilon"] == pytest.approx(5.0)
 
 
@@ -104,6 +104,13 @@ def test_dp_sgd_and_svt_report_the_combined_epsilon(tiny_cli_bundle, tmp_path):
         ["--share", "gaussian", "--gaussian-clip", "1", "--gaussian-noise", "0"],
         ["--share", "percentile", "--svt-epsilon", "1"],
         ["--share-fraction", "0.1"],
+        ["--share", "svt"],  # no budget: SVT releases would compose without bound
+        ["--share", "gaussian", "--gaussian-clip", "1", "--gaussian-noise", "1"],
+        ["--share", "svt", "--epsilon-budget", "1.5"],  # one round (1 + 1) costs more than the budget
+        ["--share", "svt", "--epsilon-budget", "10", "--accountant", "prv"],  # PRV cannot account for SVT
+        ["--share", "svt", "--epsilon-budget", "10", "--momentum", "aggregate"],  # moments not covered by SVT
+        ["--share", "percentile", "--momentum", "aggregate"],
+        ["--epsilon-budget", "3"],
     ],
 )
 def test_bad_share_values_exit_2(tiny_cli_bundle, tmp_path, capsys, args):
@@ -115,7 +122,7 @@ def test_bad_share_values_exit_2(tiny_cli_bundle, tmp_path, capsys, args):
 
 def test_svt_state_and_ledger_survive_resume(tiny_cli_bundle, tmp_path):
     """Round 2 after --resume equals round 2 of an uninterrupted run: filter generator, epsilon total and ledger."""
-    share = ["--share", "svt", "--svt-epsilon", "1e4", "--svt-epsilon3", "1e4"]
+    share = ["--share", "svt", "--svt-epsilon", "1e4", "--svt-epsilon3", "1e4", "--epsilon-budget", "1e6"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _simulate(tiny_cli_bundle, straight, *share) == 0
     argv = ["simulate", str(tiny_cli_bundle), "--sites", "2", "--local-steps", "2", "--output", str(resumed)]
@@ -133,7 +140,6 @@ def test_in_training_attack_runs_on_a_dp_site(tiny_cli_bundle, tmp_path):
     """attack.json + --privacy: the evaluator attacks the DP-noised update; its server copy of the network carries
     none of the per-sample hooks the DP wrapper installed (they used to crash the attack)."""
     configs = tiny_cli_bundle / "configs"
-    configs.joinpath("attack.json").write_text((BUNDLE_DIR / "configs" / "attack.json").read_text())
     configs.joinpath("fast_attack.json").write_text(json.dumps({"attack_iterations": 5, "attack_restarts": 1}))
     out = tmp_path / "dp_attack"
     files = ["train.json", "fed.json", "tiny.json", "small.json", "attack.json", "fast_attack.json"]

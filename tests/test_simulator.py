@@ -48,32 +48,55 @@ def test_metrics_json_contract(tiny_bundle, tmp_path):
 def test_resume_refuses_a_different_configuration(tiny_bundle, tmp_path):
     split = _split(tiny_bundle)
     _sim(tiny_bundle, split, tmp_path, 1, LocalWork(epochs=1)).run()
-    with pytest.raises(ValueError, match="different run configuration.*seed"):
+    with pytest.raises(ValueError, match=r"other settings(.|\n)*seed: 0 -> 5"):
         _sim(tiny_bundle, split, tmp_path, 2, LocalWork(epochs=1), seed=5).run(resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         _sim(tiny_bundle, split, tmp_path / "empty", 2, LocalWork(epochs=1)).run(resume=True)
 
 
-def test_crashed_round_keeps_last_completed_round(tiny_bundle, tmp_path):
+def _crash_in_round(sim, site, rnd):
+    calls = {"n": 0}
+    original = sim.sites[site].trainer.run
+
+    def crash():
+        calls["n"] += 1
+        if calls["n"] == rnd:
+            raise RuntimeError(f"{site} lost power")
+        return original()
+
+    sim.sites[site].trainer.run = crash
+
+
+def test_a_crashed_site_is_rejected_for_the_round_and_rejoins(tiny_bundle, tmp_path):
     split = _split(tiny_bundle)
     sim = _sim(tiny_bundle, split, tmp_path, 3, LocalWork(epochs=1))
     sim.setup()
-    calls = {"n": 0}
-    original = sim.sites["site-2"].trainer.run
+    _crash_in_round(sim, "site-2", 2)
+    m = sim.run()
+    assert m["final"]["rounds_completed"] == 3
+    second = m["rounds"][1]
+    assert second["sites"]["site-2"]["rejected"] == "training raised RuntimeError: site-2 lost power"
+    assert second["global"]["rejected"] == 1 and "local_steps" in second["sites"]["site-1"]
+    third = m["rounds"][2]["sites"]["site-2"]
+    assert "rejected" not in third and third["local_steps"] == m["rounds"][0]["sites"]["site-2"]["local_steps"]
 
-    def crash_in_round_2():
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("site-2 lost power")
-        return original()
 
-    sim.sites["site-2"].trainer.run = crash_in_round_2
-    with pytest.raises(RuntimeError, match="lost power"):
+def test_too_few_sites_stops_the_run_with_the_last_round_intact(tiny_bundle, tmp_path):
+    from monai_fedpriv.errors import FederationError
+
+    split = _split(tiny_bundle)
+    sim = _sim(tiny_bundle, split, tmp_path, 3, LocalWork(epochs=1), min_sites=2)
+    sim.setup()
+    _crash_in_round(sim, "site-2", 2)
+    with pytest.raises(FederationError, match="only 1 of 2 sites"):
         sim.run()
     saved = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
     assert saved["round"] == 1
-    resumed = _sim(tiny_bundle, split, tmp_path, 3, LocalWork(epochs=1)).run(resume=True)
-    assert resumed["final"]["rounds_completed"] == 3
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["final"]["rounds_completed"] == 1 and m["stopped"]["round"] == 2
+    assert "site-2: training raised RuntimeError" in m["stopped"]["reason"]
+    resumed = _sim(tiny_bundle, split, tmp_path, 3, LocalWork(epochs=1), min_sites=2).run(resume=True)
+    assert resumed["final"]["rounds_completed"] == 3 and "stopped" not in resumed
 
 
 def test_bad_bundles_raise_naming_what_is_missing(tmp_path, tiny_data):
@@ -90,8 +113,10 @@ def test_bad_bundles_raise_naming_what_is_missing(tmp_path, tiny_data):
     with pytest.raises(BundleError, match="train.json"):
         load_bundle(BundleSpec(tmp_path / "b"))
     (tmp_path / "b" / "configs" / "train.json").write_text("{}")
-    with pytest.raises(BundleError, match="dp.json"):
+    with pytest.raises(BundleError, match="dp.json"):  # the shared override patches ids the bundle lacks
         load_bundle(BundleSpec(tmp_path / "b", ("train.json", "dp.json")))
+    with pytest.raises(BundleError, match="nope.json"):
+        load_bundle(BundleSpec(tmp_path / "b", ("train.json", "nope.json")))
 
 
 def test_empty_site_raises(tiny_bundle, tmp_path):

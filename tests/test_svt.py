@@ -9,14 +9,17 @@ import pytest
 import torch
 from scipy import stats
 
-from monai_fedpriv.errors import PrivacyConfigError, UpdateError
+from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.accounting import PrivacyLedger
-from monai_fedpriv.privacy.filters import FilterChain
-from monai_fedpriv.privacy.selective import PercentileSharing
-from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.filters import FilterChain, PercentileSharing, SparseVectorFilter, lyu_budget_split
 
 HUGE = 1e12
+
+
+def SVT(*args, budget=None, **kw) -> SparseVectorFilter:  # noqa: N802 - the filter, on a budget that never binds
+    return SparseVectorFilter(*args, budget=budget if budget is not None else PrivacyBudget(limit=1e300), **kw)
 
 
 def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -42,7 +45,7 @@ def planted(n_above: int, size: int = 2500, seed: int = 0) -> tuple[torch.Tensor
 
 
 def noiseless(**kw) -> SparseVectorFilter:
-    return SparseVectorFilter(0.1, HUGE, HUGE, HUGE, clip=1.0, threshold=0.5, generator=0, **kw)
+    return SVT(0.1, HUGE, HUGE, HUGE, clip=1.0, threshold=0.5, generator=0, **kw)
 
 
 def test_large_epsilon_releases_exactly_the_thresholded_coordinates():
@@ -80,7 +83,7 @@ def test_released_values_lie_in_clip_range(eps):
     g = torch.Generator().manual_seed(1)
     values = torch.randn(2500, generator=g, dtype=torch.float64)
     gamma, steps = 0.2, 5
-    f = SparseVectorFilter(0.3, eps, eps, eps, clip=gamma, threshold=0.1, generator=2)
+    f = SVT(0.3, eps, eps, eps, clip=gamma, threshold=0.1, generator=2)
     out = f(split_update(values, steps=steps))
     released = flat(out.delta)[torch.cat([out.masks["a"].reshape(-1), out.masks["b"]])]
     assert released.numel() > 0
@@ -91,7 +94,7 @@ def test_answer_noise_is_laplace_with_stated_scale():
     n, gamma, b = 20000, 1.0, 0.01
     c = n  # fraction 1
     eps3 = c * 2 * gamma / b  # b = c s / eps3 with s = 2 gamma
-    f = SparseVectorFilter(1.0, HUGE, HUGE, eps3, clip=gamma, threshold=0.0, generator=3)
+    f = SVT(1.0, HUGE, HUGE, eps3, clip=gamma, threshold=0.0, generator=3)
     assert f.noise_scales(c)["answer"] == pytest.approx(b)
     u = ModelUpdate("s", 1, {"w": torch.full((n,), 0.5, dtype=torch.float64)}, 1, 1)
     out = f(u)
@@ -107,7 +110,7 @@ def test_answer_noise_is_laplace_with_stated_scale():
 def test_query_noise_scale_from_acceptance_rate():
     n, gamma, b1 = 20000, 1.0, 0.1
     eps1 = 2 * n * 2 * gamma / b1  # b = 2 c s / eps1
-    f = SparseVectorFilter(1.0, eps1, HUGE, HUGE, clip=gamma, threshold=0.6, generator=4)
+    f = SVT(1.0, eps1, HUGE, HUGE, clip=gamma, threshold=0.6, generator=4)
     assert f.noise_scales(n)["query"] == pytest.approx(b1)
     out = f(ModelUpdate("s", 1, {"w": torch.full((n,), 0.5)}, 1, 1))
     rate = float(out.masks["w"].double().mean())
@@ -117,7 +120,7 @@ def test_query_noise_scale_from_acceptance_rate():
 
 def test_threshold_noise_scale_from_round_outcomes():
     gamma, b2 = 1.0, 0.1
-    f = SparseVectorFilter(1.0, HUGE, 2 * gamma / b2, HUGE, clip=gamma, threshold=0.6, generator=5)
+    f = SVT(1.0, HUGE, 2 * gamma / b2, HUGE, clip=gamma, threshold=0.6, generator=5)
     u = ModelUpdate("s", 1, {"w": torch.full((10,), 0.5)}, 1, 1)
     outcomes = [int(f(u).masks["w"].sum()) for _ in range(2000)]
     assert set(outcomes) <= {0, 10}  # one threshold draw per round: all or nothing
@@ -127,9 +130,9 @@ def test_threshold_noise_scale_from_round_outcomes():
 
 
 def test_epsilon_accounting_across_rounds():
-    ledger = PrivacyLedger()
+    budget = PrivacyBudget(limit=100.0)
     e1, e2, e3 = 0.5, 0.1, 0.4
-    f = SparseVectorFilter(0.1, e1, e2, e3, clip=1e-3, threshold=5e-4, ledger=ledger, generator=6)
+    f = SVT(0.1, e1, e2, e3, clip=1e-3, threshold=5e-4, budget=budget, generator=6)
     values, _ = planted(50)
     rounds = 4
     for r in range(1, rounds + 1):
@@ -137,23 +140,64 @@ def test_epsilon_accounting_across_rounds():
         assert out.meta["privacy"]["filter_epsilon"] == pytest.approx(e1 + e2 + e3)
         assert out.meta["privacy"]["filter_epsilon_total"] == pytest.approx(r * (e1 + e2 + e3))
         assert out.meta["privacy"]["dp"] is True
-    events = ledger.events
+    events = budget.ledger.events
     assert all(e["kind"] == "pure" and e["label"] == "svt" for e in events)
     assert sum(e["count"] for e in events) == rounds  # the ledger may merge identical consecutive events
     assert sum(e["epsilon"] * e["count"] for e in events) == pytest.approx(rounds * (e1 + e2 + e3))
-    assert ledger.epsilon(1e-5) <= rounds * (e1 + e2 + e3) + 1e-9
+    assert budget.epsilon() <= rounds * (e1 + e2 + e3) + 1e-9
     assert f.state_dict()["epsilon_total"] == pytest.approx(rounds * (e1 + e2 + e3))
+
+
+def test_release_that_would_pass_the_budget_is_not_made():
+    """Three rounds of 1.0 fit a budget of 3.5; the fourth is refused before any noise is drawn or value sent."""
+    budget = PrivacyBudget(limit=3.5)
+    f = SVT(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, budget=budget, generator=0)
+    values, _ = planted(n_above=50)
+    for _ in range(3):
+        f(split_update(values))
+    state = f.generator.get_state()
+    with pytest.raises(PrivacyBudgetExceeded):
+        f(split_update(values))
+    assert torch.equal(state, f.generator.get_state())  # no noise drawn for the refused release
+    assert budget.exhausted and budget.epsilon() == pytest.approx(3.0) and f.rounds == 3
+    # inside a site's chain the refusal reaches the sender as a failure: nothing is sent
+    with pytest.raises(RuntimeError, match="SparseVectorFilter"):
+        FilterChain([f])(split_update(values))
+
+
+def test_budget_rules_are_checked_when_the_filter_is_built():
+    with pytest.raises(PrivacyConfigError, match="finite epsilon budget"):
+        SparseVectorFilter(0.1, 0.4, 0.1, 0.5, budget=PrivacyBudget(limit=None))
+    with pytest.raises(PrivacyConfigError, match="more than the whole budget"):
+        SparseVectorFilter(0.1, 0.4, 0.1, 0.5, budget=PrivacyBudget(limit=0.9))  # one round costs 1.0
+    with pytest.raises(PrivacyConfigError, match="PRV"):
+        SparseVectorFilter(0.1, 0.4, 0.1, 0.5, budget=PrivacyBudget(limit=10.0, accountant="prv"))
+    with pytest.raises(PrivacyConfigError):
+        SparseVectorFilter(0.1, 0.4, 0.1, 0.5, budget=PrivacyLedger())
+
+
+def test_epsilon_select_is_split_for_each_updates_count():
+    budget = PrivacyBudget(limit=10.0)
+    f = SparseVectorFilter(0.1, epsilon_select=1.0, epsilon3=0.5, clip=1.0, threshold=0.5, budget=budget, generator=0)
+    assert f.epsilon_per_round == pytest.approx(1.5)
+    values, _ = planted(n_above=50)
+    rec = f(split_update(values)).meta["privacy"]["filters"][-1]
+    c = rec["target"]
+    assert (rec["epsilon1"], rec["epsilon2"]) == pytest.approx(lyu_budget_split(1.0, c))
+    assert rec["epsilon"] == pytest.approx(1.5) and budget.epsilon() == pytest.approx(1.5)
+    with pytest.raises(PrivacyConfigError):
+        SparseVectorFilter(0.1, 0.5, 0.5, epsilon_select=1.0, budget=budget)
 
 
 def test_same_seed_same_release_and_resume_from_state():
     values, _ = planted(300)
     u = split_update(values)
-    a = SparseVectorFilter(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=7)
-    b = SparseVectorFilter(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=7)
+    a = SVT(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=7)
+    b = SVT(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=7)
     assert torch.equal(a(u).delta["a"], b(u).delta["a"])
     state = a.state_dict()
     nxt = a(u)
-    c = SparseVectorFilter(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=99)
+    c = SVT(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=99)
     c.load_state_dict(state)
     again = c(u)
     assert torch.equal(nxt.delta["a"], again.delta["a"]) and torch.equal(nxt.masks["b"], again.masks["b"])
@@ -166,23 +210,18 @@ def test_input_is_not_modified():
     values, _ = planted(300)
     u = split_update(values)
     before = {k: v.clone() for k, v in u.delta.items()}
-    SparseVectorFilter(0.1, 1.0, 1.0, 1.0, clip=0.1, threshold=0.05, generator=0)(u)
+    SVT(0.1, 1.0, 1.0, 1.0, clip=0.1, threshold=0.05, generator=0)(u)
     assert all(torch.equal(before[k], u.delta[k]) for k in before) and u.masks is None and u.meta == {}
 
 
 def test_sparse_input_is_refused_and_chain_fails_closed():
     values, _ = planted(300)
     u = split_update(values)
-    svt = SparseVectorFilter(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=0)
+    svt = SVT(0.1, 1.0, 1.0, 1.0, clip=1.0, threshold=0.5, generator=0)
     with pytest.raises(UpdateError, match="dense"):
         svt(PercentileSharing(0.5)(u))
     with pytest.raises(RuntimeError, match="SparseVectorFilter"):
         FilterChain([PercentileSharing(0.5), svt])(u)
-
-
-class NoLedger:
-    def record_gaussian(self, *a):
-        pass
 
 
 @pytest.mark.parametrize(
@@ -198,7 +237,7 @@ class NoLedger:
         {"threshold": -0.1},
         {"threshold": float("nan")},
         {"sensitivity": 0.1},  # < 2 * clip = 2.0
-        {"ledger": NoLedger()},
+        {"budget": object()},
         {"generator": "seed"},
         {"normalise_by_steps": "yes"},
     ],
@@ -206,6 +245,7 @@ class NoLedger:
 def test_bad_parameters_raise(change):
     kwargs = dict(fraction=0.1, epsilon1=1.0, epsilon2=1.0, epsilon3=1.0, clip=1.0, threshold=0.5, generator=0)
     kwargs.update(change)
+    kwargs.setdefault("budget", PrivacyBudget(limit=100.0))
     with pytest.raises(PrivacyConfigError):
         SparseVectorFilter(**kwargs)
 
@@ -224,7 +264,7 @@ def test_half_a_million_coordinates_is_fast():
     u = ModelUpdate("s", 1, delta, 1, 10)
     size = sum(v.numel() for v in delta.values())
     assert size > 500_000
-    f = SparseVectorFilter(0.1, 10.0, 1.0, 10.0, clip=1e-4, threshold=5e-5, generator=0)
+    f = SVT(0.1, 10.0, 1.0, 10.0, clip=1e-4, threshold=5e-5, generator=0)
     f(u)  # warm-up
     start = time.perf_counter()
     out = f(u)
@@ -233,33 +273,21 @@ def test_half_a_million_coordinates_is_fast():
     assert out.meta["privacy"]["filters"][-1]["target"] == round(0.1 * size)
 
 
-def test_reported_epsilon_includes_this_rounds_release():
-    """Upstream (DP-SGD's budget handler) wrote epsilon before SVT recorded: the filter brings it up to date."""
-    ledger = PrivacyLedger()
-    ledger.record_sampled_gaussian(0.1, 1.0, steps=20)
-    svt = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, ledger=ledger, generator=0)
+def test_reported_epsilon_is_the_sites_budget_after_the_release():
+    """DP-SGD steps and SVT releases compose in the one ledger; the update reports the site's epsilon with them."""
+    budget = PrivacyBudget(limit=50.0)
+    budget.ledger.record_sampled_gaussian(0.1, 1.0, steps=20)
+    svt = SVT(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, budget=budget, generator=0)
     values, _ = planted(n_above=50)
     for rnd in (1, 2):
         u = split_update(values)
-        stale = ledger.epsilon(1e-5)
-        u.meta["privacy"] = {"epsilon": stale, "delta": 1e-5, "accountant": "rdp", "steps": ledger.steps}
+        stale = budget.epsilon()
         priv = svt(u).meta["privacy"]
         assert priv["filter_epsilon"] == pytest.approx(1.0)
         assert priv["filter_epsilon_total"] == pytest.approx(float(rnd))
-        assert priv["epsilon"] == pytest.approx(ledger.epsilon(1e-5)) and priv["epsilon"] > stale
+        assert priv["epsilon"] == pytest.approx(budget.epsilon()) and priv["epsilon"] > stale
         assert priv["delta"] == 1e-5
-
-
-def test_reported_epsilon_without_dp_sgd_is_the_pure_sum():
-    ledger = PrivacyLedger()
-    with_ledger = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, ledger=ledger, generator=0)
-    no_ledger = SparseVectorFilter(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, generator=0)
-    values, _ = planted(n_above=50)
+    only_svt = PrivacyBudget(limit=50.0)
+    f = SVT(0.1, 0.4, 0.1, 0.5, clip=1.0, threshold=0.5, budget=only_svt, generator=0)
     for rnd in (1, 2, 3):
-        for svt in (with_ledger, no_ledger):
-            priv = svt(split_update(values)).meta["privacy"]
-            assert priv["epsilon"] == pytest.approx(float(rnd)) and priv["delta"] == 0.0
-    # no shared ledger but an upstream (eps, delta): basic composition on top of it
-    u = split_update(values)
-    u.meta["privacy"] = {"epsilon": 3.0, "delta": 1e-5}
-    assert no_ledger(u).meta["privacy"]["epsilon"] == pytest.approx(3.0 + 4.0)
+        assert f(split_update(values)).meta["privacy"]["epsilon"] == pytest.approx(float(rnd))  # basic composition

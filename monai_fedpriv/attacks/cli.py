@@ -12,8 +12,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -34,9 +32,11 @@ from monai_fedpriv.attacks.victim import (
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.fl.weights import strip_prefixes
+from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyLedger, PureEvent
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
 from monai_fedpriv.privacy.model_prep import load_trained_weights
-from monai_fedpriv.privacy.selective import PercentileSharing
-from monai_fedpriv.privacy.svt import SparseVectorFilter, lyu_budget_split
+from monai_fedpriv.utils.files import write_json
 
 __all__ = [
     "attack_image",
@@ -125,15 +125,20 @@ def _load_checkpoint(network: torch.nn.Module, path: str | Path, size: int) -> t
         raise DataError(f"--checkpoint {path} does not fit the bundle's network: {err}") from err
 
 
-def release_epsilon(noise_multiplier: float, steps: int, delta: float = DELTA) -> float | None:
-    """Epsilon of one released update made of ``steps`` full-batch Gaussian steps (RDP accountant); ``None`` = inf."""
-    if noise_multiplier <= 0:
+def release_epsilon(
+    noise_multiplier: float, steps: int, delta: float = DELTA, pure_epsilon: float | None = None
+) -> float | None:
+    """Epsilon of one released update made of ``steps`` full-batch Gaussian steps (and, optionally, one pure-DP
+    release such as an SVT round), composed in a :class:`~monai_fedpriv.privacy.PrivacyLedger` like a site's;
+    ``None`` means no guarantee (no noise and no pure-DP filter)."""
+    events = []
+    if noise_multiplier > 0:
+        events.append(GaussianEvent(noise_multiplier, steps))
+    if pure_epsilon is not None:
+        events.append(PureEvent(pure_epsilon, "svt"))
+    if not events:
         return None
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, 1.0, steps)]
-    return float(accountant.get_epsilon(delta=delta))
+    return PrivacyLedger().epsilon_with(events, delta)
 
 
 def build_share_filter(
@@ -148,35 +153,22 @@ def build_share_filter(
 ) -> Any | None:
     """The update filter a site applies after DP-SGD: ``none``, ``percentile`` or ``svt`` (Li et al. 2019).
 
-    ``svt`` defaults follow ``configs/svt.json`` (``clip`` 1e-3, threshold 5e-4, selection budget 1 split as Lyu et
-    al. recommend, answers 1); ``percentile`` shares the top ``fraction`` coordinates, clipped to ``clip`` if given.
+    ``svt`` takes the defaults of the shared ``svt.json`` (``clip`` 1e-3, threshold 5e-4, selection budget 1 split
+    as Lyu et al. recommend, answers 1) and is built the way a site builds it, on a budget that allows exactly the
+    one audited release; ``percentile`` shares the top ``fraction`` coordinates, clipped to ``clip`` if given.
     """
     if share == "none":
         return None
     if share == "percentile":
         return PercentileSharing(fraction=fraction, clip=clip)
     if share == "svt":
-        return _SizedSvt(fraction, clip if clip is not None else 1e-3, threshold, epsilon_select, epsilon3, seed)
+        total = float(epsilon_select) + float(epsilon3)
+        budget = PrivacyBudget(limit=total if total > 0 else 1.0)  # a bad epsilon is refused by the filter, by name
+        return SparseVectorFilter(
+            fraction, epsilon_select=epsilon_select, epsilon3=epsilon3, clip=clip if clip is not None else 1e-3,
+            threshold=threshold, budget=budget, generator=seed,
+        )  # fmt: skip
     raise ValueError(f"share must be 'none', 'percentile' or 'svt', got {share!r}.")
-
-
-class _SizedSvt:
-    """SVT whose selection budget is split once the update size (hence ``c``) is known, as ``svt.json`` does."""
-
-    def __init__(
-        self, fraction: float, clip: float, threshold: float, epsilon_select: float, epsilon3: float, seed: int
-    ) -> None:
-        self.fraction, self.clip, self.threshold = fraction, clip, threshold
-        self.epsilon_select, self.epsilon3, self.seed = epsilon_select, epsilon3, seed
-        SparseVectorFilter(fraction, epsilon_select / 2, epsilon_select / 2, epsilon3, clip, threshold)  # validate
-
-    def __call__(self, update: ModelUpdate) -> ModelUpdate:
-        size = sum(v.numel() for v in update.delta.values() if v.is_floating_point())
-        eps1, eps2 = lyu_budget_split(self.epsilon_select, max(1, int(self.fraction * size + 0.5)))
-        svt = SparseVectorFilter(
-            self.fraction, eps1, eps2, self.epsilon3, clip=self.clip, threshold=self.threshold, generator=self.seed
-        )
-        return svt(update)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,9 +284,7 @@ def attack_image(
     scores = score_reconstruction(recon, image.cpu(), label.cpu(), pixel_range)
     eps_sgd = release_epsilon(tm.noise_multiplier, tm.local_steps)
     eps_share = share_meta.get("filter_epsilon")
-    epsilon = eps_sgd
-    if eps_share is not None:  # pure eps-DP filter after (eps, delta)-DP DP-SGD: basic composition
-        epsilon = eps_share + (eps_sgd or 0.0)
+    epsilon = release_epsilon(tm.noise_multiplier, tm.local_steps, pure_epsilon=eps_share)
     record = {
         "psnr": scores["psnr"],
         "ssim": scores["ssim"],
@@ -353,18 +343,8 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     title = f"privacy={record['privacy']}, share={args.share}, mask {args.mask}, SSIM {record['ssim']:.2f}"
     save_reconstruction_grid([(title, image, recon)], out / "attack.png", pixel_range)
-    with open(out / "attack.json", "w") as f:
-        json.dump(_finite(record), f, indent=2, allow_nan=False)
+    write_json(record, out / "attack.json")
     return record
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no inf/NaN: write them as ``null``."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def attack_main(argv: list[str] | None = None) -> int:

@@ -14,15 +14,15 @@ from typing import Any
 import torch
 
 from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.privacy.regimes import REGIMES
 
 __all__ = ["ThreatModel", "PRIVACY_REGIMES", "soft_target_loss"]
 
-#: DP-SGD regimes of Ziller et al. (seed 000, Table 1): name -> (noise multiplier, L2 clipping norm).
+#: DP-SGD settings the attack replays, by regime name: (noise multiplier, L2 clipping norm), read from the one regime
+#: table (:mod:`monai_fedpriv.privacy.regimes`, Table 1 of seed 000), plus ``"none"`` (no DP-SGD).
 PRIVACY_REGIMES: dict[str, tuple[float, float | None]] = {
     "none": (0.0, None),
-    "low": (0.8, 1.0),
-    "medium": (1.0, 0.5),
-    "high": (1.5, 0.1),
+    **{name: (r.noise_multiplier, r.max_grad_norm) for name, r in REGIMES["federated"].items()},
 }
 
 

@@ -1,8 +1,13 @@
 """Load a MONAI bundle's configs once per role (site or server), with overrides, and check the ids we need.
 
-The simulator never edits a bundle: it reads ``configs/train.json`` (plus optional override files such as
-``dp.json``), then sets per-site values (data lists, loader, seed) through ``ConfigParser`` overrides before any
-component is instantiated, so the engine is built with the site's loader from the start.
+The simulator never edits a bundle: it reads ``configs/train.json`` (plus override files such as ``dp.json``), then
+sets per-site values (data lists, loader, seed) through ``ConfigParser`` overrides before any component is
+instantiated, so the engine is built with the site's loader from the start.
+
+Override files are found in the bundle's ``configs/`` first, then among the package's shared overrides
+(``monai_fedpriv/configs``: ``fed.json``, ``budget.json``, ``dp.json``, ``svt.json``, ``gaussian.json``,
+``percentile.json``, ``attack.json``), so one override serves every bundle. The extension slots those files fill
+(``fed_*``) get empty defaults when a bundle does not declare them, so a plain MONAI bundle can be simulated as is.
 """
 
 from __future__ import annotations
@@ -17,7 +22,45 @@ from monai.bundle import ConfigParser
 
 from monai_fedpriv.errors import BundleError
 
-__all__ = ["REQUIRED_IDS", "BundleSpec", "load_bundle", "parser_get"]
+__all__ = ["REQUIRED_IDS", "SHARED_CONFIGS", "SLOT_DEFAULTS", "BundleSpec", "load_bundle", "parser_get",
+           "shared_config"]  # fmt: skip
+
+#: the package's shared override files
+SHARED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+#: extension slots filled by the override files, with the value a bundle that does not declare them gets
+SLOT_DEFAULTS: dict[str, Any] = {
+    "site": "site-1",
+    "fed_sync_handlers": [],
+    "fed_budget_handlers": [],
+    "fed_privacy_handlers": [],
+    "fed_audit_handlers": [],
+    "fed_handlers": "$@fed_sync_handlers + @fed_budget_handlers + @fed_privacy_handlers + @fed_audit_handlers",
+    "fed_privacy_filters": [],
+    "fed_share_filters": [],
+    "fed_budget_filters": [],
+    "fed_audit_filters": [],
+    "fed_filters": "$@fed_privacy_filters + @fed_share_filters + @fed_budget_filters + @fed_audit_filters",
+    "fed_budget_stateful": {},
+    "fed_privacy_stateful": {},
+    "fed_share_stateful": {},
+    "fed_stateful": "$dict(**@fed_budget_stateful, **@fed_privacy_stateful, **@fed_share_stateful)",
+}
+
+
+def shared_config(name: str) -> Path:
+    """Path of one of the package's shared override files (``"dp.json"``...), for ``python -m monai.bundle run``.
+
+    Example:
+        >>> shared_config("dp.json").name
+        'dp.json'
+    """
+    path = SHARED_CONFIGS / name
+    if not path.is_file():
+        names = sorted(p.name for p in SHARED_CONFIGS.glob("*.json"))
+        raise BundleError(f"no shared override {name!r}; the package provides {names}.")
+    return path
+
 
 #: config ids a bundle must define to be trained federatedly.
 REQUIRED_IDS = (
@@ -45,7 +88,13 @@ class BundleSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def config_paths(self) -> list[Path]:
-        return [self.root / "configs" / f for f in self.config_files]
+        """Each config file: under the bundle's ``configs/``, else the package's shared override of that name."""
+        out = []
+        for name in self.config_files:
+            own = Path(self.root) / "configs" / name
+            shared = SHARED_CONFIGS / name
+            out.append(own if own.is_file() or not shared.is_file() else shared)
+        return out
 
 
 def _read_json_or_yaml(path: Path) -> dict[str, Any]:
@@ -76,17 +125,29 @@ def load_bundle(
     parser = ConfigParser()
     for index, path in enumerate(spec.config_paths()):
         if not path.is_file():
-            raise BundleError(f"bundle config {path} does not exist.")
+            raise BundleError(
+                f"bundle config {path} does not exist (nor a shared override of that name in {SHARED_CONFIGS})."
+            )
         content = _read_json_or_yaml(path)
         if index == 0:
             parser.read_config(content)
         else:  # later files override ids, '#'-paths included, as `monai.bundle run` merges them
             for key, value in content.items():
-                parser[key] = value
+                try:
+                    parser[key] = value
+                except (KeyError, ValueError, TypeError, IndexError) as exc:
+                    parent = key.rpartition("#")[0]
+                    raise BundleError(
+                        f"{path} overrides id {key!r}, but the bundle's earlier configs have no {parent!r} to hold "
+                        f"it ({type(exc).__name__}: {exc}); this override file needs a bundle that defines it."
+                    ) from exc
     meta = root / "configs" / "metadata.json"
     if meta.is_file():
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(root.resolve())
+    for key, value in SLOT_DEFAULTS.items():
+        if not _has_id(parser, key):
+            parser[key] = value
     for key, value in {**spec.overrides, **(overrides or {})}.items():
         parser[key] = value
     for rid in required:

@@ -12,11 +12,11 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from monai_fedpriv.errors import DataError
+from monai_fedpriv.utils.files import json_safe
 
 __all__ = ["Partition", "partition_cases", "mean_pairwise_ks", "SCHEMES", "SKEW_SORTED_FRACTION", "QUANTITY_EXPONENT"]
 
@@ -53,18 +53,6 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 @dataclass
 class Partition:
     """Cases assigned to sites ``site-1`` .. ``site-N``.
@@ -96,7 +84,7 @@ class Partition:
                 "mean_ks": self.mean_ks,
                 "sizes": self.sizes(),
                 "site_institutions": self.site_institutions,
-                "sites": _jsonable(self.sites),
+                "sites": json_safe(self.sites),
             },
             indent=1,
         )

@@ -75,6 +75,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 def check_update(update: ModelUpdate, reference: Mapping[str, torch.Tensor]) -> None:
     """Validate an update against the global weights it claims to modify.
 
+    Optimiser moments, when sent, are checked the same way: each key ``"<parameter>/<state>"`` must name a
+    floating-point parameter of the model, with its shape, and hold finite values.
+
     Raises:
         UpdateError: naming the site and key, on missing/unexpected keys, shape mismatch, non-finite values,
             bad masks or non-positive work counts.
@@ -98,6 +101,17 @@ def check_update(update: ModelUpdate, reference: Mapping[str, torch.Tensor]) -> 
             mask = update.masks[key]
             if mask.dtype != torch.bool or tuple(mask.shape) != tuple(ref.shape):
                 raise UpdateError(f"{who}: mask for {key!r} must be bool with shape {tuple(ref.shape)}.")
+    for flat_key, value in (update.optimizer_state or {}).items():
+        name, sep, _ = flat_key.rpartition("/")
+        if not sep or name not in reference:
+            raise UpdateError(f"{who}: optimiser state {flat_key!r} names no parameter of the global model.")
+        if tuple(value.shape) != tuple(reference[name].shape):
+            raise UpdateError(
+                f"{who}: optimiser state {flat_key!r} has shape {tuple(value.shape)}, expected "
+                f"{tuple(reference[name].shape)}."
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UpdateError(f"{who}: optimiser state {flat_key!r} contains NaN or Inf values.")
     if update.local_steps < 0 or update.n_samples < 0:
         raise UpdateError(
             f"{who}: n_samples and local_steps must be >= 0, got {update.n_samples}, {update.local_steps}."

@@ -19,8 +19,6 @@ and the decision to drop depends on the data, so it is a safety net on top of DP
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,9 @@ from monai_fedpriv.attacks.scores import score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
 from monai_fedpriv.attacks.victim import update_norm
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.privacy.filters.base import copy_update
 from monai_fedpriv.privacy.grad_sample import plain_copy
+from monai_fedpriv.utils.files import json_safe, write_json
 
 __all__ = ["ReconstructionAttackEvaluator"]
 
@@ -137,7 +137,8 @@ class ReconstructionAttackEvaluator:
 
     # -- filter ---------------------------------------------------------------------------------------------------
     def __call__(self, update: ModelUpdate) -> ModelUpdate:
-        """Attack ``update`` if its round is listed; return it unchanged unless the leakage gate drops it."""
+        """Attack ``update`` if its round is listed; return a copy of it unless the leakage gate drops it (it never
+        hands back its input object, as every filter of a :class:`~monai_fedpriv.privacy.filters.FilterChain`)."""
         try:
             if update.round in self.rounds:
                 if self._global is None or self._batch is None:
@@ -152,7 +153,7 @@ class ReconstructionAttackEvaluator:
                     return _dropped(update, record)
         finally:
             self._armed, self._batch = True, None  # the next round starts from a new global model
-        return update
+        return copy_update(update)
 
     def _gate(self, record: dict[str, Any]) -> bool:
         if self.gate_ssim is None:
@@ -204,13 +205,12 @@ class ReconstructionAttackEvaluator:
         out.mkdir(parents=True, exist_ok=True)
         rows = [(f"image {i}: SSIM {s['ssim']:.2f}", image[i], recon[i]) for i, s in enumerate(per_image)]
         save_reconstruction_grid(rows, out / "attack.png", tm.pixel_range)
-        with open(out / "attack.json", "w") as f:
-            json.dump(_finite(record), f, indent=2, allow_nan=False)
+        write_json(record, out / "attack.json")
         return record
 
     # -- state ----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"results": {str(k): _finite(v) for k, v in self.results.items()}}
+        return {"results": {str(k): json_safe(v) for k, v in self.results.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "results" not in state:
@@ -243,13 +243,3 @@ def _plain(value: Any) -> torch.Tensor:
 def _batch_verdict(per_image: list[dict[str, Any]]) -> str:
     leaking = sum(s["verdict"].startswith("leaks") for s in per_image)
     return f"{leaking}/{len(per_image)} images leak (beat both baselines)"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

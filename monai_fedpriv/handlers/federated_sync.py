@@ -19,6 +19,7 @@ from monai_fedpriv.fl.momentum import (
 from monai_fedpriv.fl.transport import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, subtract
+from monai_fedpriv.privacy.filters.base import FilterChain
 
 __all__ = ["FederatedSync"]
 
@@ -31,7 +32,13 @@ class FederatedSync:
     At the start of the run and after every sync the handler receives the global model from ``transport`` and
     loads it; at every round boundary it sends ``local - global`` with the number of local samples and optimiser
     steps (Li et al. 2019, Algorithm 1, lines 13-15), after passing it through ``filters`` in order (privatizers,
-    sparsifiers, audits). A filter that raises stops the run: nothing unfiltered is ever sent.
+    sparsifiers, reporters, audits) as one :class:`~monai_fedpriv.privacy.filters.FilterChain`. A filter that raises
+    stops the run: nothing unfiltered is ever sent. When any filter protects part of the update, every field the
+    site sends (the weight delta, and the optimiser moments under ``momentum="aggregate"``) must be covered by a
+    filter, or the handler refuses to be built (``PrivacyConfigError``).
+
+    ``local_steps`` counts logical optimiser steps (a step hook on the optimiser): noise-only DP-SGD steps on empty
+    Poisson draws count, physical sub-batches of one logical batch do not.
 
     Args:
         transport: channel to the server (:class:`~monai_fedpriv.fl.transport.Transport`).
@@ -81,7 +88,8 @@ class FederatedSync:
         self.every = int(every)
         self.unit = unit
         self.momentum = momentum
-        self.filters = list(filters)
+        self.chain = FilterChain()
+        self.add_filters(filters)
         self.n_samples = n_samples
         self.network = network
         self.optimizer = optimizer
@@ -89,8 +97,24 @@ class FederatedSync:
         self.round = 0  # completed rounds as seen by this site
         self.last_update: ModelUpdate | None = None
         self._global: dict[str, torch.Tensor] | None = None
-        self._round_start_iteration = 0
+        self._steps = 0  # logical optimiser steps taken so far
+        self._round_start_steps = 0
         self._awaiting_global = False
+        self._step_hook: Any = None
+
+    @property
+    def filters(self) -> list[UpdateFilterFn]:
+        """The filters of the outgoing update, in order."""
+        return self.chain.filters
+
+    def sent_fields(self) -> set[str]:
+        """Tensor fields this site sends: the delta, and the optimiser moments when momentum is aggregated."""
+        return {"delta", "optimizer_state"} if self.momentum == "aggregate" else {"delta"}
+
+    def add_filters(self, filters: Sequence[UpdateFilterFn]) -> None:
+        """Append filters and check that, if any of them protects something, everything sent is covered."""
+        self.chain.extend(filters)
+        self.chain.check_coverage(self.sent_fields())
 
     # -- attachment ---------------------------------------------------------------------------------------------
     def attach(self, engine: Engine) -> None:
@@ -117,12 +141,18 @@ class FederatedSync:
         if self.n_samples is None:
             loader = getattr(engine, "data_loader", None)
             self.n_samples = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0
+        if self._step_hook is None:
+            # the innermost torch optimizer steps once per logical step (a DP optimizer skips physical sub-batches
+            # and steps on empty Poisson draws)
+            inner = getattr(self.optimizer, "original_optimizer", self.optimizer)
+            self._step_hook = inner.register_step_post_hook(self._count_step)
+
+    def _count_step(self, *_: Any) -> None:
+        self._steps += 1
 
     # -- events -------------------------------------------------------------------------------------------------
     def _on_started(self, engine: Engine) -> None:
         self._bind(engine)
-        if self._global is None:
-            self._round_start_iteration = engine.state.iteration
         if self._global is None or self._awaiting_global:
             self._receive(engine)
 
@@ -140,6 +170,7 @@ class FederatedSync:
         assert self.network is not None and self.optimizer is not None
         load_exchangeable_state(self.network, glob.weights)
         self._global = {k: v.detach().clone() for k, v in glob.weights.items()}
+        self._round_start_steps = self._steps
         self.round = glob.round
         if self.momentum == "restart":
             restart_optimizer_state(self.optimizer)
@@ -157,49 +188,56 @@ class FederatedSync:
             round=self.round + 1,
             delta=subtract(local, self._global),
             n_samples=int(self.n_samples or 0),
-            local_steps=int(engine.state.iteration - self._round_start_iteration),
+            local_steps=int(self._steps - self._round_start_steps),
             optimizer_state=(
                 export_optimizer_state(self.optimizer, self.network) if self.momentum == "aggregate" else None
             ),
         )
-        for f in self.filters:
-            name = getattr(f, "__class__", type(f)).__name__
-            try:
-                update = f(update)
-            except Exception as exc:  # fail closed: never fall back to sending the raw update
-                raise RuntimeError(f"{self.site}: update filter {name} failed; nothing was sent.") from exc
-            if not isinstance(update, ModelUpdate):
-                raise TypeError(f"{self.site}: update filter {name} returned {type(update).__name__}, not ModelUpdate.")
+        try:
+            update = self.chain(update)  # fail closed: never fall back to sending the raw update
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.site}: {exc}; nothing was sent.") from exc
         self.last_update = update
         self.transport.send(update)
-        self._round_start_iteration = engine.state.iteration
+        self._round_start_steps = self._steps
         self._awaiting_global = True
         if self.transport.yields_control and not _run_finished(engine):
             engine.interrupt()
+
+    def send_partial_round(self, engine: Engine) -> bool:
+        """Send the update of a round cut short (e.g. by a budget stop) if the site took any step in it.
+
+        The steps already taken are accounted in the site's budget; their result passes through the same filters as
+        any update (post-processing of a DP output costs no privacy). Returns whether an update was sent.
+        """
+        if self._global is None or self._awaiting_global or self._steps <= self._round_start_steps:
+            return False
+        self._on_round_end(engine)
+        return True
 
     # -- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
             "round": self.round,
-            "round_start_iteration": self._round_start_iteration,
+            "steps": self._steps,
+            "round_start_steps": self._round_start_steps,
             "awaiting_global": self._awaiting_global,
             "global": copy.deepcopy(self._global),
-            "filters": [f.state_dict() if hasattr(f, "state_dict") else None for f in self.filters],
+            "filters": self.chain.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("round", "round_start_iteration", "awaiting_global", "global", "filters"):
+        for key in ("round", "steps", "round_start_steps", "awaiting_global", "global", "filters"):
             if key not in state:
                 raise KeyError(f"FederatedSync state lacks required key {key!r}.")
         self.round = int(state["round"])
-        self._round_start_iteration = int(state["round_start_iteration"])
+        self._steps = int(state["steps"])
+        self._round_start_steps = int(state["round_start_steps"])
         self._awaiting_global = bool(state["awaiting_global"])
         self._global = copy.deepcopy(state["global"])
         if len(state["filters"]) != len(self.filters):
             raise ValueError(f"saved state has {len(state['filters'])} filters, this handler has {len(self.filters)}.")
-        for f, s in zip(self.filters, state["filters"], strict=True):
-            if s is not None and hasattr(f, "load_state_dict"):
-                f.load_state_dict(s)
+        self.chain.load_state_dict(state["filters"])
 
 
 def _run_finished(engine: Engine) -> bool:

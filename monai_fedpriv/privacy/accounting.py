@@ -26,8 +26,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,17 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from monai_fedpriv.errors import PrivacyConfigError
 
-__all__ = ["ACCOUNTANTS", "RDP_ORDERS", "PrivacyLedger", "solve_noise_multiplier"]
+__all__ = [
+    "ACCOUNTANTS",
+    "RDP_ORDERS",
+    "GaussianEvent",
+    "PrivacyEvent",
+    "PrivacyLedger",
+    "PureEvent",
+    "SampledGaussianEvent",
+    "check_accountant_supports",
+    "solve_noise_multiplier",
+]
 
 ACCOUNTANTS = ("rdp", "prv")
 # Opacus' default orders, extended upwards so that pure-DP-heavy ledgers do not stop at the largest order.
@@ -68,6 +80,49 @@ def _check_accountant(accountant: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
     return accountant
+
+
+@dataclass(frozen=True)
+class SampledGaussianEvent:
+    """``steps`` DP-SGD steps: Poisson sampling with rate ``sample_rate``, Gaussian noise ``noise_multiplier * C``."""
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int = 1
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """``count`` releases of the un-subsampled Gaussian mechanism (L2 sensitivity 1, std ``noise_multiplier``)."""
+
+    noise_multiplier: float
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class PureEvent:
+    """``count`` pure ``epsilon``-DP releases (Laplace mechanism, sparse vector technique)."""
+
+    epsilon: float
+    label: str = ""
+    count: int = 1
+
+
+PrivacyEvent = SampledGaussianEvent | GaussianEvent | PureEvent
+
+
+def check_accountant_supports(accountant: str, events: list[PrivacyEvent] | tuple[PrivacyEvent, ...]) -> None:
+    """Refuse, at construction, an accountant that cannot account for a mechanism a site will use.
+
+    Raises:
+        PrivacyConfigError: unknown accountant, or ``"prv"`` with a pure-DP mechanism (SVT, Laplace).
+    """
+    _check_accountant(accountant)
+    if accountant == "prv" and any(isinstance(e, PureEvent) for e in events):
+        raise PrivacyConfigError(
+            "the PRV accountant cannot account for pure epsilon-DP releases (the sparse vector technique); "
+            "use accountant 'rdp' (--accountant rdp, id privacy_accountant) for this mix of mechanisms."
+        )
 
 
 class PrivacyLedger:
@@ -124,6 +179,34 @@ class PrivacyLedger:
         n = _check_count("count", count)
         self._append({"kind": "pure", "epsilon": eps, "label": str(label), "count": n})
 
+    def record(self, event: PrivacyEvent) -> None:
+        """Record one event object (:class:`SampledGaussianEvent`, :class:`GaussianEvent` or :class:`PureEvent`)."""
+        if isinstance(event, SampledGaussianEvent):
+            self.record_sampled_gaussian(event.sample_rate, event.noise_multiplier, event.steps)
+        elif isinstance(event, GaussianEvent):
+            self.record_gaussian(event.noise_multiplier, event.count)
+        elif isinstance(event, PureEvent):
+            self.record_pure(event.epsilon, event.label, event.count)
+        else:
+            raise PrivacyConfigError(f"unknown privacy event {event!r}; the ledger refuses what it cannot account.")
+
+    def copy(self) -> PrivacyLedger:
+        """An independent ledger with the same events (for trial accounting)."""
+        out = PrivacyLedger()
+        out._events = copy.deepcopy(self._events)
+        return out
+
+    def epsilon_with(
+        self, events: list[PrivacyEvent] | tuple[PrivacyEvent, ...], delta: float, accountant: str = "rdp"
+    ) -> float:
+        """Epsilon the ledger would report after also recording ``events`` (the ledger itself is not changed)."""
+        if not events:
+            return self.epsilon(delta, accountant)
+        trial = self.copy()
+        for event in events:
+            trial.record(event)
+        return trial.epsilon(delta, accountant)
+
     # ---------------------------------------------------------------- queries
     @property
     def events(self) -> list[dict[str, Any]]:
@@ -148,7 +231,7 @@ class PrivacyLedger:
     def _gaussian_rdp(self, orders: list[float]) -> np.ndarray:
         rdp = np.zeros(len(orders))
         for sigma, q, n in self._gaussian_history():
-            rdp = rdp + rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=n, orders=orders)
+            rdp = rdp + n * _unit_rdp(q, sigma, tuple(orders))
         return rdp
 
     def epsilon(self, delta: float, accountant: str = "rdp") -> float:
@@ -218,6 +301,15 @@ class PrivacyLedger:
 
     def __repr__(self) -> str:
         return f"PrivacyLedger(events={len(self._events)}, steps={self.steps})"
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one sampled-Gaussian step at each order (``compute_rdp`` is linear in the number of steps, so a ledger
+    of ``n`` steps costs ``n`` times this; cached because the series for fractional orders is slow)."""
+    rdp = np.asarray(rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders))
+    rdp.setflags(write=False)
+    return rdp
 
 
 def solve_noise_multiplier(

@@ -7,11 +7,40 @@ from typing import Any
 
 from monai_fedpriv.report.plots import plot_baselines, plot_dice_per_round
 
-__all__ = ["privacy_section", "write_report"]
+__all__ = ["faults_section", "privacy_section", "write_report"]
 
 
 def _f(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _strategy(config: Any) -> str:
+    if not isinstance(config, dict):
+        return str(config)
+    rest = ", ".join(f"{k} {v}" for k, v in config.items() if k != "name")
+    return f"{config.get('name')}" + (f" ({rest})" if rest else "")
+
+
+def faults_section(metrics: dict[str, Any]) -> list[str]:
+    """Markdown lines listing every rejected site update (round, site, reason) and a failed round, if any."""
+    rows = [
+        (r["round"], site, res["rejected"])
+        for r in metrics.get("rounds", [])
+        for site, res in r["sites"].items()
+        if res.get("rejected")
+    ]
+    stop = metrics.get("stopped") or {}
+    failed = stop.get("failed_round")
+    if failed:
+        rows += [(failed["round"], s, res["rejected"]) for s, res in failed["sites"].items() if res.get("rejected")]
+    if not rows and not failed:
+        return []
+    lines = ["", "## Rejected updates", ""]
+    if failed:
+        lines += [f"**Round {failed['round']} failed and the run stopped**: {stop.get('reason')}.", ""]
+    lines += ["| round | site | reason |", "|---|---|---|"]
+    lines += [f"| {rnd} | {site} | {str(reason).replace('|', '/')} |" for rnd, site, reason in rows]
+    return lines
 
 
 def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[str, Path] | None = None) -> Path:
@@ -24,7 +53,8 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
         f"- bundle: `{cfg.get('bundle')}` (configs {cfg.get('config_files')})",
         f"- sites: {', '.join(cfg.get('sites', []))}; rounds completed: {metrics['final']['rounds_completed']}"
         f" of {cfg.get('rounds')}; local work per round: {cfg.get('local_work')}",
-        f"- client momentum: {cfg.get('momentum')}; aggregation: {cfg.get('aggregator')}; seed: {cfg.get('seed')}",
+        f"- client momentum: {cfg.get('momentum')}; server strategy: {_strategy(cfg.get('strategy'))}; "
+        f"seed: {cfg.get('seed')}",
     ]
     part = metrics.get("partition")
     if part:
@@ -66,6 +96,7 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
             cells.append("-" if res is None else f"{_f(res.get('dice'))} / {res.get('local_steps', '-')}")
         lines.append(f"| {r['round']} | {_f(r['global']['dice'])} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
     lines += privacy_section(metrics)
+    lines += faults_section(metrics)
     comm = [(r["round"], s, res) for r in metrics["rounds"] for s, res in r["sites"].items() if res.get("bytes_sent")]
     if comm:
         last = comm[-len(sites) :]
@@ -112,6 +143,12 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
         return []
     glob = next((r["global"]["privacy"] for r in reversed(rounds) if r["global"].get("privacy")), None)
     lines = ["", "## Privacy", ""]
+    source = metrics.get("noise_source") or next((p.get("noise_source") for _, p in last.values()), None)
+    if source:
+        lines += [f"Noise source: **{source}**.", ""]
+    notes = sorted({p["unit_note"] for _, p in last.values() if p.get("unit_note")})
+    for note in notes:
+        lines += [f"Privacy unit: {note}.", ""]
     if glob:
         lines.append(
             f"Global model: **epsilon = {_f(glob['epsilon'], 2)}** at delta = {glob.get('delta')} (the maximum over "
@@ -124,8 +161,10 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
             + ", ".join(f"{s} in round {rnd}" for s, (rnd, _) in sorted(on_budget.items()))
             + "."
         )
-    else:
+    elif any(p.get("budget") is not None for _, p in last.values()):
         lines.append("No site reached its privacy budget.")
+    else:
+        lines.append("No epsilon budget was set: epsilon is reported, and nothing stops training on it.")
     fed_stop = metrics.get("stopped")
     if fed_stop:
         lines.append(f"The federation stopped after round {fed_stop['round']}: {fed_stop['reason']}.")
@@ -138,12 +177,12 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
         eps, budget = p.get("epsilon"), p.get("budget")
         used = f"{100 * eps / budget:.0f}%" if eps is not None and budget else "-"
         if site in stopped:
-            status = f"stopped round {stopped[site][0]} ({stopped[site][1]})"
+            status = f"stopped round {stopped[site][0]} ({stopped[site][1].replace('|', '/')})"
         else:
             status = f"active (last report round {rnd})"
         lines.append(
             f"| {site} | {_f(eps, 3)} | {'none' if budget is None else _f(budget, 2)} | {used} | {p.get('steps')} | "
-            f"{_f(p.get('sample_rate'), 4)} | {p.get('noise_multiplier')} | {p.get('max_grad_norm')} | "
+            f"{_f(p.get('sample_rate'), 4)} | {p.get('noise_multiplier', '-')} | {p.get('max_grad_norm', '-')} | "
             f"{p.get('accountant')} | {status} |"
         )
     lines += _setup_lines(metrics.get("setup") or {})

@@ -29,8 +29,9 @@ Per round the selection (steps 3-4, including every rejected query, which SVT ge
 ``(eps1 + eps2 + eps3)``-DP by basic composition, whatever the order of queries, the number of rejections or whether
 the stream is exhausted. Every bound above holds for an *arbitrary* change of the update (each clipped coordinate
 stays in ``[-gamma, gamma]``), so the guarantee covers any change of the site's data in that round, one example or
-all of them. Rounds compose: the filter records ``eps1 + eps2 + eps3`` per round as one pure-DP event in the
-ledger, and the running total is kept in its ``state_dict``.
+all of them. Rounds compose: each round is one pure-DP release of ``eps1 + eps2 + eps3`` asked of the site's
+:class:`~monai_fedpriv.privacy.budget.PrivacyBudget` *before* anything is released (reserved when the filter is
+built, so DP-SGD leaves room for it); a release the budget refuses is not made and the site sends nothing.
 
 The sensitivity ``s`` defaults to ``2 * gamma`` as in Li et al.'s experiments and may not be set smaller (that
 would understate the noise). Lyu et al.'s recommended split of the selection budget,
@@ -52,22 +53,20 @@ import torch
 
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.filters import (
-    UpdateFilter,
+from monai_fedpriv.privacy.accounting import PureEvent
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.filters.base import UpdateFilter, copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.vectors import (
     check_fraction,
     check_positive,
-    copy_update,
     flatten,
     float_keys,
     laplace,
-    make_generator,
-    meta_with_privacy,
-    privacy_meta,
-    report_epsilon,
     shared_count,
     steps_divisor,
     unflatten,
 )
+from monai_fedpriv.privacy.noise import make_generator
 
 __all__ = ["SparseVectorFilter", "lyu_budget_split"]
 
@@ -100,7 +99,7 @@ class SparseVectorFilter(UpdateFilter):
     """Release at most ``c = round(fraction * size)`` noisy, clipped coordinates chosen by the sparse vector technique.
 
     See the module docstring for the exact variant and its proof. Each call is one round and spends
-    ``eps1 + eps2 + eps3``.
+    ``eps1 + eps2 + eps3`` from the site's budget.
 
     Args:
         fraction: ``Q``, fraction in (0, 1] of coordinates to release (``c = round(Q * size)``, size = number of
@@ -108,43 +107,56 @@ class SparseVectorFilter(UpdateFilter):
         epsilon1: budget of the noisy comparisons (query noise ``Lap(2 c s / eps1)``).
         epsilon2: budget of the noisy threshold (``Lap(s / eps2)``).
         epsilon3: budget of the released answers (``Lap(c s / eps3)`` each).
+        epsilon_select: instead of ``epsilon1`` and ``epsilon2``: the selection budget ``eps1 + eps2``, split as Lyu,
+            Su and Li (2017) recommend for each update's ``c`` (:func:`lyu_budget_split`). This is how ``svt.json``
+            and ``--share svt`` configure it.
         clip: ``gamma`` > 0, bound on the normalised coordinates.
         threshold: ``h`` >= 0, compared with ``|clip(dw_i, gamma)|``; a public constant.
+        budget: the site's :class:`~monai_fedpriv.privacy.budget.PrivacyBudget`, with a finite limit; each round's
+            release is reserved at construction and asked for before it is made.
         sensitivity: ``s`` >= ``2 * gamma``; defaults to ``2 * gamma``.
-        ledger: a :class:`~monai_fedpriv.privacy.accounting.PrivacyLedger` (anything with ``record_pure``) that
-            receives one ``eps1 + eps2 + eps3`` event per round, or ``None``.
         generator: a CPU ``torch.Generator``, an int seed, or ``None`` for a generator seeded from OS entropy.
         normalise_by_steps: divide by ``local_steps`` first and multiply the released values back (Alg. 2).
 
     Example::
 
+        budget = PrivacyBudget(limit=10.0)
         svt = SparseVectorFilter(0.1, epsilon1=1.0, epsilon2=0.1, epsilon3=1.0, clip=1e-4, threshold=5e-5,
-                                 ledger=ledger, generator=torch.Generator().manual_seed(0))
+                                 budget=budget, generator=None)
         private_update = svt(update)
         private_update.meta["privacy"]["filter_epsilon"]   # 2.1
-        private_update.meta["privacy"]["epsilon"]          # the site's cumulative epsilon, this round included
-
-    ``meta["privacy"]["epsilon"]`` is recomputed after recording (see :func:`~.filters.report_epsilon`): with the
-    ledger shared with DP-SGD it is the ledger's composition at the upstream ``delta``; with only SVT events it is
-    the pure sum (``delta = 0``); without a ledger, the upstream figure plus this filter's total (basic composition).
     """
+
+    covers = frozenset({"delta"})
 
     def __init__(
         self,
         fraction: float,
-        epsilon1: float,
-        epsilon2: float,
-        epsilon3: float,
-        clip: float,
-        threshold: float,
+        epsilon1: float | None = None,
+        epsilon2: float | None = None,
+        epsilon3: float = 1.0,
+        clip: float = 1e-3,
+        threshold: float = 5e-4,
+        budget: PrivacyBudget | None = None,
         sensitivity: float | None = None,
-        ledger: Any | None = None,
         generator: torch.Generator | int | None = None,
         normalise_by_steps: bool = True,
+        epsilon_select: float | None = None,
     ) -> None:
         self.fraction = check_fraction(fraction)
-        self.epsilon1 = float(check_positive("epsilon1", epsilon1))  # type: ignore[arg-type]
-        self.epsilon2 = float(check_positive("epsilon2", epsilon2))  # type: ignore[arg-type]
+        if epsilon_select is None:
+            if epsilon1 is None or epsilon2 is None:
+                raise PrivacyConfigError("give epsilon1 and epsilon2, or epsilon_select (split as Lyu et al. 2017).")
+            self.epsilon1 = float(check_positive("epsilon1", epsilon1))  # type: ignore[arg-type]
+            self.epsilon2 = float(check_positive("epsilon2", epsilon2))  # type: ignore[arg-type]
+            self.epsilon_select = self.epsilon1 + self.epsilon2
+            self.split = "fixed"
+        else:
+            if epsilon1 is not None or epsilon2 is not None:
+                raise PrivacyConfigError("give either epsilon_select or epsilon1 and epsilon2, not both.")
+            self.epsilon_select = float(check_positive("epsilon_select", epsilon_select))  # type: ignore[arg-type]
+            self.epsilon1, self.epsilon2 = lyu_budget_split(self.epsilon_select, 1)  # re-split per update's c
+            self.split = "lyu"
         self.epsilon3 = float(check_positive("epsilon3", epsilon3))  # type: ignore[arg-type]
         self.clip = float(check_positive("clip", clip))  # type: ignore[arg-type]
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
@@ -160,11 +172,13 @@ class SparseVectorFilter(UpdateFilter):
                 f"sensitivity must be >= 2 * clip = {2.0 * self.clip!r} (released values span [-clip, clip]), "
                 f"got {sensitivity!r}."
             )
-        if ledger is not None and not callable(getattr(ledger, "record_pure", None)):
-            raise PrivacyConfigError(f"ledger must have a record_pure method, got {type(ledger).__name__}.")
+        if not isinstance(budget, PrivacyBudget):
+            raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
         if not isinstance(normalise_by_steps, bool):
             raise PrivacyConfigError(f"normalise_by_steps must be a bool, got {normalise_by_steps!r}.")
-        self.ledger = ledger
+        budget.require_limit(type(self).__name__)
+        budget.reserve("svt", self.event)
+        self.budget = budget
         self.generator = make_generator(generator)
         self.normalise_by_steps = normalise_by_steps
         self.rounds = 0
@@ -173,7 +187,12 @@ class SparseVectorFilter(UpdateFilter):
     @property
     def epsilon_per_round(self) -> float:
         """``eps1 + eps2 + eps3``: what one call spends."""
-        return self.epsilon1 + self.epsilon2 + self.epsilon3
+        return self.epsilon_select + self.epsilon3
+
+    @property
+    def event(self) -> PureEvent:
+        """The ledger event of one round's release."""
+        return PureEvent(self.epsilon_per_round, "svt")
 
     def noise_scales(self, count: int) -> dict[str, float]:
         """Laplace scales ``b`` for ``c = count``: threshold, query and answer noise."""
@@ -197,7 +216,12 @@ class SparseVectorFilter(UpdateFilter):
         size = w.numel()
         if size == 0:
             raise UpdateError(f"{who}: update of {update.site!r} has no floating-point coordinates.")
+        spent = self.epsilon_per_round
+        # asked before any noise is drawn or any value computed: a refused release sends nothing
+        self.budget.release(self.event, f"{who} round {update.round}")
         c = shared_count(self.fraction, size)
+        if self.split == "lyu":
+            self.epsilon1, self.epsilon2 = lyu_budget_split(self.epsilon_select, c)
         b = self.noise_scales(c)
 
         # All randomness of the round, drawn up front in a data-independent amount.
@@ -222,23 +246,16 @@ class SparseVectorFilter(UpdateFilter):
         mask[idx] = True
         delta, masks = unflatten(values * n_steps, mask, update, keys)
 
-        spent = self.epsilon_per_round
-        if self.ledger is not None:
-            self.ledger.record_pure(spent, label="svt", count=1)
         self.rounds += 1
         self.epsilon_total += spent
 
         priv = privacy_meta(update)
         priv["dp"] = True
+        priv["mask_dp"] = True
         priv["filter_epsilon"] = (priv.get("filter_epsilon") or 0.0) + spent
         priv["filter_epsilon_total"] = (priv.get("filter_epsilon_total") or 0.0) + self.epsilon_total
         priv["fraction_shared"] = released / size
-        if self.ledger is not None:
-            report_epsilon(priv, self.ledger)  # the site's cumulative epsilon, this release included
-        elif priv.get("epsilon") is not None:  # no shared ledger: basic composition with the upstream figure
-            priv["epsilon"] = float(priv["epsilon"]) + self.epsilon_total
-        else:
-            priv["epsilon"], priv["delta"] = self.epsilon_total, 0.0
+        priv.update({k: v for k, v in self.budget.facts().items() if k in ("epsilon", "delta", "accountant")})
         priv.setdefault("filters", []).append(
             {
                 "filter": "svt",

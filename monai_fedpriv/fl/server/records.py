@@ -1,31 +1,15 @@
-"""What one federated round reports: per-site update facts, the global model's privacy (maximum over sites), the
-progress line, and how each site's network was prepared for DP-SGD. Kept apart from the simulator's loop so that
-another server (NVFlare) can report the same ``metrics.json`` entries."""
+"""What one federated round reports: per-site update facts, the global model's privacy (maximum over sites) and the
+progress line. Kept apart from the simulator's loop so that the NVFlare controller reports the same
+``metrics.json`` entries."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from monai.bundle import ConfigParser
-
-from monai_fedpriv.bundle.loader import parser_get
 from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["global_privacy", "mean", "privacy_setup", "progress_cell", "update_facts"]
-
-
-def privacy_setup(parser: ConfigParser) -> dict[str, Any]:
-    """What the bundle's DP-SGD object (``dp``, from ``dp.json``) did to the site's network before training:
-    the per-sample gradient mode and every change of the preparation (BatchNorm replaced, in-place activations
-    made out-of-place, unused parameters frozen)."""
-    if parser_get(parser, "dp") is None:
-        return {}
-    dp = parser.get_parsed_content("dp")
-    settings = getattr(dp, "settings", None)
-    if settings is None:
-        return {}
-    return {"dp_grad_sample_mode": settings.grad_sample_mode, "dp_network_changes": list(getattr(dp, "changes", []))}
+__all__ = ["global_privacy", "mean", "progress_cell", "update_facts"]
 
 
 def update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
@@ -60,8 +44,12 @@ def global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def progress_cell(site: str, result: dict[str, Any]) -> str:
+    if "rejected" in result:
+        return f"{site} REJECTED ({str(result['rejected'])[:60]})"
     if "stopped" in result and "loss" not in result:
         return f"{site} stopped ({result['stopped']})"
+    if "loss" not in result:
+        return f"{site} idle"
     cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"
     if "dice" in result:
         cell += f" dice {result['dice']:.3f}"

@@ -5,8 +5,8 @@ Only the fraction ``q`` of the update's coordinates with the largest magnitude i
 
 This limits how much a site shares; it is **not** differential privacy. The threshold is a percentile of the data
 itself, so which coordinates are sent, and their values, depend deterministically on the training data. Use
-:class:`~monai_fedpriv.privacy.svt.SparseVectorFilter` or
-:class:`~monai_fedpriv.privacy.gaussian_update.GaussianUpdatePrivacy` for a guarantee.
+:class:`~monai_fedpriv.privacy.filters.svt.SparseVectorFilter` or
+:class:`~monai_fedpriv.privacy.filters.gaussian.GaussianUpdatePrivacy` for a guarantee.
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from __future__ import annotations
 import torch
 
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.filters import (
-    UpdateFilter,
+from monai_fedpriv.privacy.filters.base import UpdateFilter, copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.vectors import (
     check_fraction,
     check_positive,
-    copy_update,
     flatten,
     float_keys,
     input_mask,
-    meta_with_privacy,
-    privacy_meta,
     shared_count,
     steps_divisor,
     top_k_mask,
@@ -57,6 +54,8 @@ class PercentileSharing(UpdateFilter):
         share = PercentileSharing(fraction=0.1, clip=1e-4)
         sparse_update = share(update)   # sparse_update.masks[k] marks the 10% largest coordinates
     """
+
+    covers = frozenset({"delta"})  # limits what is shared of the delta (no DP claim)
 
     def __init__(self, fraction: float, clip: float | None = None, normalise_by_steps: bool = True) -> None:
         self.fraction = check_fraction(fraction)
@@ -96,4 +95,5 @@ class PercentileSharing(UpdateFilter):
             }
         )
         priv["fraction_shared"] = k / size if size else 0.0
+        priv["mask_dp"] = False  # the mask is a percentile of the data itself
         return copy_update(update, delta=delta, masks=masks, meta=meta_with_privacy(update, priv))

@@ -2,8 +2,8 @@
 
 Two implementations share this interface:
 
-* :class:`monai_fedpriv.fl.simulator.InProcessTransport`: the default, N sites simulated in one process. A site
-  that has sent its update hands control back to the simulator (``yields_control = True``): the
+* :class:`~monai_fedpriv.fl.transport.inprocess.InProcessTransport`: the default, N sites simulated in one process.
+  A site that has sent its update hands control back to the simulator (``yields_control = True``): the
   :class:`~monai_fedpriv.handlers.FederatedSync` handler interrupts the Ignite engine, the simulator aggregates,
   and resumes the engine, which then receives the new global model.
 * the NVIDIA FLARE adapter (Client API), where ``receive`` blocks until the server answers.

@@ -3,8 +3,8 @@ differentially private recurrent language models", the per-client clip and Gauss
 
 The update's floating-point coordinates, taken together as one vector, are scaled down to L2 norm at most ``C``
 (``clip_norm``), then ``N(0, (sigma C)^2)`` is added to every coordinate. One call is one release of the Gaussian
-mechanism, recorded in the ledger with :meth:`PrivacyLedger.record_gaussian` and composed across rounds (and with
-DP-SGD) by the ledger's RDP accountant.
+mechanism, asked of the site's :class:`~monai_fedpriv.privacy.budget.PrivacyBudget` before it is made (reserved when
+the filter is built) and composed across rounds, and with DP-SGD, in the site's one ledger.
 
 Sensitivity, and what the ledger records
 ----------------------------------------
@@ -16,11 +16,10 @@ Sensitivity, and what the ledger records
   from the site at all: sensitivity ``C``, recorded noise multiplier ``sigma``. Only meaningful when the server
   aggregates over sites whose participation is itself secret, which is not the case in a cross-silo federation.
 
-Sparse input (e.g. after :class:`~monai_fedpriv.privacy.selective.PercentileSharing`): the clip and the noise act
-on the shared coordinates only and the mask is sent as is. The guarantee then covers the *values* given the mask,
-not the mask: a data-dependent mask (a percentile of |dw|) leaks which coordinates moved most. For a guarantee on
-everything sent, apply this filter to a dense update, or use a mask chosen privately (SVT) or independently of the
-data.
+Sparse input: the clip and the noise act on the shared coordinates only and the mask is sent as is, so the guarantee
+covers the *values* given the mask, not the mask. A mask that is itself private (SVT's) or post-processing of
+DP-SGD is fine; a data-dependent mask chosen without privacy (a percentile of |dw|) would leak which coordinates
+moved most while the update claims DP, so such an input is refused (fail closed).
 
 Nothing data-dependent (norms, whether clipping happened) is written to ``meta``: meta crosses the wire.
 """
@@ -32,20 +31,13 @@ from typing import Any
 
 import torch
 
-from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.filters import (
-    UpdateFilter,
-    check_positive,
-    copy_update,
-    flatten,
-    float_keys,
-    input_mask,
-    make_generator,
-    meta_with_privacy,
-    privacy_meta,
-    report_epsilon,
-)
+from monai_fedpriv.privacy.accounting import GaussianEvent
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.filters.base import UpdateFilter, copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.vectors import check_positive, flatten, float_keys, input_mask
+from monai_fedpriv.privacy.noise import make_generator
 
 __all__ = ["GaussianUpdatePrivacy", "NEIGHBOURING"]
 
@@ -59,43 +51,40 @@ class GaussianUpdatePrivacy(UpdateFilter):
         clip_norm: ``C`` > 0, bound on the L2 norm of the (shared, floating-point part of the) update. It acts on
             the raw delta (not normalised by local steps).
         noise_multiplier: ``sigma`` > 0; the noise std is ``sigma * C``.
-        ledger: a :class:`~monai_fedpriv.privacy.accounting.PrivacyLedger` (anything with ``record_gaussian``) that
-            receives one Gaussian event per round, or ``None``.
+        budget: the site's :class:`~monai_fedpriv.privacy.budget.PrivacyBudget` (finite limit); each round's release
+            is reserved at construction and asked for before it is made.
         generator: a CPU ``torch.Generator``, an int seed, or ``None`` for a generator seeded from OS entropy.
         neighbouring: ``"replace"`` (sensitivity ``2 C``, default) or ``"add_remove_site"`` (sensitivity ``C``);
             see the module docstring.
-        delta: delta in (0, 1) at which ``meta["privacy"]["epsilon"]`` reports the ledger's epsilon after this
-            release, or ``None`` to use the upstream ``meta["privacy"]["delta"]`` (DP-SGD's) when there is one.
 
     Integer tensors (e.g. ``num_batches_tracked``) are not sent: their delta is zeroed.
 
     Example::
 
-        gauss = GaussianUpdatePrivacy(clip_norm=0.5, noise_multiplier=1.0, ledger=ledger, generator=0)
+        gauss = GaussianUpdatePrivacy(clip_norm=0.5, noise_multiplier=1.0, budget=PrivacyBudget(limit=10.0))
         private_update = gauss(update)
-        ledger.epsilon(delta=1e-5)
     """
+
+    covers = frozenset({"delta"})
 
     def __init__(
         self,
         clip_norm: float,
         noise_multiplier: float,
-        ledger: Any | None = None,
+        budget: PrivacyBudget,
         generator: torch.Generator | int | None = None,
         neighbouring: str = "replace",
-        delta: float | None = None,
     ) -> None:
         self.clip_norm = float(check_positive("clip_norm", clip_norm))  # type: ignore[arg-type]
         self.noise_multiplier = float(check_positive("noise_multiplier", noise_multiplier))  # type: ignore[arg-type]
         if neighbouring not in NEIGHBOURING:
             raise PrivacyConfigError(f"neighbouring must be one of {NEIGHBOURING}, got {neighbouring!r}.")
-        if ledger is not None and not callable(getattr(ledger, "record_gaussian", None)):
-            raise PrivacyConfigError(f"ledger must have a record_gaussian method, got {type(ledger).__name__}.")
-        if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1):
-            raise PrivacyConfigError(f"delta must be in (0, 1) or None, got {delta!r}.")
-        self.delta = None if delta is None else float(delta)
+        if not isinstance(budget, PrivacyBudget):
+            raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
         self.neighbouring = neighbouring
-        self.ledger = ledger
+        budget.require_limit(type(self).__name__)
+        budget.reserve("gaussian", self.event)
+        self.budget = budget
         self.generator = make_generator(generator)
         self.rounds = 0
 
@@ -108,10 +97,23 @@ class GaussianUpdatePrivacy(UpdateFilter):
         """Noise std divided by the L2 sensitivity: what the ledger receives."""
         return self.noise_multiplier / (2.0 if self.neighbouring == "replace" else 1.0)
 
+    @property
+    def event(self) -> GaussianEvent:
+        """The ledger event of one round's release."""
+        return GaussianEvent(self.recorded_noise_multiplier)
+
     def __call__(self, update: ModelUpdate) -> ModelUpdate:
+        upstream = privacy_meta(update)
+        if update.masks is not None and not (upstream.get("mask_dp") or upstream.get("dp_sgd")):
+            raise UpdateError(
+                f"{type(self).__name__}: the update of {update.site!r} round {update.round} is sparse with a mask "
+                f"chosen without privacy; its mask would leak while the update claims DP. Use a dense update, SVT, "
+                f"or DP-SGD upstream."
+            )
         keys = float_keys(update.delta)
         values = flatten(update.delta, keys)
         shared = input_mask(update, keys)
+        self.budget.release(self.event, f"{type(self).__name__} round {update.round}")
         if shared is not None:
             values = torch.where(shared, values, torch.zeros_like(values))
         norm = float(torch.linalg.vector_norm(values))
@@ -137,15 +139,13 @@ class GaussianUpdatePrivacy(UpdateFilter):
                 if k not in key_set:
                     masks[k] = torch.zeros(v.shape, dtype=torch.bool, device=v.device)
 
-        if self.ledger is not None:
-            self.ledger.record_gaussian(self.recorded_noise_multiplier, count=1)
         self.rounds += 1
 
-        priv = privacy_meta(update)
+        priv = upstream
         priv["dp"] = True
-        priv.setdefault("filter_epsilon", None)  # (eps, delta) comes from the ledger's RDP accountant
+        priv.setdefault("filter_epsilon", None)  # (eps, delta) comes from the ledger's accountant
         priv.setdefault("filter_epsilon_total", None)
-        report_epsilon(priv, self.ledger, self.delta)  # the site's epsilon after this release
+        priv.update({k: v for k, v in self.budget.facts().items() if k in ("epsilon", "delta", "accountant")})
         priv.setdefault("filters", []).append(
             {
                 "filter": "gaussian",

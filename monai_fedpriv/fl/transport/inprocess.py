@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from monai_fedpriv.fl.transport import Transport
+from collections.abc import Callable
+
+from monai_fedpriv.fl.codec import decode_update, encode_update
+from monai_fedpriv.fl.transport.base import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 
 __all__ = ["InProcessTransport"]
@@ -14,15 +17,20 @@ class InProcessTransport(Transport):
     Every update is serialised with :mod:`monai_fedpriv.fl.codec` and decoded again, exactly as a remote transport
     would, so the server sees only what crossed the wire (unshared coordinates of sparse updates do not) and the
     number of bytes sent is measured, not estimated.
+
+    Args:
+        tamper: optional ``update -> update`` applied to what a site sends *after* its filters and before encoding:
+            the fault injection of ``--inject-fault`` (a corrupt or malicious site), never a privacy path.
     """
 
     yields_control = True
 
-    def __init__(self) -> None:
+    def __init__(self, tamper: Callable[[ModelUpdate], ModelUpdate] | None = None) -> None:
         self.current: GlobalModel | None = None
         self.inbox: dict[str, ModelUpdate] = {}
         self.wire_bytes: dict[str, int] = {}
         self.stopped_sites: set[str] = set()
+        self.tamper = tamper
 
     def publish(self, model: GlobalModel) -> None:
         """Server side: make ``model`` the answer to every following :meth:`receive`."""
@@ -45,10 +53,10 @@ class InProcessTransport(Transport):
         )
 
     def send(self, update: ModelUpdate) -> None:
-        from monai_fedpriv.fl.codec import decode_update, encode_update
-
         if update.site in self.inbox:
             raise RuntimeError(f"{update.site} sent two updates in round {update.round}.")
+        if self.tamper is not None:
+            update = self.tamper(update)
         data = encode_update(update)
         self.wire_bytes[update.site] = len(data)
         self.inbox[update.site] = decode_update(data)

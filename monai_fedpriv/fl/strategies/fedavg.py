@@ -1,4 +1,4 @@
-"""Server-side aggregation strategies: pure functions of (global weights, updates) -> new global weights.
+"""Federated averaging strategies: pure functions of (global weights, updates) -> new global weights.
 
 * :class:`FedAvg`: federated averaging (McMahan et al., 2017) with the update of each site weighted by its local
   work, i.e. Li et al., "Privacy-preserving Federated Brain Tumour Segmentation", Algorithm 3, line 8:
@@ -11,15 +11,15 @@ the same weights restricted to those sites; a coordinate no site shared keeps it
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from monai_fedpriv.fl.update import ModelUpdate, check_update
+from monai_fedpriv.fl.strategies.base import Strategy
+from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["Aggregator", "FedAvg", "FedAvgM", "weighted_delta", "WEIGHTINGS"]
+__all__ = ["FedAvg", "FedAvgM", "WEIGHTINGS", "optimizer_state_proxies", "weighted_delta"]
 
 WEIGHTINGS = ("steps", "samples", "uniform")
 
@@ -74,46 +74,17 @@ def weighted_delta(
     return out
 
 
-class Aggregator(ABC):
-    """Base class of server strategies. Subclasses keep any server state in ``state_dict`` for resume."""
-
-    @abstractmethod
-    def aggregate(
-        self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[ModelUpdate]
-    ) -> dict[str, torch.Tensor]:
-        """Return the new global weights. Must not modify its inputs."""
-
-    def __call__(
-        self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[ModelUpdate]
-    ) -> dict[str, torch.Tensor]:
-        for u in updates:
-            check_update(u, global_weights)
-        return self.aggregate(global_weights, updates)
-
-    def aggregate_optimizer_state(
-        self, updates: Sequence[ModelUpdate], weighting: str = "steps"
-    ) -> dict[str, torch.Tensor] | None:
-        """Weighted mean of the sites' optimiser moments ("m. aggregation" of Li et al.), or ``None``."""
-        states = [u for u in updates if u.optimizer_state is not None]
-        if not states:
-            return None
-        if len(states) != len(updates):
-            raise ValueError("some sites sent optimiser state and others did not; momentum policy must match.")
-        ref = states[0].optimizer_state
-        assert ref is not None
-        proxies = [
-            ModelUpdate(u.site, u.round, dict(u.optimizer_state or {}), u.n_samples, u.local_steps) for u in states
-        ]
-        return weighted_delta(ref, proxies, weighting)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless default
-        pass
+def optimizer_state_proxies(updates: Sequence[ModelUpdate]) -> list[ModelUpdate] | None:
+    """The sites' optimiser moments as updates (so every strategy combines them like weights), or ``None``."""
+    states = [u for u in updates if u.optimizer_state is not None]
+    if not states:
+        return None
+    if len(states) != len(updates):
+        raise ValueError("some sites sent optimiser state and others did not; momentum policy must match.")
+    return [ModelUpdate(u.site, u.round, dict(u.optimizer_state or {}), u.n_samples, u.local_steps) for u in states]
 
 
-class FedAvg(Aggregator):
+class FedAvg(Strategy):
     """Federated averaging weighted by local work (Li et al. 2019, Algorithm 3).
 
     Args:
@@ -127,13 +98,24 @@ class FedAvg(Aggregator):
         new_global = agg(global_weights, [update_site1, update_site2])
     """
 
+    name = "fedavg"
+
     def __init__(self, weighting: str = "steps", server_lr: float = 1.0) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting should be one of {WEIGHTINGS}, got {weighting!r}.")
-        if not server_lr > 0:
-            raise ValueError(f"server_lr should be > 0, got {server_lr}.")
+        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not 0 < server_lr < float("inf"):
+            raise ValueError(f"server_lr should be a finite number > 0, got {server_lr!r}.")
         self.weighting = weighting
         self.server_lr = float(server_lr)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "weighting": self.weighting, "server_lr": self.server_lr}
+
+    def aggregate_optimizer_state(self, updates: Sequence[ModelUpdate]) -> dict[str, torch.Tensor] | None:
+        proxies = optimizer_state_proxies(updates)
+        if proxies is None:
+            return None
+        return weighted_delta(proxies[0].delta, proxies, self.weighting)
 
     def server_step(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v * self.server_lr if v.is_floating_point() else v for k, v in delta.items()}
@@ -155,12 +137,17 @@ class FedAvgM(FedAvg):
         server_lr: server step size.
     """
 
+    name = "fedavgm"
+
     def __init__(self, momentum: float = 0.9, weighting: str = "steps", server_lr: float = 1.0) -> None:
         super().__init__(weighting=weighting, server_lr=server_lr)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum should be in [0, 1), got {momentum}.")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"server momentum should be in [0, 1), got {momentum!r}.")
         self.momentum = float(momentum)
         self.velocity: dict[str, torch.Tensor] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "momentum": self.momentum}
 
     def server_step(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}

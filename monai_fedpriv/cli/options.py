@@ -1,0 +1,219 @@
+"""Turn ``simulate``'s privacy, sharing and server flags into bundle config files, overrides and server settings, and
+check every value before any data is loaded (one ``error:`` line naming the flag, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.experiments_sharing import ShareSettings
+
+__all__ = [
+    "OptionError",
+    "check_number",
+    "check_privacy_config",
+    "parse_overrides",
+    "privacy_files_and_overrides",
+    "share_settings",
+]
+
+
+class OptionError(ValueError):
+    """A command-line flag has a bad value (the message names the flag)."""
+
+
+def check_number(
+    flag: str,
+    value: float | int | None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Refuse a non-finite or out-of-range flag value with a message naming the flag and the range."""
+    if value is None:
+        return
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise OptionError(f"{flag} must be an integer, got {value!r}.")
+    if not math.isfinite(float(value)):
+        raise OptionError(f"{flag} must be a finite number, got {value!r}.")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise OptionError(f"{flag} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}.")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a#b=1", "c=\\"x\\""]`` -> ``{"a#b": 1, "c": "x"}``; a value that is not JSON is taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise OptionError(f"--override expects ID=VALUE, got {item!r}.")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+SHARE_OPTIONS = {
+    "percentile": ("share_fraction", "share_clip"),
+    "svt": ("share_fraction", "share_clip", "svt_epsilon", "svt_epsilon3", "svt_threshold"),
+    "gaussian": ("gaussian_clip", "gaussian_noise"),
+}
+
+
+def share_settings(args: argparse.Namespace) -> ShareSettings | None:
+    """The ``--share`` filter and its settings, or ``None``; flags that the method does not use are refused."""
+    given = {name for names in SHARE_OPTIONS.values() for name in names if getattr(args, name, None) is not None}
+    if args.share == "none":
+        if given:
+            raise OptionError(f"{', '.join('--' + n.replace('_', '-') for n in sorted(given))} need --share.")
+        return None
+    unused = given - set(SHARE_OPTIONS[args.share])
+    if unused:
+        names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
+        raise OptionError(f"{names}: not used by --share {args.share}.")
+    check_number("--share-fraction", args.share_fraction, low=0, high=1, low_open=True)
+    check_number("--share-clip", args.share_clip, low=0, low_open=True)
+    check_number("--svt-epsilon", args.svt_epsilon, low=0, low_open=True)
+    check_number("--svt-epsilon3", args.svt_epsilon3, low=0, low_open=True)
+    check_number("--svt-threshold", args.svt_threshold, low=0)
+    check_number("--gaussian-clip", args.gaussian_clip, low=0, low_open=True)
+    check_number("--gaussian-noise", args.gaussian_noise, low=0, low_open=True)
+    if args.share == "gaussian":
+        if args.gaussian_clip is None or args.gaussian_noise is None:
+            raise OptionError("--share gaussian needs --gaussian-clip and --gaussian-noise.")
+        return ShareSettings("gaussian", clip_norm=args.gaussian_clip, noise_multiplier=args.gaussian_noise)
+    fraction = 0.1 if args.share_fraction is None else args.share_fraction
+    if args.share == "percentile":
+        return ShareSettings("percentile", fraction=fraction, clip=args.share_clip)
+    clip = 1e-3 if args.share_clip is None else args.share_clip
+    return ShareSettings(
+        "svt",
+        fraction=fraction,
+        clip=clip,
+        epsilon_select=1.0 if args.svt_epsilon is None else args.svt_epsilon,
+        epsilon3=1.0 if args.svt_epsilon3 is None else args.svt_epsilon3,
+        threshold=clip / 2 if args.svt_threshold is None else args.svt_threshold,
+    )
+
+
+def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Config files and overrides for ``--privacy``, ``--share`` and the budget flags.
+
+    ``budget.json`` (the site's one budget) is merged whenever a DP mechanism is used, before ``dp.json`` (DP-SGD
+    with the Table 1 regime) and the share filter's file.
+    """
+    check_number("--noise-multiplier", args.noise_multiplier, low=0, low_open=True)
+    check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True)
+    check_number("--delta", args.delta, low=0, high=1, low_open=True, high_open=True)
+    check_number("--epsilon-budget", args.epsilon_budget, low=0, low_open=True)
+    check_number("--items-per-patient", args.items_per_patient, low=1, integer=True)
+    share = share_settings(args)
+    dp = args.privacy != "none"
+    budgeted = dp or (share is not None and share.needs_budget)
+    files, overrides = list(config_files), {}
+    if not dp:
+        given = [f for f, v in (("--noise-multiplier", args.noise_multiplier), ("--max-grad-norm", args.max_grad_norm),
+                                ("--privacy-unit", args.privacy_unit), ("--items-per-patient", args.items_per_patient))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise OptionError(f"{', '.join(given)} need --privacy.")
+    if not budgeted:
+        given = [f for f, v in (("--delta", args.delta), ("--epsilon-budget", args.epsilon_budget),
+                                ("--budget-policy", args.budget_policy), ("--accountant", args.accountant))
+                 if v is not None]  # fmt: skip
+        if given:
+            raise OptionError(f"{', '.join(given)} need --privacy or --share svt|gaussian.")
+    if args.privacy == "custom" and (args.noise_multiplier is None or args.max_grad_norm is None):
+        raise OptionError("--privacy custom needs --noise-multiplier and --max-grad-norm.")
+    if budgeted and "budget.json" not in files:
+        files.append("budget.json")
+    if dp:
+        custom = {k: v for k, v in (("noise_multiplier", args.noise_multiplier), ("max_grad_norm", args.max_grad_norm),
+                                    ("delta", args.delta)) if v is not None}  # fmt: skip
+        if "dp.json" not in files:
+            files.append("dp.json")
+        overrides["dp_regime_def"] = {
+            "_target_": "monai_fedpriv.privacy.get_regime",
+            "name": args.privacy,
+            "setting": "federated" if args.sites > 1 else "local",
+            **custom,
+        }
+        if args.privacy_unit is not None:
+            overrides["dp_privacy_unit"] = args.privacy_unit
+        if args.items_per_patient is not None:
+            overrides["dp_items_per_patient"] = args.items_per_patient
+    if share is not None:
+        if share.config_file not in files:
+            files.append(share.config_file)
+        overrides.update(share.overrides())
+    if args.epsilon_budget is not None:
+        overrides["privacy_epsilon_budget"] = args.epsilon_budget
+    if args.delta is not None:
+        overrides["privacy_delta"] = args.delta
+    if args.budget_policy is not None:
+        overrides["privacy_policy"] = args.budget_policy
+    if args.accountant is not None:
+        overrides["privacy_accountant"] = args.accountant
+    return files, overrides
+
+
+def check_privacy_config(bundle: BundleSpec, momentum: str = "restart") -> dict[str, Any]:
+    """Build the site's privacy objects that need no data (budget, DP-SGD settings, share filters) once, so a bad or
+    unsupported setting fails here, before any data is loaded, with the error of the object that refuses it; and
+    check the coverage rule of the filter chain against what the momentum policy sends.
+
+    Returns:
+        a summary of the privacy settings (for the progress output), empty without privacy.
+    """
+    from monai_fedpriv.privacy.dp_sgd import DPSGD, DPSettings
+    from monai_fedpriv.privacy.filters import FilterChain
+
+    parser = load_bundle(bundle, required=())
+    sent = {"delta", "optimizer_state"} if momentum == "aggregate" else {"delta"}
+    if parser_get(parser, "privacy_budget") is None:
+        if parser_get(parser, "fed_share_filters"):
+            FilterChain(parser.get_parsed_content("fed_share_filters")).check_coverage(sent)
+        return {}
+    budget = parser.get_parsed_content("privacy_budget")
+    summary: dict[str, Any] = {"budget": budget.limit, "delta": budget.delta, "accountant": budget.accountant}
+    if parser_get(parser, "dp") is not None:
+        settings = DPSettings(
+            parser.get_parsed_content("dp_noise_multiplier"),
+            parser.get_parsed_content("dp_max_grad_norm"),
+            True,
+            parser.get_parsed_content("dp_grad_sample_mode"),
+            parser.get_parsed_content("dp_max_physical_batch_size"),
+            parser.get_parsed_content("dp_privacy_unit"),
+            parser.get_parsed_content("dp_items_per_patient"),
+        )
+        summary.update(noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+                       privacy_unit=settings.privacy_unit)  # fmt: skip
+    filters = parser.get_parsed_content("fed_share_filters") if parser_get(parser, "fed_share_filters") else []
+    summary["share_filters"] = [type(f).__name__ for f in filters]
+    dp_covers = [_Declares(DPSGD.covers)] if parser_get(parser, "dp") is not None else []
+    FilterChain([*dp_covers, *filters]).check_coverage(sent)
+    if budget.limit is None and budget.reserved:
+        raise PrivacyConfigError("an update filter with a DP guarantee needs --epsilon-budget.")
+    return summary
+
+
+class _Declares:
+    """Stands for a filter that needs data to be built (DP-SGD) in the coverage check: only its ``covers``."""
+
+    def __init__(self, covers: frozenset[str]) -> None:
+        self.covers = covers
+
+    def __call__(self, update: Any) -> Any:  # pragma: no cover - never applied
+        raise RuntimeError("a coverage stand-in is never applied to an update.")

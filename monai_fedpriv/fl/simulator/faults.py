@@ -1,0 +1,110 @@
+"""Fault injection, to see what a federation's configuration does when a site misbehaves before it is deployed.
+
+``monai-fedpriv simulate ... --inject-fault SITE:KIND:ROUND`` (repeatable):
+
+* ``crash``: the site's trainer raises :class:`~monai_fedpriv.errors.InjectedFault` at the start of that round;
+* ``nan``: the update the site sends has NaN in its first floating-point tensor;
+* ``scale``: the update's delta is multiplied by 1e6;
+* ``keys``: a key of the update is renamed (the server sees one missing and one unknown key).
+
+``nan``, ``scale`` and ``keys`` act on what crosses the wire, after the site's filters (a buggy or malicious site),
+so they exercise the server's screening; ``crash`` exercises the recovery of a site whose training failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from ignite.engine import Engine, Events
+
+from monai_fedpriv.errors import InjectedFault
+from monai_fedpriv.fl.update import ModelUpdate
+
+__all__ = ["FAULT_KINDS", "Fault", "FaultInjector", "parse_fault"]
+
+FAULT_KINDS = ("nan", "crash", "scale", "keys")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault: ``kind`` at ``site`` in 1-based ``round``."""
+
+    site: str
+    kind: str
+    round: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"--inject-fault: kind {self.kind!r} is not one of {FAULT_KINDS}.")
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
+            raise ValueError(f"--inject-fault: round must be an int >= 1, got {self.round!r}.")
+
+    def __str__(self) -> str:
+        return f"{self.site}:{self.kind}:{self.round}"
+
+
+def parse_fault(text: str) -> Fault:
+    """``"site-2:nan:3"`` -> ``Fault("site-2", "nan", 3)`` (``ValueError`` naming the flag on bad input)."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"--inject-fault expects SITE:KIND:ROUND (e.g. site-2:nan:3), got {text!r}.")
+    site, kind, rnd = parts
+    try:
+        number = int(rnd)
+    except ValueError:
+        raise ValueError(f"--inject-fault {text!r}: round {rnd!r} is not an integer.") from None
+    return Fault(site, kind, number)
+
+
+class FaultInjector:
+    """Applies a run's faults: ``tamper`` for what crosses the wire, ``attach`` for trainer crashes."""
+
+    def __init__(self, faults: Iterable[Fault] = ()) -> None:
+        self.faults = list(faults)
+
+    def check_sites(self, sites: Sequence[str]) -> None:
+        unknown = sorted({f.site for f in self.faults} - set(sites))
+        if unknown:
+            raise ValueError(f"--inject-fault names sites {unknown} that are not in this run ({list(sites)}).")
+
+    def _find(self, site: str, rnd: int, kinds: tuple[str, ...]) -> Fault | None:
+        return next((f for f in self.faults if f.site == site and f.round == rnd and f.kind in kinds), None)
+
+    def tamper(self, update: ModelUpdate) -> ModelUpdate:
+        """The update as a faulty site would send it (unchanged when no fault is due)."""
+        fault = self._find(update.site, update.round, ("nan", "scale", "keys"))
+        if fault is None:
+            return update
+        delta = {k: v.clone() for k, v in update.delta.items()}
+        if fault.kind == "nan":
+            key = next(k for k, v in delta.items() if v.is_floating_point())
+            delta[key].view(-1)[0] = float("nan")
+        elif fault.kind == "scale":
+            delta = {k: v * 1e6 if v.is_floating_point() else v for k, v in delta.items()}
+        else:
+            key = next(iter(delta))
+            delta[key + ".injected"] = delta.pop(key)
+        masks = update.masks
+        if fault.kind == "keys" and masks is not None:
+            masks = {(k + ".injected" if k == next(iter(update.delta)) else k): m for k, m in masks.items()}
+        return dataclasses.replace(update, delta=delta, masks=masks)
+
+    def attach(self, site: str, engine: Engine, current_round: Callable[[], int]) -> None:
+        """Make ``site``'s trainer raise at the start of each round that has a ``crash`` fault.
+
+        Args:
+            current_round: returns the round the site is training (1-based).
+        """
+        crashes = {f.round for f in self.faults if f.site == site and f.kind == "crash"}
+        if not crashes:
+            return
+
+        def crash(_: Engine) -> None:
+            rnd = current_round()
+            if rnd in crashes:
+                crashes.discard(rnd)  # a crash happens once: the site recovers in the next round
+                raise InjectedFault(f"{site}: injected crash in round {rnd}")
+
+        engine.add_event_handler(Events.ITERATION_STARTED, crash)

@@ -1,0 +1,63 @@
+"""The server strategy interface: which sites take part in a round, and how their updates become the next global
+model. Strategies are pure (no transport, no files); the server round (:mod:`monai_fedpriv.fl.server.round`) calls
+them the same way in the in-process simulator and under NVIDIA FLARE.
+
+A strategy selects the round's sites as well as aggregating, so methods that do not train every site every round
+(cyclic weight transfer visits one site after another) fit the same round; state that must survive a restart (server
+momentum, the cycle position) is in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from monai_fedpriv.fl.update import ModelUpdate, check_update
+
+__all__ = ["Strategy"]
+
+
+class Strategy(ABC):
+    """Base class of server strategies.
+
+    Subclasses implement :meth:`aggregate`; they may override :meth:`select_sites` (default: every available site),
+    :meth:`aggregate_optimizer_state` and keep server state in ``state_dict``. :meth:`config` names the settings that
+    define the strategy (written to ``metrics.json`` and compared on ``--resume``).
+    """
+
+    #: short name used on the command line and in reports
+    name: str = "strategy"
+
+    def select_sites(self, rnd: int, sites: Sequence[str]) -> list[str]:
+        """The sites that train in round ``rnd`` (1-based), chosen among ``sites`` (those still active)."""
+        return list(sites)
+
+    @abstractmethod
+    def aggregate(
+        self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[ModelUpdate]
+    ) -> dict[str, torch.Tensor]:
+        """Return the new global weights. Must not modify its inputs."""
+
+    def __call__(
+        self, global_weights: Mapping[str, torch.Tensor], updates: Sequence[ModelUpdate]
+    ) -> dict[str, torch.Tensor]:
+        for u in updates:
+            check_update(u, global_weights)
+        return self.aggregate(global_weights, updates)
+
+    def aggregate_optimizer_state(self, updates: Sequence[ModelUpdate]) -> dict[str, torch.Tensor] | None:
+        """The sites' optimiser moments combined ("m. aggregation" of Li et al.), or ``None`` when none were sent."""
+        return None
+
+    def config(self) -> dict[str, Any]:
+        """The settings that define this strategy (JSON-serialisable)."""
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - stateless default
+        pass

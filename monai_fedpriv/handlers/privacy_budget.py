@@ -1,0 +1,146 @@
+"""The site's privacy budget as an Ignite handler (stop training before the budget would pass, log epsilon) and as
+the update filter that reports the site's privacy with every update.
+
+Seed 000 (Table 1) aborts training when the privacy loss reaches the regime's epsilon. Here the check runs *before*
+every iteration, against the site's one :class:`~monai_fedpriv.privacy.budget.PrivacyBudget`: when the next DP-SGD
+step would leave no room for the round's reserved releases (an SVT or Gaussian filter on the update), or, without
+DP-SGD, when the round's releases themselves would not fit, the engine terminates before the step and the site is
+exhausted. The DP optimizer's own step guard (:mod:`monai_fedpriv.privacy.dp_sgd`) is the second line of defence.
+
+``policy`` tells the federation what to do with an exhausted site: ``"stop_site"`` (continue without it),
+``"stop_federation"`` (end the run) or ``"raise"`` (raise ``PrivacyBudgetExceeded`` from the handler).
+
+Example:
+    >>> budget = PrivacyBudget(limit=7.08, delta=1e-5)
+    >>> handler = PrivacyBudgetHandler(budget)
+    >>> handler.attach(trainer)  # doctest: +SKIP
+    >>> update = handler(update)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
+from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.privacy.budget import PrivacyBudget
+from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
+
+__all__ = ["PrivacyBudgetHandler"]
+
+logger = logging.getLogger("monai_fedpriv.privacy")
+
+
+class PrivacyBudgetHandler:
+    """Budget stop and epsilon log (Ignite handler) and privacy reporter (update filter) of one site.
+
+    Args:
+        budget: the site's :class:`PrivacyBudget`, shared with DP-SGD and the update filters.
+        noise_seed: the seed every noise generator of the site derives from, or ``None`` when they are seeded from
+            OS entropy; only reported (``noise_source``).
+        site: name used in log lines.
+    """
+
+    def __init__(self, budget: PrivacyBudget, noise_seed: int | None = None, site: str = "site") -> None:
+        if not isinstance(budget, PrivacyBudget):
+            raise PrivacyConfigError(f"budget must be a PrivacyBudget, got {type(budget).__name__}.")
+        self.budget = budget
+        self.noise_source = NOISE_SECURE if noise_seed is None else NOISE_SEEDED
+        self.site = str(site)
+        self._engine: Engine | None = None
+
+    # ---------------------------------------------------------------- Ignite handler
+    def attach(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            raise PrivacyConfigError(
+                "DP-SGD cannot run with the trainer's amp=True: its GradScaler multiplies the loss, so per-sample "
+                "gradients would be clipped at the scaled norm and the noised update never unscaled. Set amp=False."
+            )
+        if engine.has_event_handler(self._before_iteration, Events.ITERATION_STARTED):
+            return
+        self._engine = engine
+        engine.add_event_handler(Events.ITERATION_STARTED, self._before_iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
+        engine.add_event_handler(Events.TERMINATE, self._log_stop)
+
+    def _dp_settings(self, engine: Engine) -> tuple[float, float] | None:
+        opt = getattr(engine, "optimizer", None)
+        q, sigma = getattr(opt, "sample_rate", None), getattr(opt, "noise_multiplier", None)
+        if q is None or sigma is None:
+            return None
+        return float(q), float(sigma)
+
+    def _before_iteration(self, engine: Engine) -> None:
+        budget = self.budget
+        if budget.limit is None and not budget.exhausted:
+            return
+        dp = self._dp_settings(engine)
+        if not budget.exhausted:
+            if dp is not None and budget.max_steps(*dp) < 1:
+                budget.exhaust(
+                    f"the next DP-SGD step would take epsilon past the budget {budget.limit:g}"
+                    + (" (room kept for the round's update release)" if budget.reserved else "")
+                )
+            elif dp is None and not budget.allows([]):
+                budget.exhaust(f"the round's update release would take epsilon past the budget {budget.limit:g}")
+        if budget.exhausted:
+            engine.terminate()
+            if budget.policy == "raise":
+                raise PrivacyBudgetExceeded(f"{self.site}: {budget.stop_reason}.")
+
+    def _log_epoch(self, engine: Engine) -> None:
+        budget = self.budget
+        limit = "no limit" if budget.limit is None else f"budget {budget.limit:g}"
+        logger.info(
+            f"{self.site} epoch {engine.state.epoch}: epsilon {budget.epsilon():.4f} at delta {budget.delta:g} "
+            f"({limit}, {budget.ledger.steps} DP-SGD steps, accountant {budget.accountant})"
+        )
+
+    def _log_stop(self, engine: Engine) -> None:
+        if self.budget.exhausted:
+            logger.warning(
+                f"{self.site}: training stopped at iteration {engine.state.iteration} because {self.budget.stop_reason}"
+                f"; epsilon {self.budget.epsilon():.4f} at delta {self.budget.delta:g} (policy {self.budget.policy})."
+            )
+
+    # ---------------------------------------------------------------- update filter and reporting
+    @property
+    def exhausted(self) -> bool:
+        return self.budget.exhausted
+
+    @property
+    def policy(self) -> str:
+        return self.budget.policy
+
+    def privacy_facts(self) -> dict[str, Any]:
+        """The site's spend and settings, as reported with each update and in ``metrics.json``."""
+        facts = self.budget.facts()
+        facts["noise_source"] = self.noise_source
+        if self.budget.stop_reason:
+            facts["stop_reason"] = self.budget.stop_reason
+        return facts
+
+    def __call__(self, arg: Engine | ModelUpdate) -> Any:
+        if isinstance(arg, ModelUpdate):
+            return self.filter(arg)
+        self._before_iteration(arg)
+        return None
+
+    def filter(self, update: ModelUpdate) -> ModelUpdate:
+        """A new update whose ``meta["privacy"]`` holds the site's cumulative epsilon after every release so far."""
+        meta = copy.deepcopy(update.meta)
+        meta["privacy"] = {**meta.get("privacy", {}), **self.privacy_facts()}
+        return dataclasses.replace(update, meta=meta)
+
+    # ---------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return self.budget.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.budget.load_state_dict(state)

@@ -1,0 +1,33 @@
+"""Filters on what a site sends: the fail-closed chain and its coverage rule (:mod:`.base`), selective sharing by
+percentile (:mod:`.selective`, no DP), the sparse vector technique (:mod:`.svt`) and Gaussian update privacy
+(:mod:`.gaussian`)."""
+
+from monai_fedpriv.privacy.filters.base import (
+    TENSOR_FIELDS,
+    FilterChain,
+    UpdateFilter,
+    copy_update,
+    covered_fields,
+    meta_with_privacy,
+    privacy_meta,
+)
+from monai_fedpriv.privacy.filters.gaussian import NEIGHBOURING, GaussianUpdatePrivacy
+from monai_fedpriv.privacy.filters.selective import PercentileSharing
+from monai_fedpriv.privacy.filters.svt import SparseVectorFilter, lyu_budget_split
+from monai_fedpriv.privacy.filters.vectors import shared_count
+
+__all__ = [
+    "NEIGHBOURING",
+    "TENSOR_FIELDS",
+    "FilterChain",
+    "GaussianUpdatePrivacy",
+    "PercentileSharing",
+    "SparseVectorFilter",
+    "UpdateFilter",
+    "copy_update",
+    "covered_fields",
+    "lyu_budget_split",
+    "meta_with_privacy",
+    "privacy_meta",
+    "shared_count",
+]
