@@ -157,3 +157,19 @@ def test_network_preparation_is_reported(tiny_data, tmp_path, capsys):
     weights = torch.load(tmp_path / "models" / "model.pt")
     assert not any("running_mean" in k for k in weights) and any(".N.weight" in k for k in weights)
     assert 0.0 < m["final"]["global_dice"] <= 1.0
+
+
+def test_local_steps_count_logical_steps_with_physical_batches(tiny_data, tmp_path):
+    """Physical sub-batches of one logical Poisson batch are one optimiser step (and one ledger event)."""
+    bundle = _dp_bundle(tiny_data)
+    bundle = BundleSpec(bundle.root, bundle.config_files, {**bundle.overrides, "batch_size": 4,
+                                                           "dp_max_physical_batch_size": 1})  # fmt: skip
+    sim = _sim(bundle, tmp_path, 2)
+    m = sim.run()
+    previous = {}
+    for r in m["rounds"]:
+        for site, res in r["sites"].items():
+            assert res["local_steps"] == res["privacy"]["steps"] - previous.get(site, 0)
+            previous[site] = res["privacy"]["steps"]
+    iterations = sim.sites["site-1"].trainer.state.iteration
+    assert iterations > previous["site-1"]  # more physical batches than logical steps

@@ -129,3 +129,9 @@ def test_preparation_dry_runs_the_mode_training_will_use():
         prepare_for_dp(net, x, grad_sample_mode="opacus_hooks")
     for mode in ("hooks", "microbatch", "functorch"):
         prepare_for_dp(net, x, grad_sample_mode=mode, inplace=False)
+
+
+def test_converted_norms_keep_the_models_dtype():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).double()
+    prepared, changes = prepare_for_dp(net, torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    assert changes and all(p.dtype == torch.float64 for p in prepared.parameters())

@@ -32,7 +32,7 @@ from monai_fedpriv.attacks.victim import (
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.fl.weights import strip_prefixes
-from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyLedger, PureEvent
+from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyEvent, PrivacyLedger, PureEvent
 from monai_fedpriv.privacy.budget import PrivacyBudget
 from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
 from monai_fedpriv.privacy.model_prep import load_trained_weights
@@ -131,7 +131,7 @@ def release_epsilon(
     """Epsilon of one released update made of ``steps`` full-batch Gaussian steps (and, optionally, one pure-DP
     release such as an SVT round), composed in a :class:`~monai_fedpriv.privacy.PrivacyLedger` like a site's;
     ``None`` means no guarantee (no noise and no pure-DP filter)."""
-    events = []
+    events: list[PrivacyEvent] = []
     if noise_multiplier > 0:
         events.append(GaussianEvent(noise_multiplier, steps))
     if pure_epsilon is not None:

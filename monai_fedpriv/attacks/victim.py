@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from monai_fedpriv.errors import DataError, PrivacyConfigError
-from monai_fedpriv.privacy.grad_sample import plain_copy
+from monai_fedpriv.privacy.dp_sgd.optimizer import BudgetedDPOptimizer
+from monai_fedpriv.privacy.grad_sample import plain_copy, wrap_for_grad_sample
 
 __all__ = ["load_victim_image", "load_victim_label", "build_victim_update", "intensity_label", "update_norm"]
 
@@ -138,8 +139,9 @@ def build_victim_update(
     """The weight difference a site sends after ``local_steps`` (DP-)SGD steps on one batch.
 
     Each step clips every per-sample gradient to ``max_grad_norm`` (for one sample, the whole gradient), sums them,
-    adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise per coordinate, divides by the batch size (Opacus with
-    ``expected_batch_size = B``) and takes an SGD step. ``model`` is left untouched.
+    adds ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise per coordinate, divides by the batch size and takes an
+    SGD step: the site's DP-SGD step on a full batch (no Poisson sampling: the attacker audits a known batch). The
+    loss must be a mean of per-sample losses (MONAI's Dice/DiceCE with ``batch=False``). ``model`` is untouched.
 
     Args:
         model: the global model the round starts from.
@@ -170,21 +172,24 @@ def build_victim_update(
     site = plain_copy(model).train()  # without a DP wrapper's per-sample hooks
     params = {n: p for n, p in site.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in params.items()}
-    batch = image.shape[0]
-    for _ in range(local_steps):
-        total = {n: torch.zeros_like(p) for n, p in params.items()}
-        for i in range(batch):  # per-sample gradients, as DP-SGD clips them one by one
-            grads = torch.autograd.grad(loss(site(image[i : i + 1]), mask[i : i + 1]), list(params.values()))
-            factor = 1.0
-            if max_grad_norm is not None:
-                factor = min(1.0, max_grad_norm / (update_norm(grads) + 1e-6))
-            for (n, _), g in zip(params.items(), grads, strict=True):
-                total[n] += factor * g
-        with torch.no_grad():
-            for n, p in params.items():
-                step = total[n]
-                if noise_multiplier > 0:
-                    noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device="cpu").to(p.device)
-                    step = step + noise_multiplier * max_grad_norm * noise  # type: ignore[operator]
-                p.sub_(lr * step / batch)
+    sgd = torch.optim.SGD(list(params.values()), lr=lr)
+    if max_grad_norm is None:  # no DP-SGD: plain SGD steps on the batch gradient
+        for _ in range(local_steps):
+            sgd.zero_grad()
+            loss(site(image), mask).backward()
+            sgd.step()
+    else:
+        private = wrap_for_grad_sample(site, "hooks")
+        optimizer = BudgetedDPOptimizer(
+            sgd,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=float(max_grad_norm),
+            expected_batch_size=int(image.shape[0]),
+            loss_reduction="mean",
+            generator=generator if generator is not None else torch.Generator(device=image.device),
+        )
+        for _ in range(local_steps):
+            optimizer.zero_grad()
+            loss(private(image), mask).backward()
+            optimizer.step()
     return {n: (p.detach() - start[n]) for n, p in params.items()}

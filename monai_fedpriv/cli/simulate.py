@@ -196,22 +196,26 @@ def simulate_main(argv: list[str]) -> int:
     from monai_fedpriv.bundle.loader import BundleSpec
     from monai_fedpriv.experiments import bundle_datalist, run_experiment, split_sites
     from monai_fedpriv.fl.server.screening import ScreenSettings
-    from monai_fedpriv.fl.simulator import LocalWork, parse_fault
+    from monai_fedpriv.fl.simulator import FaultInjector, LocalWork, parse_fault
     from monai_fedpriv.fl.strategies import build_strategy
 
     _check_flags(args)
-    faults = [parse_fault(f) for f in args.inject_fault]
+    try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
+        faults = [parse_fault(f) for f in args.inject_fault]
+        FaultInjector(faults).check_sites([f"site-{k + 1}" for k in range(args.sites)])
+        strategy_options = {
+            "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
+            "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
+        }  # fmt: skip
+        build_strategy(args.aggregator, **strategy_options)
+        screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from exc
     local_work = (
         LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
     )
     config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
     overrides.update(parse_overrides(args.override))
-    strategy_options = {
-        "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
-        "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
-    }  # fmt: skip
-    build_strategy(args.aggregator, **strategy_options)  # a bad value fails now, naming it
-    screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
     bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
     privacy = check_privacy_config(bundle, args.momentum)
     if privacy:

@@ -100,6 +100,7 @@ class FederatedSync:
         self._steps = 0  # logical optimiser steps taken so far
         self._round_start_steps = 0
         self._awaiting_global = False
+        self._round_end_pending = False
         self._step_hook: Any = None
 
     @property
@@ -127,7 +128,9 @@ class FederatedSync:
             if self.unit == "epochs"
             else Events.ITERATION_COMPLETED(every=self.every)
         )
-        engine.add_event_handler(boundary, self._on_round_end)
+        engine.add_event_handler(boundary, self._on_boundary)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._after_iteration)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
 
     def _bind(self, engine: Engine) -> None:
         if self.network is None:
@@ -178,6 +181,27 @@ class FederatedSync:
             import_optimizer_state(self.optimizer, self.network, glob.optimizer_state)
         self._awaiting_global = False
 
+    def _mid_logical_batch(self) -> bool:
+        """A DP optimizer that split a logical batch into physical ones and has not stepped on it yet."""
+        return bool(getattr(self.optimizer, "_is_last_step_skipped", False))
+
+    def _on_boundary(self, engine: Engine) -> None:
+        if self._mid_logical_batch():  # end the round on the logical step, never between its physical batches
+            self._round_end_pending = True
+            return
+        self._on_round_end(engine)
+
+    def _after_iteration(self, engine: Engine) -> None:
+        if self._round_end_pending and not self._mid_logical_batch():
+            self._round_end_pending = False
+            self._on_round_end(engine)
+
+    def _on_completed(self, engine: Engine) -> None:
+        # the run ended inside a logical batch: its physical batches never stepped (nothing of them is sent)
+        if self._round_end_pending:
+            self._round_end_pending = False
+            self._on_round_end(engine)
+
     def _on_round_end(self, engine: Engine) -> None:
         if self._global is None:
             raise RuntimeError(f"{self.site}: round ended before any global model was received.")
@@ -222,6 +246,7 @@ class FederatedSync:
             "steps": self._steps,
             "round_start_steps": self._round_start_steps,
             "awaiting_global": self._awaiting_global,
+            "round_end_pending": self._round_end_pending,
             "global": copy.deepcopy(self._global),
             "filters": self.chain.state_dict(),
         }
@@ -234,6 +259,7 @@ class FederatedSync:
         self._steps = int(state["steps"])
         self._round_start_steps = int(state["round_start_steps"])
         self._awaiting_global = bool(state["awaiting_global"])
+        self._round_end_pending = bool(state.get("round_end_pending", False))
         self._global = copy.deepcopy(state["global"])
         if len(state["filters"]) != len(self.filters):
             raise ValueError(f"saved state has {len(state['filters'])} filters, this handler has {len(self.filters)}.")

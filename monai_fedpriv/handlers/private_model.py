@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ class PrivateModelSaver:
         filename: the bundle's model file name.
     """
 
-    def __init__(self, save_dir: str | Path, network: nn.Module, reporters: list[Any] = (), filename: str = "model.pt"):
+    def __init__(
+        self, save_dir: str | Path, network: nn.Module, reporters: Sequence[Any] = (), filename: str = "model.pt"
+    ):
         self.save_dir = Path(save_dir)
         self.network = network
         self.reporters = list(reporters)

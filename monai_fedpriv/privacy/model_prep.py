@@ -94,8 +94,9 @@ def convert_batchnorm(
             new.weight.requires_grad_(module.weight.requires_grad)
             new.bias.requires_grad_(module.bias.requires_grad)
         tensors = list(module.parameters()) + list(module.buffers())
-        if tensors:
-            new = new.to(device=tensors[0].device)
+        floats = [t for t in tensors if t.is_floating_point()]
+        if floats:  # the norm it replaces decides device and dtype (a float64 model stays float64)
+            new = new.to(device=floats[0].device, dtype=floats[0].dtype)
         _set_child(model, name, new)
         changes.append(f"{name}: {type(module).__name__} -> {new!r} (running statistics are not private)")
     return model, changes

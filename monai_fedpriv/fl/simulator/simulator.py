@@ -196,7 +196,7 @@ class FederatedSimulator:
         for name, data in self.train_sites.items():
             with torch.random.fork_rng(devices=[]):
                 site = build_site(self.bundle, name, data, spec, self.transport, self.filters_factory)
-            self.faults.attach(name, site.trainer, lambda s=site: s.sync.round + 1)
+            self.faults.attach(name, site.trainer, _round_in_training(site))
             if site.setup.get("dp_network_changes"):
                 print(f"[{self.label}] {name}: network prepared for DP-SGD:", flush=True)
                 for change in site.setup["dp_network_changes"]:
@@ -489,6 +489,11 @@ class FederatedSimulator:
 def _site_network(site: SiteRuntime) -> torch.nn.Module:
     """The plain network a site trains (under any privacy wrapper)."""
     return unwrap(site.sync.network if site.sync.network is not None else site.trainer.network)
+
+
+def _round_in_training(site: SiteRuntime) -> Callable[[], int]:
+    """The round ``site`` is training (1-based): one more than the rounds it has completed."""
+    return lambda: site.sync.round + 1
 
 
 def _stop_text(site: SiteRuntime) -> str:

@@ -33,6 +33,10 @@ class Budgeted(Protocol):
 
     def privacy_facts(self) -> dict[str, Any]: ...
 
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclass(frozen=True)
 class SiteSpec:

@@ -69,7 +69,7 @@ class UpdateFilter(ABC):
 
 def covered_fields(f: Any) -> frozenset[str]:
     """The fields a filter declares it protects (any callable may declare ``covers``; default none)."""
-    covers = getattr(f, "covers", frozenset())
+    covers: frozenset[str] = getattr(f, "covers", frozenset())
     unknown = set(covers) - set(TENSOR_FIELDS)
     if unknown:
         raise PrivacyConfigError(f"{type(f).__name__}.covers names unknown update fields {sorted(unknown)}.")
