@@ -22,6 +22,8 @@ COMMANDS = {
                 "multiplier, steps, delta)"),
     "attack": ("monai_fedpriv.attacks.cli", "attack_main", "gradient-inversion audit of one site's update"),
     "data": ("monai_fedpriv.cli", "data_main", "build the embedded default data set"),
+    "configs": ("monai_fedpriv.cli", "configs_main", "paths of the shared override files (fed, budget, dp, svt...) "
+                "for python -m monai.bundle run"),
 }  # fmt: skip
 
 
@@ -53,6 +55,23 @@ def data_main(argv: list[str]) -> int:
     from monai_fedpriv.data.brain_tissue import ensure_default_data
 
     print(ensure_default_data(args.output))
+    return 0
+
+
+def configs_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="monai-fedpriv configs",
+        description="Print the paths of monai_fedpriv's shared override files, e.g. to merge budget.json and dp.json "
+        "into a bundle run: python -m monai.bundle run --config_file \"['configs/train.json', '$(monai-fedpriv "
+        "configs budget.json)', '$(monai-fedpriv configs dp.json)']\"",
+    )
+    p.add_argument("names", nargs="*", help="override file names (default: list them all)")
+    args = p.parse_args(argv)
+    from monai_fedpriv.bundle.loader import SHARED_CONFIGS, shared_config
+
+    names = args.names or sorted(f.name for f in SHARED_CONFIGS.glob("*.json"))
+    for name in names:
+        print(shared_config(name))
     return 0
 
 

@@ -36,6 +36,13 @@ __all__ = ["PrivacyBudgetHandler"]
 logger = logging.getLogger("monai_fedpriv.privacy")
 
 
+def epoch_logger() -> logging.Logger:
+    """The per-epoch epsilon log: stdout at INFO, set up as MONAI sets up its ``StatsHandler`` logger."""
+    from monai.apps import get_logger
+
+    return get_logger("monai_fedpriv.privacy.epochs")
+
+
 class PrivacyBudgetHandler:
     """Budget stop and epsilon log (Ignite handler) and privacy reporter (update filter) of one site.
 
@@ -44,14 +51,19 @@ class PrivacyBudgetHandler:
         noise_seed: the seed every noise generator of the site derives from, or ``None`` when they are seeded from
             OS entropy; only reported (``noise_source``).
         site: name used in log lines.
+        log_epochs: print the site's epsilon at the end of every epoch (to stdout, like MONAI's ``StatsHandler``);
+            the simulator turns it off and prints one line per round instead.
     """
 
-    def __init__(self, budget: PrivacyBudget, noise_seed: int | None = None, site: str = "site") -> None:
+    def __init__(
+        self, budget: PrivacyBudget, noise_seed: int | None = None, site: str = "site", log_epochs: bool = True
+    ) -> None:
         if not isinstance(budget, PrivacyBudget):
             raise PrivacyConfigError(f"budget must be a PrivacyBudget, got {type(budget).__name__}.")
         self.budget = budget
         self.noise_source = NOISE_SECURE if noise_seed is None else NOISE_SEEDED
         self.site = str(site)
+        self.log_epochs = bool(log_epochs)
         self._engine: Engine | None = None
 
     # ---------------------------------------------------------------- Ignite handler
@@ -97,10 +109,12 @@ class PrivacyBudgetHandler:
     def _log_epoch(self, engine: Engine) -> None:
         budget = self.budget
         limit = "no limit" if budget.limit is None else f"budget {budget.limit:g}"
-        logger.info(
+        message = (
             f"{self.site} epoch {engine.state.epoch}: epsilon {budget.epsilon():.4f} at delta {budget.delta:g} "
             f"({limit}, {budget.ledger.steps} DP-SGD steps, accountant {budget.accountant})"
         )
+        if self.log_epochs:
+            epoch_logger().info(message)
 
     def _log_stop(self, engine: Engine) -> None:
         if self.budget.exhausted:

@@ -23,6 +23,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from monai_fedpriv.fl.weights import exchangeable_state
+from monai_fedpriv.handlers.privacy_budget import epoch_logger
 from monai_fedpriv.utils.files import atomic_torch_save, write_json
 
 __all__ = ["PrivateModelSaver"]
@@ -39,15 +40,22 @@ class PrivateModelSaver:
         reporters: objects with ``privacy_facts()`` (the site's budget handler, DP-SGD) whose facts go into
             ``privacy.json``.
         filename: the bundle's model file name.
+        log: print where the model went (the simulator turns it off).
     """
 
     def __init__(
-        self, save_dir: str | Path, network: nn.Module, reporters: Sequence[Any] = (), filename: str = "model.pt"
-    ):
+        self,
+        save_dir: str | Path,
+        network: nn.Module,
+        reporters: Sequence[Any] = (),
+        filename: str = "model.pt",
+        log: bool = True,
+    ) -> None:
         self.save_dir = Path(save_dir)
         self.network = network
         self.reporters = list(reporters)
         self.filename = filename
+        self.log = bool(log)
         self._started_at: float | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -90,4 +98,7 @@ class PrivateModelSaver:
             "privacy": facts,
         }
         write_json(record, self.save_dir / "privacy.json")
-        logger.info(f"private model saved to {self.model_path} ({record['model_is']}); privacy record: privacy.json")
+        if self.log:
+            epoch_logger().info(
+                f"private model saved to {self.model_path} ({record['model_is']}); record: privacy.json"
+            )

@@ -47,7 +47,8 @@ def progress_cell(site: str, result: dict[str, Any]) -> str:
     if "rejected" in result:
         return f"{site} REJECTED ({str(result['rejected'])[:60]})"
     if "stopped" in result and "loss" not in result:
-        return f"{site} stopped ({result['stopped']})"
+        reason = "privacy budget" if str(result["stopped"]).startswith("privacy budget") else result["stopped"]
+        return f"{site} stopped ({reason})"
     if "loss" not in result:
         return f"{site} idle"
     cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"

@@ -131,14 +131,12 @@ class ServerRound:
                 f"(at least {need} needed, --min-sites)"
                 + (": " + "; ".join(f"{s}: {r}" for s, r in sorted(rejected.items())) if rejected else "")
             )
-            logger.error(outcome.failed)
-            return outcome
+            return outcome  # the caller reports it (the simulator raises, the NVFlare controller ends the job)
         try:
             outcome.weights = self.strategy.aggregate(global_weights, accepted)
             outcome.optimizer_state = self.strategy.aggregate_optimizer_state(accepted)
         except (ValueError, RuntimeError) as exc:
             outcome.weights, outcome.failed = None, f"aggregation failed in round {rnd}: {exc}"
-            logger.error(outcome.failed)
             return outcome
         if publish is not None:
             publish(GlobalModel(rnd, outcome.weights, outcome.optimizer_state))

@@ -320,9 +320,10 @@ class FederatedSimulator:
                 if record.get("failed"):
                     self.stopped = {"round": rnd, "reason": record["failed"], "failed_round": record}
                     self.write_metrics()
+                    reason = record["failed"].rstrip(".")
                     raise FederationError(
-                        f"{record['failed']}. The federation stopped; the last completed round ({rnd - 1}) and its "
-                        f"checkpoint are intact in {self.output_dir}: fix the cause and --resume."
+                        f"{reason}. The federation stopped; the last completed round ({rnd - 1}) and its checkpoint "
+                        f"are intact in {self.output_dir}: fix the cause and --resume."
                     )
                 self.history.append(record)
                 self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}

@@ -220,6 +220,7 @@ def build_site(
         "site_seed": site_seed,
         # simulation: noise seeded from the config (reproducible), unless --secure-noise asks for OS entropy
         "privacy_noise_seed": None if spec.secure_noise else derive_seed(spec.seed, "privacy-noise", name),
+        "privacy_log_epochs": False,  # the simulator prints one line per round, epsilon included
         # anything the bundle writes (checkpoints, evaluation, attack audits) goes into the run, not the bundle
         "ckpt_dir": str(spec.output_dir / "sites" / name / "models"),
         "output_dir": str(spec.output_dir / "sites" / name),
@@ -235,6 +236,7 @@ def build_site(
     }
     parser = load_bundle(bundle, overrides)
     trainer = parser.get_parsed_content("train#trainer")
+    trainer.logger.setLevel(logging.CRITICAL)  # a site's failure is reported by the simulator, once, with its reason
     sampler = getattr(trainer.data_loader, "sampler", None)
     if not isinstance(sampler, StreamSampler):
         # an override (e.g. dp.json's Poisson loader) replaced the stream; its own state is in fed_stateful
