@@ -72,7 +72,7 @@ def _build(case: str, method: str, project_mode: str, device: Any):
             expected_batch_size=spec["batch"],
         )
     elif method == "project":
-        from monai_fedpriv.privacy import PrivacyLedger, make_site_private, prepare_for_dp
+        from monai_fedpriv.privacy import DPSettings, PrivacyBudget, make_site_private, prepare_for_dp
 
         net, _ = prepare_for_dp(net, x[:2])
         loader = DataLoader(TensorDataset(torch.zeros(spec["batch"] * 10, 1)), batch_size=spec["batch"])
@@ -80,11 +80,10 @@ def _build(case: str, method: str, project_mode: str, device: Any):
             net,
             opt,
             loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            ledger=PrivacyLedger(),
-            generator=torch.Generator().manual_seed(0),
-            grad_sample_mode=project_mode,
+            settings=DPSettings(1.0, 1.0, grad_sample_mode=project_mode),
+            budget=PrivacyBudget(),  # no limit: the benchmark times steps, it does not stop on epsilon
+            sampler_generator=torch.Generator().manual_seed(0),
+            noise_generator=torch.Generator(device=device).manual_seed(1),
         )
         model, opt = parts.network, parts.optimizer
 
