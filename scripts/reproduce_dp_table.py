@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from monai_fedpriv.data.brain_tissue import build_brain_tissue_2d
-from monai_fedpriv.experiments_privacy import PRIVACY_LEVELS, SETTINGS, run_dp_table
+from monai_fedpriv.experiments.privacy_table import PRIVACY_LEVELS, SETTINGS, run_dp_table
 from monai_fedpriv.fl.simulator import LocalWork
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_tissue_2d"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from monai_fedpriv.bundle.loader import BundleSpec
-from monai_fedpriv.experiments_sharing import run_sharing_study
+from monai_fedpriv.experiments.sharing_study import run_sharing_study
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_tissue_2d"
 

@@ -167,3 +167,13 @@ def test_default_build_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert elapsed < 20.0
     assert len(load_msd_datalist(root)) == 120 and len(load_msd_datalist(root, section="validation")) == 30
+
+
+def test_docs_give_the_acquisition_ranges_the_code_uses():
+    from pathlib import Path
+
+    from monai_fedpriv.data.brain_tissue import ACQUISITION_RANGES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    for name, (lo, hi) in ACQUISITION_RANGES.items():
+        assert f"| `{name}` | {lo} - {hi} |" in text, name

@@ -12,33 +12,26 @@ Example::
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from monai_fedpriv.attacks.figures import save_reconstruction_grid
-from monai_fedpriv.attacks.gradient_inversion import reconstruct
-from monai_fedpriv.attacks.scores import score_reconstruction
-from monai_fedpriv.attacks.threat_model import PRIVACY_REGIMES, ThreatModel
-from monai_fedpriv.attacks.victim import (
-    build_victim_update,
-    intensity_label,
-    load_victim_image,
-    load_victim_label,
-    update_norm,
+from monai_fedpriv.attacks.audit import (
+    DELTA,
+    attack_image,
+    build_share_filter,
+    load_bundle_model,
+    load_checkpoint,
+    load_victim,
+    release_epsilon,
 )
-from monai_fedpriv.errors import BundleError, DataError
-from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.fl.weights import strip_prefixes
-from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyEvent, PrivacyLedger, PureEvent
-from monai_fedpriv.privacy.budget import PrivacyBudget
-from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
-from monai_fedpriv.privacy.model_prep import load_trained_weights
+from monai_fedpriv.attacks.figures import save_reconstruction_grid
+from monai_fedpriv.attacks.threat_model import PRIVACY_REGIMES
 from monai_fedpriv.utils.files import write_json
 
 __all__ = [
+    "DELTA",
     "attack_image",
     "attack_main",
     "build_parser",
@@ -49,132 +42,18 @@ __all__ = [
     "run_attack",
 ]
 
-DELTA = 1e-5
-
-
-def _find_pixel_range(config: Any) -> tuple[float, float] | None:
-    """The output range of the first ``ScaleIntensity*`` transform found in a raw bundle config."""
-    if isinstance(config, dict):
-        target = str(config.get("_target_", ""))
-        if "ScaleIntensityRange" in target and "b_min" in config and "b_max" in config:
-            return float(config["b_min"]), float(config["b_max"])
-        if "ScaleIntensity" in target and "minv" in config and "maxv" in config:
-            return float(config["minv"]), float(config["maxv"])
-        items = list(config.values())
-    elif isinstance(config, list):
-        items = config
-    else:
-        return None
-    for item in items:
-        found = _find_pixel_range(item)
-        if found is not None:
-            return found
-    return None
-
-
-def load_bundle_model(bundle_dir: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, tuple[float, float]]:
-    """Build ``network_def`` and ``loss`` of ``BUNDLE_DIR/configs/train.json`` and read its pixel range.
-
-    Returns:
-        ``(network, loss, pixel_range)``; the loss defaults to ``DiceCELoss(to_onehot_y=True, softmax=True)`` and
-        the range to ``(0, 1)`` when the config does not say.
-
-    Raises:
-        BundleError: when the config file or its ``network_def`` is missing or cannot be built.
-    """
-    from monai.bundle import ConfigParser
-    from monai.losses import DiceCELoss
-
-    config_file = Path(bundle_dir) / "configs" / "train.json"
-    if not config_file.is_file():
-        raise BundleError(f"bundle {str(bundle_dir)!r} has no configs/train.json.")
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    if parser.get("network_def") is None:
-        raise BundleError(f"{str(config_file)!r} defines no 'network_def'; the attack needs the network.")
-    try:
-        network = parser.get_parsed_content("network_def", instantiate=True)
-    except Exception as err:  # noqa: BLE001 - any failure to build is a bundle error naming the file
-        raise BundleError(f"cannot build 'network_def' of {str(config_file)!r}: {err}") from err
-    if not isinstance(network, torch.nn.Module):
-        raise BundleError(f"'network_def' of {str(config_file)!r} is a {type(network).__name__}, not a torch module.")
-    loss = parser.get_parsed_content("loss", instantiate=True) if parser.get("loss") is not None else None
-    if loss is None:
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    pixel_range = _find_pixel_range(parser.config) or (0.0, 1.0)
-    return network, loss, pixel_range
-
-
-def _load_checkpoint(network: torch.nn.Module, path: str | Path, size: int) -> torch.nn.Module:
-    """Load a saved global model (a plain or ``{"network"|"model"|"state_dict": ...}`` state dict, wrapper prefixes
-    allowed); a model trained under DP-SGD is loaded into the network prepared as its sites prepared it."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise DataError(f"--checkpoint {path}: cannot be read as a PyTorch state dict ({err}).") from err
-    for key in ("network", "model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise DataError(f"--checkpoint {path}: expected a state dict, got {type(state).__name__}.")
-    example = torch.zeros(2, int(getattr(network, "in_channels", 1) or 1), size, size)
-    try:
-        return load_trained_weights(network, strip_prefixes(state), example)
-    except KeyError as err:
-        raise DataError(f"--checkpoint {path} does not fit the bundle's network: {err}") from err
-
-
-def release_epsilon(
-    noise_multiplier: float, steps: int, delta: float = DELTA, pure_epsilon: float | None = None
-) -> float | None:
-    """Epsilon of one released update made of ``steps`` full-batch Gaussian steps (and, optionally, one pure-DP
-    release such as an SVT round), composed in a :class:`~monai_fedpriv.privacy.PrivacyLedger` like a site's;
-    ``None`` means no guarantee (no noise and no pure-DP filter)."""
-    events: list[PrivacyEvent] = []
-    if noise_multiplier > 0:
-        events.append(GaussianEvent(noise_multiplier, steps))
-    if pure_epsilon is not None:
-        events.append(PureEvent(pure_epsilon, "svt"))
-    if not events:
-        return None
-    return PrivacyLedger().epsilon_with(events, delta)
-
-
-def build_share_filter(
-    share: str,
-    *,
-    fraction: float = 0.1,
-    clip: float | None = None,
-    threshold: float = 5e-4,
-    epsilon_select: float = 1.0,
-    epsilon3: float = 1.0,
-    seed: int = 0,
-) -> Any | None:
-    """The update filter a site applies after DP-SGD: ``none``, ``percentile`` or ``svt`` (Li et al. 2019).
-
-    ``svt`` takes the defaults of the shared ``svt.json`` (``clip`` 1e-3, threshold 5e-4, selection budget 1 split
-    as Lyu et al. recommend, answers 1) and is built the way a site builds it, on a budget that allows exactly the
-    one audited release; ``percentile`` shares the top ``fraction`` coordinates, clipped to ``clip`` if given.
-    """
-    if share == "none":
-        return None
-    if share == "percentile":
-        return PercentileSharing(fraction=fraction, clip=clip)
-    if share == "svt":
-        total = float(epsilon_select) + float(epsilon3)
-        budget = PrivacyBudget(limit=total if total > 0 else 1.0)  # a bad epsilon is refused by the filter, by name
-        return SparseVectorFilter(
-            fraction, epsilon_select=epsilon_select, epsilon3=epsilon3, clip=clip if clip is not None else 1e-3,
-            threshold=threshold, budget=budget, generator=seed,
-        )  # fmt: skip
-    raise ValueError(f"share must be 'none', 'percentile' or 'svt', got {share!r}.")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monai-fedpriv attack", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle_dir", help="MONAI bundle folder with configs/train.json defining network_def")
-    p.add_argument("--victim", required=True, help="victim image: NIfTI, DICOM or PNG (a 2D image or a volume)")
+    p.add_argument("--victim", default=None, help="victim image: NIfTI, DICOM or PNG (a 2D image or a volume)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="instead of --victim: an MSD or BraTS folder; the victim is --case, as the network sees it",
+    )
+    p.add_argument("--layout", choices=("msd", "brats"), default=None, help="layout of --data (default: detected)")
+    p.add_argument("--case", type=int, default=0, help="with --data: index of the training case (default 0)")
     p.add_argument("--victim-label", default=None, help="victim label map; default: intensity classes of the image")
     p.add_argument("--slice", type=int, default=None, dest="slice_index", help="slice of a volume (default: middle)")
     p.add_argument("--size", type=int, default=64, help="victim image side after resizing (default 64)")
@@ -203,131 +82,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_victim(
-    image_path: str | Path,
-    label_path: str | Path | None,
-    num_classes: int,
-    pixel_range: tuple[float, float] = (0.0, 1.0),
-    slice_index: int | None = None,
-    size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Victim image in the pixel range, its label map and where the label came from (``"label"``/``"intensity"``)."""
-    lo, hi = pixel_range
-    image = lo + (hi - lo) * load_victim_image(image_path, slice_index, size)
-    if label_path:
-        label = load_victim_label(label_path, slice_index, size)
-        if int(label.max()) >= num_classes or int(label.min()) < 0:
-            raise DataError(f"victim label {str(label_path)!r} has values outside [0, {num_classes - 1}].")
-        return image, label, "label"
-    return image, intensity_label((image - lo) / (hi - lo), num_classes), "intensity"
+def check_args(args: argparse.Namespace) -> None:
+    """Every flag checked before any work: one ``OptionError`` naming the flag."""
+    from monai_fedpriv.cli.options import OptionError, check_number
 
-
-def attack_image(
-    network: torch.nn.Module,
-    loss: torch.nn.Module,
-    image: torch.Tensor,
-    label: torch.Tensor,
-    pixel_range: tuple[float, float] = (0.0, 1.0),
-    *,
-    privacy: str = "none",
-    noise_multiplier: float | None = None,
-    max_grad_norm: float | None = None,
-    share_filter: Any | None = None,
-    share: str = "none",
-    local_steps: int = 1,
-    lr: float = 0.01,
-    mask_known: bool = True,
-    iterations: int = 1000,
-    restarts: int = 4,
-    tv_weight: float = 5e-2,
-    seed: int = 0,
-    num_threads: int | None = None,
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """Build the update a site would send for ``(image, label)`` and attack it; returns ``(record, reconstruction)``.
-
-    The DP-SGD setting is a named regime, or ``noise_multiplier``/``max_grad_norm`` when given (``"custom"``); a
-    ``share_filter`` (e.g. from :func:`build_share_filter`) is applied to the update after DP-SGD, and the attack
-    then matches the shared coordinates only.
-    """
-    device = next(network.parameters()).device
-    with torch.no_grad():
-        num_classes = int(network(image[None].to(device)).shape[1])
-    custom = noise_multiplier is not None or max_grad_norm is not None
-    common = dict(
-        image_shape=tuple(image.shape[1:]), num_classes=num_classes, in_channels=image.shape[0],
-        local_steps=local_steps, lr=lr, mask_known=mask_known, pixel_range=pixel_range,
-    )  # fmt: skip
-    if custom:
-        tm = ThreatModel(noise_multiplier=noise_multiplier or 0.0, max_grad_norm=max_grad_norm, **common)  # type: ignore[arg-type]
-        privacy = "custom"
-    else:
-        tm = ThreatModel.for_regime(privacy, **common)  # type: ignore[arg-type]
-    gen = torch.Generator().manual_seed(seed)
-    delta = build_victim_update(
-        network, loss, image[None].to(device), label[None].to(device), tm.local_steps, tm.lr,
-        tm.noise_multiplier, tm.max_grad_norm, gen,
-    )  # fmt: skip
-    sent: ModelUpdate | dict[str, torch.Tensor] = delta
-    share_meta: dict[str, Any] = {}
-    if share_filter is not None:
-        update = ModelUpdate("victim", 1, {n: v.cpu() for n, v in delta.items()}, n_samples=1,
-                             local_steps=tm.local_steps)  # fmt: skip
-        filtered: ModelUpdate = share_filter(update)
-        share_meta = dict(filtered.meta.get("privacy", {}))
-        sent = filtered
-    recon, stats = reconstruct(
-        sent, network, tm, loss, mask=label[None].to(device) if tm.mask_known else None,
-        iterations=iterations, restarts=restarts, tv_weight=tv_weight,
-        generator=torch.Generator().manual_seed(seed + 1), num_threads=num_threads,
-    )  # fmt: skip
-    recon = recon[0]
-    scores = score_reconstruction(recon, image.cpu(), label.cpu(), pixel_range)
-    eps_sgd = release_epsilon(tm.noise_multiplier, tm.local_steps)
-    eps_share = share_meta.get("filter_epsilon")
-    epsilon = release_epsilon(tm.noise_multiplier, tm.local_steps, pure_epsilon=eps_share)
-    record = {
-        "psnr": scores["psnr"],
-        "ssim": scores["ssim"],
-        "ncc": scores["ncc"],
-        "baselines": scores["baselines"],
-        "verdict": scores["verdict"],
-        "epsilon": epsilon,
-        "iterations": stats["iterations"],
-        "seconds": stats["seconds"],
-        "ncc_inside_mask": scores["ncc_inside_mask"],
-        "ncc_outside_mask": scores["ncc_outside_mask"],
-        "update_norm": update_norm(delta),
-        "max_grad_norm": tm.max_grad_norm,
-        "noise_multiplier": tm.noise_multiplier,
-        "epsilon_dp_sgd": eps_sgd,
-        "iterations_per_second": stats["iterations_per_second"],
-        "mask_known": tm.mask_known,
-        "privacy": privacy,
-        "share": share,
-        "fraction_shared": share_meta.get("fraction_shared", 1.0),
-        "epsilon_share": eps_share,
-        "local_steps": tm.local_steps,
-        "restarts": stats["restarts"],
-        "matching_loss": stats["matching_loss"],
-        "delta": DELTA,
-    }
-    return record, recon
+    if (args.victim is None) == (args.data is None):
+        raise OptionError("give exactly one of --victim IMAGE and --data DIR.")
+    if args.data is None and (args.layout is not None or args.case != 0):
+        raise OptionError("--layout and --case need --data.")
+    if args.data is not None and (args.victim_label is not None or args.slice_index is not None):
+        raise OptionError("--victim-label and --slice go with --victim; with --data the case's own label is used.")
+    for flag, value, low in (
+        ("--iterations", args.iterations, 1),
+        ("--restarts", args.restarts, 1),
+        ("--local-steps", args.local_steps, 1),
+        ("--size", args.size, 8),
+        ("--case", args.case, 0),
+    ):
+        check_number(flag, value, low=low, integer=True)  # fmt: skip
+    check_number("--lr", args.lr, low=0, low_open=True)
+    check_number("--tv-weight", args.tv_weight, low=0)
+    check_number("--noise-multiplier", args.noise_multiplier, low=0)
+    check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True)
+    check_number("--share-fraction", args.share_fraction, low=0, high=1, low_open=True)
+    check_number("--threads", args.threads, low=1, integer=True)
 
 
 def run_attack(args: argparse.Namespace) -> dict[str, Any]:
     """Run the attack described by parsed CLI arguments and write the outputs; returns the JSON record."""
+    check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network, loss, pixel_range = load_bundle_model(args.bundle_dir)
+    victim: dict[str, Any] = {}
+    if args.data is not None:
+        from monai_fedpriv.attacks.victims import victim_from_dataset
+
+        image, label, overrides, victim = victim_from_dataset(args.bundle_dir, args.data, args.case, args.layout)
+        network, loss, _ = load_bundle_model(args.bundle_dir, overrides)
+        pixel_range = (float(image.min()), float(image.max()))  # the adapted (normalised) intensities
+        source = "label"
+    else:
+        network, loss, pixel_range = load_bundle_model(args.bundle_dir)
     if args.checkpoint:
-        network = _load_checkpoint(network, args.checkpoint, args.size)
+        network = load_checkpoint(network, args.checkpoint, args.size)
     network = network.to(device).train()
-    out_channels = int(getattr(network, "out_channels", 0)) or None
-    if out_channels is None:
-        with torch.no_grad():
-            out_channels = int(network(torch.zeros(1, 1, args.size, args.size, device=device)).shape[1])
-    image, label, source = load_victim(
-        args.victim, args.victim_label, out_channels, pixel_range, args.slice_index, args.size
-    )
+    if args.data is None:
+        out_channels = int(getattr(network, "out_channels", 0)) or None
+        if out_channels is None:
+            with torch.no_grad():
+                out_channels = int(network(torch.zeros(1, 1, args.size, args.size, device=device)).shape[1])
+        image, label, source = load_victim(
+            args.victim, args.victim_label, out_channels, pixel_range, args.slice_index, args.size
+        )
     share_filter = build_share_filter(
         args.share, fraction=args.share_fraction, clip=args.share_clip, threshold=args.svt_threshold,
         epsilon_select=args.svt_epsilon, epsilon3=args.svt_epsilon3, seed=args.seed,
@@ -339,6 +144,8 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         restarts=args.restarts, tv_weight=args.tv_weight, seed=args.seed, num_threads=args.threads,
     )  # fmt: skip
     record["mask_source"] = source
+    if victim:
+        record["victim"] = victim
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     title = f"privacy={record['privacy']}, share={args.share}, mask {args.mask}, SSIM {record['ssim']:.2f}"

@@ -53,7 +53,7 @@ def baseline_images(
     lo, hi = pixel_range
     out = {"constant": torch.full_like(original.float(), float(original.float().mean()))}
     if mask is not None:
-        m = mask.float().reshape(original.shape)
+        m = mask.float().reshape(original.shape[1:])[None].expand_as(original)  # one label map for every channel
         top = float(m.max())
         out["mask"] = lo + (hi - lo) * (m / top if top > 0 else m)
     return out

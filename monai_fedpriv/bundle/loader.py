@@ -13,6 +13,7 @@ Override files are found in the bundle's ``configs/`` first, then among the pack
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,44 @@ def load_bundle(
     for rid in required:
         if not _has_id(parser, rid):
             raise BundleError(f"bundle {root} (configs {list(spec.config_files)}) lacks required config id {rid!r}.")
+        dangling = _dangling_refs(parser, rid)
+        if dangling:
+            via, missing = dangling
+            needed = "" if via == rid else f" (needed by {rid!r})"
+            raise BundleError(
+                f"bundle {root} (configs {list(spec.config_files)}): id {via!r}{needed} refers to '@{missing}', "
+                f"which no config defines."
+            )
     return parser
+
+
+_REF = re.compile(r"@([A-Za-z_][\w#]*)")
+
+
+def _dangling_refs(parser: ConfigParser, rid: str) -> tuple[str, str] | None:
+    """The first ``@id`` reachable from ``rid`` that no config defines, as ``(referring id, missing id)``."""
+    seen: set[str] = set()
+    stack = [rid]
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for ref in _refs(parser_get(parser, current)):
+            if not _has_id(parser, ref):
+                return current, ref
+            stack.append(ref)
+    return None
+
+
+def _refs(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return _REF.findall(value) if ("@" in value) else []
+    if isinstance(value, Mapping):
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, (list, tuple)):
+        return [r for v in value for r in _refs(v)]
+    return []
 
 
 def _has_id(parser: ConfigParser, rid: str) -> bool:

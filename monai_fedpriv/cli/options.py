@@ -10,7 +10,7 @@ from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.errors import PrivacyConfigError
-from monai_fedpriv.experiments_sharing import ShareSettings
+from monai_fedpriv.experiments.sharing_study import ShareSettings
 
 __all__ = [
     "OptionError",

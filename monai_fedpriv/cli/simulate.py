@@ -34,7 +34,33 @@ def build_simulate_parser() -> argparse.ArgumentParser:
     work = p.add_mutually_exclusive_group()
     work.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 1)")
     work.add_argument("--local-steps", type=int, default=None, help="local optimiser steps per round")
-    p.add_argument("--partition", choices=PARTITIONS, default="institution", help="how cases are split onto sites")
+    p.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default=None,
+        help="how cases are split onto sites (default: institution when the data name enough institutions, else iid)",
+    )
+    data = p.add_argument_group("your data (instead of the bundle's own data list)")
+    data.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a Medical Segmentation Decathlon task folder or a BraTS release folder, as distributed",
+    )
+    data.add_argument("--layout", choices=("msd", "brats"), default=None, help="layout of --data (default: detected)")
+    data.add_argument(
+        "--institutions",
+        type=Path,
+        default=None,
+        help="CSV with columns case,institution (for --partition institution)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="patients per site held out for validation when the data set has no validation cases "
+        "(default 0.2; at least one per site)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last completed round in --output")
     p.add_argument("--output", type=Path, required=True, help="run directory (metrics.json, report.md, checkpoints)")
@@ -187,13 +213,19 @@ def _check_flags(args: argparse.Namespace) -> None:
     check_number("--min-sites", args.min_sites, low=1, high=args.sites, integer=True)
     check_number("--max-update-norm", args.max_update_norm, low=0, low_open=True)
     check_number("--norm-factor", args.norm_factor, low=1, low_open=True)
+    check_number("--val-fraction", args.val_fraction, low=0, high=1, high_open=True)
+    if args.data is None:
+        given = [f for f, v in (("--layout", args.layout), ("--institutions", args.institutions),
+                                ("--val-fraction", args.val_fraction)) if v is not None]  # fmt: skip
+        if given:
+            raise OptionError(f"{', '.join(given)} need --data.")
     if args.trim_fraction is not None and args.aggregator != "trimmed-mean":
         raise OptionError("--trim-fraction is used by --aggregator trimmed-mean only.")
 
 
 def simulate_main(argv: list[str]) -> int:
     args = build_simulate_parser().parse_args(argv)
-    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
     from monai_fedpriv.experiments import bundle_datalist, run_experiment, split_sites
     from monai_fedpriv.fl.server.screening import ScreenSettings
     from monai_fedpriv.fl.simulator import FaultInjector, LocalWork, parse_fault
@@ -216,14 +248,35 @@ def simulate_main(argv: list[str]) -> int:
     )
     config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
     overrides.update(parse_overrides(args.override))
-    bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
-    privacy = check_privacy_config(bundle, args.momentum)
+    load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs, up front
+    privacy = check_privacy_config(BundleSpec(args.bundle_dir, tuple(config_files), overrides), args.momentum)
     if privacy:
         print(f"privacy: {privacy}", flush=True)
-    print(f"loading data list of {args.bundle_dir} ...", flush=True)
-    cases = bundle_datalist(bundle)
-    split = split_sites(cases, args.sites, args.partition, args.seed)
-    print(f"partition {args.partition}: train {split.sizes}, mean KS {split.mean_ks}", flush=True)
+    own = None
+    if args.data is not None:  # the data first: its description decides the bundle's channels and transforms
+        from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data, split_own_data
+
+        own = load_own_data(args.data, args.layout, args.institutions)
+        if args.privacy != "none" and args.privacy_unit is None and own.info.spatial_dims == 3:
+            overrides["dp_privacy_unit"] = "patient"
+            print("privacy unit: patient (3D volumes: each patient's slices are sampled and clipped together)")
+        adapted, target = adapt_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides), own,
+                                       privacy=args.privacy != "none")  # fmt: skip
+        overrides = {**adapted, **overrides}
+        print(f"data: {own.info.name} ({own.info.layout}, {own.info.n_cases} cases, modalities "
+              f"{list(own.info.modalities)}, labels {own.info.labels}); network {target.spatial_dims}D on "
+              f"{own.info.spatial_dims}D images, patch {list(target.patch_size)}")  # fmt: skip
+    bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
+    if own is not None:
+        val_fraction = 0.2 if args.val_fraction is None else args.val_fraction
+        split = split_own_data(own, args.sites, args.partition, val_fraction, args.seed)
+        extra = {"data": own.summary(split)}
+    else:
+        print(f"loading data list of {args.bundle_dir} ...", flush=True)
+        split = split_sites(bundle_datalist(bundle), args.sites, args.partition or "institution", args.seed)
+        extra = {}
+    print(f"partition {split.scheme}: train {split.sizes}, validation {split.describe()['val_sizes']}, mean KS "
+          f"{split.mean_ks}", flush=True)  # fmt: skip
     metrics = run_experiment(
         bundle,
         split,
@@ -242,6 +295,7 @@ def simulate_main(argv: list[str]) -> int:
             "faults": faults,
             "secure_noise": args.secure_noise,
         },  # fmt: skip
+        extra=extra,
     )
     if not args.no_report:
         import torch

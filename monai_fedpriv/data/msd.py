@@ -101,7 +101,9 @@ def _resolve(root: Path, rel: str, where: str) -> str:
     return str(path)
 
 
-def load_msd_datalist(root: str | Path, section: str = "training", check: bool = False) -> list[dict]:
+def load_msd_datalist(
+    root: str | Path, section: str = "training", check: bool = False, institutions_csv: str | Path | None = None
+) -> list[dict]:
     """Load one section of an MSD ``dataset.json`` as a list of case dicts with absolute paths.
 
     Every item gets ``image`` (absolute path, or list of paths), ``label`` (absolute path; not for plain-string
@@ -113,6 +115,7 @@ def load_msd_datalist(root: str | Path, section: str = "training", check: bool =
         root: data set folder holding ``dataset.json``.
         section: ``"training"``, ``"validation"``, ``"test"`` or any other list in ``dataset.json``.
         check: run :func:`check_datalist` against the declared labels (all cases, all errors reported together).
+        institutions_csv: a ``case,institution`` CSV to use instead of ``root/institutions.csv``.
 
     Raises:
         DataError: missing ``dataset.json`` or section, an item without ``image`` (or without ``label`` in a section
@@ -131,8 +134,8 @@ def load_msd_datalist(root: str | Path, section: str = "training", check: bool =
     items = meta[section]
     if not isinstance(items, list):
         raise DataError(f"{json_path}: section {section!r} must be a list, got {type(items).__name__}")
-    csv_path = root / "institutions.csv"
-    institutions = read_institutions_csv(csv_path) if csv_path.is_file() else {}
+    csv_path = Path(institutions_csv) if institutions_csv is not None else root / "institutions.csv"
+    institutions = read_institutions_csv(csv_path) if institutions_csv is not None or csv_path.is_file() else {}
     cases = []
     for i, item in enumerate(items):
         where = f"{json_path} {section}[{i}]"

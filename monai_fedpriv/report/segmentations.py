@@ -23,7 +23,10 @@ def plot_example_segmentations(
     path: Path,
     title: str = "global model",
 ) -> Path:
-    """Save a PNG grid with the first validation case of every site and the model's argmax prediction."""
+    """Save a PNG grid with the first validation case of every site and the model's argmax prediction.
+
+    A 3D validation volume is predicted whole with the bundle's ``validate#inferer`` (slice-wise or sliding window)
+    and shown at the axial slice with the most foreground in its label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,15 +42,21 @@ def plot_example_segmentations(
     # under DP the sites (and so the global model) train the prepared network, e.g. without BatchNorm statistics
     network = load_trained_weights(network, weights, example, norm=str(parser_get(parser, "dp#norm", "instance")))
     network.eval()
+    inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), dpi=100, squeeze=False)
     for i, (site, case) in enumerate(rows):
         item = transform(dict(case))
         image = torch.as_tensor(item["image"])[None].float()
         with torch.no_grad():
-            pred = network(image).argmax(1)[0].numpy()
+            logits = inferer(image, network) if inferer is not None else network(image)
+        pred = logits.argmax(1)[0].numpy()
         label = np.asarray(torch.as_tensor(item["label"])[0])
-        dice = DiceEvaluator([case], transform)(network)["dice"]
+        dice = DiceEvaluator([case], transform, inferer=inferer, batch_size=1)(network)["dice"]
         img = np.asarray(image[0, 0])
+        n_classes = int(logits.shape[1])
+        if img.ndim == 3:  # a volume: the axial slice with the most foreground
+            z = int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(0)))
+            img, label, pred = img[..., z], label[..., z], pred[..., z]
         for j, (arr, name) in enumerate(
             ((img, "image"), (label, "ground truth"), (pred, f"prediction (Dice {dice:.2f})"))
         ):
@@ -56,10 +65,11 @@ def plot_example_segmentations(
                 ax.imshow(np.rot90(arr), cmap="gray")
             else:
                 ax.imshow(np.rot90(img), cmap="gray")
-                ax.imshow(np.rot90(np.ma.masked_equal(arr, 0)), cmap="viridis", vmin=0, vmax=2, alpha=0.6)
+                ax.imshow(np.rot90(np.ma.masked_equal(arr, 0)), cmap="viridis", vmin=0, vmax=max(1, n_classes - 1),
+                          alpha=0.6)  # fmt: skip
             ax.set_title(f"{site}: {name}" if j == 0 else name, fontsize=8)
             ax.axis("off")
-    fig.suptitle(f"Example segmentations, {title} (GM = teal, WM = yellow)", fontsize=9)
+    fig.suptitle(f"Example segmentations, {title} (foreground classes coloured)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -187,8 +187,10 @@ class FederatedSimulator:
         self.global_weights = exchangeable_state(network)
         transform = parser.get_parsed_content("validate#preprocessing")
         inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
+        batch = parser_get(parser, "validate#dataloader#batch_size")
+        batch = int(batch) if isinstance(batch, int) and not isinstance(batch, bool) else 16
         for name, data in self.eval_sets.items():
-            self.evaluators[name] = DiceEvaluator(data, transform, self.device, inferer)
+            self.evaluators[name] = DiceEvaluator(data, transform, self.device, inferer, batch_size=batch)
 
     def setup(self) -> None:
         self._build_server()

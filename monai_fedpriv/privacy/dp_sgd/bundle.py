@@ -107,16 +107,27 @@ class DPSGD(UpdateFilter):
         self._parts: PrivateParts | None = None
 
     # ---------------------------------------------------------------- building
-    def _example(self, network: nn.Module, loader: DataLoader) -> torch.Tensor:
-        device = next(network.parameters()).device
-        if self.example_input_shape is not None:
-            return torch.zeros(self.example_input_shape, device=device)
+    def _first_item(self, loader: DataLoader) -> torch.Tensor:
+        """The images one dataset item yields (several with a multi-sample crop), collated."""
         base: Any = loader.dataset
         while hasattr(base, "base"):  # a SeededDataset's base: its item counter must not move
             base = base.base
         batch = loader.collate_fn([base[0]]) if loader.collate_fn is not None else base[0]
-        image = batch[self.image_key] if isinstance(batch, Mapping) else batch[0]
-        return torch.as_tensor(image)[:2].to(device)
+        return torch.as_tensor(batch[self.image_key] if isinstance(batch, Mapping) else batch[0])
+
+    def _example(self, network: nn.Module, loader: DataLoader) -> torch.Tensor:
+        device = next(network.parameters()).device
+        first = self._first_item(loader)
+        if first.shape[0] > 1 and self.settings.privacy_unit != "patient":
+            raise PrivacyConfigError(
+                f"one training item yields {first.shape[0]} samples (a multi-sample crop such as "
+                f"RandCropByPosNegLabeld num_samples={first.shape[0]}), so clipping each sample would not bound the "
+                f"item's contribution under privacy unit {self.settings.privacy_unit!r}; use privacy unit 'patient' "
+                f"(a patient's samples are clipped together) or one sample per item."
+            )
+        if self.example_input_shape is not None:
+            return torch.zeros(self.example_input_shape, device=device)
+        return first[:2].to(device)
 
     def _build(self) -> PrivateParts:
         if self._parts is None:
