@@ -164,3 +164,10 @@ def test_bundle_outputs_never_land_in_the_working_directory(tmp_path, monkeypatc
     assert output_root(str(BUNDLE_DIR), "brain_tissue_2d") == str(BUNDLE_DIR)
     monkeypatch.chdir(BUNDLE_DIR)
     assert output_root(".", "brain_tissue_2d") == "."  # run from inside the bundle: its own folders
+
+
+def test_errors_raised_inside_monais_config_parser_reach_the_cli_unwrapped(tmp_path, capsys):
+    argv = ["simulate", str(BUNDLE_DIR), "--override", f"dataset_dir={tmp_path / 'none'}", "--rounds", "1"]
+    assert main([*argv, "--output", str(tmp_path / "o")]) == 2  # the DataError comes out of the datalist expression
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: MSD data set root") and "dataset.json" in err[0]
