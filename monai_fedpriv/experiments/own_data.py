@@ -139,7 +139,7 @@ def split_own_data(
 
 
 def _metadata_shape(parser: Any) -> list[int] | None:
-    meta = parser.get("_meta_") if hasattr(parser, "get") else None
+    meta: Any = parser.get("_meta_") if hasattr(parser, "get") else None
     try:
         shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
     except (KeyError, TypeError):

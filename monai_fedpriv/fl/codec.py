@@ -40,11 +40,12 @@ import numpy as np
 import torch
 
 from monai_fedpriv.errors import UpdateError
-from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 
-__all__ = ["encode_update", "decode_update", "encoded_size", "CODEC_VERSION"]
+__all__ = ["encode_update", "decode_update", "encoded_size", "encode_global", "decode_global", "CODEC_VERSION"]
 
 MAGIC = b"MFPU"
+GLOBAL_MAGIC = b"MFPG"  # a GlobalModel: the server's answer (dense weights, optional moments, round, stop)
 CODEC_VERSION = 1
 _PREFIX = struct.Struct("<4sBI")
 
@@ -284,3 +285,56 @@ def decode_update(data: bytes) -> ModelUpdate:
 def encoded_size(update: ModelUpdate) -> int:
     """Bytes :func:`encode_update` produces for ``update`` (what ``bytes_sent`` should report)."""
     return len(encode_update(update))
+
+
+def _pack(magic: bytes, header: dict[str, Any], blocks: list[bytes], who: str) -> bytes:
+    try:
+        head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
+    except (TypeError, ValueError) as exc:
+        raise UpdateError(f"{who}: header is not JSON-serialisable: {exc}") from exc
+    return b"".join([_PREFIX.pack(magic, CODEC_VERSION, len(head)), head, *blocks])
+
+
+def _unpack(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], memoryview, int]:
+    if len(data) < _PREFIX.size:
+        raise UpdateError(f"encoded {what} is {len(data)} bytes, shorter than its {_PREFIX.size}-byte prefix.")
+    got, version, head_len = _PREFIX.unpack_from(data, 0)
+    if got != magic:
+        raise UpdateError(f"not an encoded {what} (magic {got!r}, expected {magic!r}).")
+    if version != CODEC_VERSION:
+        raise UpdateError(f"codec version {version} is not supported (this is version {CODEC_VERSION}).")
+    start = _PREFIX.size + head_len
+    try:
+        header = json.loads(zlib.decompress(bytes(data[_PREFIX.size : start])).decode("utf-8"))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UpdateError(f"corrupt header in encoded {what}: {exc}") from exc
+    return header, memoryview(data), start
+
+
+def encode_global(model: GlobalModel) -> bytes:
+    """Serialise the server's answer (dense weights and optional aggregated moments) for a remote transport."""
+    who = f"global model of round {model.round}"
+    entries, blocks = _encode_tensors(model.weights, None, who)
+    opt_entries, opt_blocks = (
+        ([], []) if model.optimizer_state is None else _encode_tensors(model.optimizer_state, None, who)
+    )
+    header = {
+        "kind": "global",
+        "round": model.round,
+        "stop": model.stop,
+        "tensors": entries,
+        "optimizer_state": None if model.optimizer_state is None else opt_entries,
+    }
+    return _pack(GLOBAL_MAGIC, header, [*blocks, *opt_blocks], who)
+
+
+def decode_global(data: bytes) -> GlobalModel:
+    """Inverse of :func:`encode_global` (``UpdateError`` on anything malformed)."""
+    header, view, start = _unpack(data, GLOBAL_MAGIC, "global model")
+    weights, _, offset = _decode_tensors(header["tensors"], view, start, False)
+    optimizer_state = None
+    if header["optimizer_state"] is not None:
+        optimizer_state, _, offset = _decode_tensors(header["optimizer_state"], view, offset, False)
+    if offset != len(data):
+        raise UpdateError(f"encoded global model has {len(data) - offset} trailing bytes.")
+    return GlobalModel(int(header["round"]), weights, optimizer_state, bool(header["stop"]))

@@ -32,11 +32,11 @@ from monai_fedpriv.data.stream import derive_seed
 from monai_fedpriv.errors import BundleError, DataError, FederationError, PrivacyConfigError
 from monai_fedpriv.fl.evaluation import DiceEvaluator
 from monai_fedpriv.fl.server.checkpoint import CHECKPOINT_VERSION, load_round_checkpoint
-from monai_fedpriv.fl.server.records import global_privacy, mean, progress_cell
+from monai_fedpriv.fl.server.records import global_privacy, progress_cell
 from monai_fedpriv.fl.server.round import ServerRound
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator.faults import Fault, FaultInjector
-from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
+from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site, train_round
 from monai_fedpriv.fl.strategies import FedAvg, Strategy
 from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import GlobalModel
@@ -355,40 +355,6 @@ class FederatedSimulator:
         logger.warning(f"{reason}; ending the federation after round {rnd}.")
         self.stopped = {"round": rnd, "reason": reason}
 
-    def _train_site(self, rnd: int, name: str, site: SiteRuntime) -> tuple[dict[str, Any], bool, str | None]:
-        """Run one site's round; returns (result entry, whether it is expected to answer, failure reason)."""
-        try:
-            site.run_round()
-        except Exception as exc:  # noqa: BLE001 - any failure of a site's training is that site's, not the run's
-            if site.exhausted_budgets():  # a release refused by the budget: the site stops, nothing was sent
-                site.release_engine()
-                site.active = False
-                return {"stopped": _stop_text(site), "privacy": site.privacy_facts()}, False, None
-            logger.warning(f"{name}: training raised in round {rnd}: {type(exc).__name__}: {exc}")
-            site.rollback(self._snapshots[name], self.max_epochs)
-            return {}, True, f"training raised {type(exc).__name__}: {exc}"
-        sent = name in self.transport.inbox
-        result: dict[str, Any] = {}
-        if not sent and site.exhausted_budgets():
-            result["stopped"] = _stop_text(site)
-            logger.warning(f"{name}: {result['stopped']} in round {rnd}; it leaves the federation.")
-            try:
-                sent = site.sync.send_partial_round(site.trainer)  # steps taken before the stop: send their result
-            except Exception as exc:  # noqa: BLE001 - a filter refused: nothing was sent
-                logger.warning(f"{name}: the partial round could not be sent: {exc}")
-        elif not sent:
-            site.active = False
-            return {"stopped": "sent no update"}, True, "the site's trainer ended without sending an update"
-        if sent:
-            result["loss"] = mean(site.losses)
-            if name in self.evaluators:
-                result["dice"] = self.evaluators[name](site.trainer.network)["dice"]
-        else:
-            result["privacy"] = site.privacy_facts()  # a stopped site still reports what it has spent
-        if "stopped" in result:
-            site.active = False
-        return result, sent, None
-
     def _run_round(self, rnd: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         active = [name for name, site in self.sites.items() if site.active]
@@ -399,7 +365,9 @@ class FederatedSimulator:
         stop_reason = ""
         for name in selected:
             site = self.sites[name]
-            result, answers, failure = self._train_site(rnd, name, site)
+            result, answers, failure = train_round(
+                site, rnd, self.transport, self._snapshots[name], self.max_epochs, self.evaluators.get(name)
+            )
             site_results[name] = result
             if answers:
                 expected.append(name)
@@ -497,9 +465,3 @@ def _site_network(site: SiteRuntime) -> torch.nn.Module:
 def _round_in_training(site: SiteRuntime) -> Callable[[], int]:
     """The round ``site`` is training (1-based): one more than the rounds it has completed."""
     return lambda: site.sync.round + 1
-
-
-def _stop_text(site: SiteRuntime) -> str:
-    facts = site.privacy_facts() or {}
-    reason = facts.get("stop_reason")
-    return "privacy budget exhausted" + (f": {reason}" if reason else "")

@@ -61,6 +61,10 @@ class InProcessTransport(Transport):
         self.wire_bytes[update.site] = len(data)
         self.inbox[update.site] = decode_update(data)
 
+    def has_update(self, site: str) -> bool:
+        """Whether ``site`` has sent its update of the current round."""
+        return site in self.inbox
+
     def collect(self) -> list[ModelUpdate]:
         """Server side: the updates received this round, in arrival order; empties the inbox."""
         updates = list(self.inbox.values())
