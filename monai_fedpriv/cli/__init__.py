@@ -1,4 +1,4 @@
-"""Command line: ``monai-fedpriv simulate | privacy | attack | data``.
+"""Command line: ``monai-fedpriv simulate | export-nvflare | run-nvflare | privacy | attack | data | configs``.
 
 Bad input (a flag, a bundle id, a data file, a privacy setting) ends with one ``error:`` line naming it and exit
 code 2, also when the error was raised inside MONAI's config parser (which wraps it); a federation that had to
@@ -20,6 +20,10 @@ COMMANDS = {
                  "sites (+ baselines, report)"),
     "privacy": ("monai_fedpriv.privacy.cli", "privacy_main", "epsilon of DP-SGD for (sample rate, noise "
                 "multiplier, steps, delta)"),
+    "export-nvflare": ("monai_fedpriv.cli.nvflare", "export_main", "write a federated run as an NVIDIA FLARE 2.9 "
+                       "job (same flags as simulate)"),
+    "run-nvflare": ("monai_fedpriv.cli.nvflare", "run_nvflare_main", "run an exported job in NVFlare's simulator "
+                    "or POC mode; metrics.json + report"),
     "attack": ("monai_fedpriv.attacks.cli", "attack_main", "gradient-inversion audit of one site's update"),
     "data": ("monai_fedpriv.cli", "data_main", "build the embedded default data set"),
     "configs": ("monai_fedpriv.cli", "configs_main", "paths of the shared override files (fed, budget, dp, svt...) "
@@ -28,7 +32,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = [f"  {name:<9} {desc}" for name, (_, _, desc) in COMMANDS.items()]
+    lines = [f"  {name:<14} {desc}" for name, (_, _, desc) in COMMANDS.items()]
     return "usage: monai-fedpriv {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(lines)
 
 

@@ -7,307 +7,64 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monai_fedpriv.cli.options import (
-    OptionError,
-    check_number,
-    check_privacy_config,
-    parse_overrides,
-    privacy_files_and_overrides,
-)
+from monai_fedpriv.bundle.loader import BundleSpec
+from monai_fedpriv.cli.run_flags import add_run_flags
 
-__all__ = ["build_simulate_parser", "simulate_main"]
-
-PARTITIONS = ("iid", "institution", "quantity", "skew-low", "skew-mid", "skew-high")
+__all__ = ["build_simulate_parser", "simulate_main", "write_run_report"]
 
 
 def build_simulate_parser() -> argparse.ArgumentParser:
-    from monai_fedpriv.fl.simulator.faults import FAULT_KINDS
-    from monai_fedpriv.fl.strategies import STRATEGIES, WEIGHTINGS
-
     p = argparse.ArgumentParser(
         prog="monai-fedpriv simulate",
         description="Simulate federated training of a MONAI bundle over N sites on this machine.",
     )
-    p.add_argument("bundle_dir", type=Path, help="MONAI bundle directory (with configs/train.json)")
-    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
-    work = p.add_mutually_exclusive_group()
-    work.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 1)")
-    work.add_argument("--local-steps", type=int, default=None, help="local optimiser steps per round")
-    p.add_argument(
-        "--partition",
-        choices=PARTITIONS,
-        default=None,
-        help="how cases are split onto sites (default: institution when the data name enough institutions, else iid)",
-    )
-    data = p.add_argument_group("your data (instead of the bundle's own data list)")
-    data.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="a Medical Segmentation Decathlon task folder or a BraTS release folder, as distributed",
-    )
-    data.add_argument("--layout", choices=("msd", "brats"), default=None, help="layout of --data (default: detected)")
-    data.add_argument(
-        "--institutions",
-        type=Path,
-        default=None,
-        help="CSV with columns case,institution (for --partition institution)",
-    )
-    data.add_argument(
-        "--val-fraction",
-        type=float,
-        default=None,
-        help="patients per site held out for validation when the data set has no validation cases "
-        "(default 0.2; at least one per site)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --output")
-    p.add_argument("--output", type=Path, required=True, help="run directory (metrics.json, report.md, checkpoints)")
-    p.add_argument(
-        "--config-files", nargs="+", default=["train.json"],
-        help="bundle config files merged in order, e.g. train.json fed.json (default train.json); names not in the "
-        "bundle's configs/ are taken from monai_fedpriv's shared overrides",
-    )  # fmt: skip
-    p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default="restart",
-                   help="client optimiser state across rounds (Li et al. 2019): default restart")  # fmt: skip
-    server = p.add_argument_group("server (the strategy and how it screens updates)")
-    server.add_argument(
-        "--aggregator",
-        choices=STRATEGIES,
-        default="fedavg",
-        help="fedavg, fedavgm (server momentum), median or trimmed-mean (robust, Yin et al. 2018)",
-    )
-    server.add_argument(
-        "--weighting",
-        choices=WEIGHTINGS,
-        default="steps",
-        help="FedAvg weights: local steps (Li et al. Alg. 3), samples, or plain mean",
-    )
-    server.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM server momentum in [0, 1)")
-    server.add_argument("--server-lr", type=float, default=1.0, help="server step size on the aggregated update")
-    server.add_argument(
-        "--trim-fraction",
-        type=float,
-        default=None,
-        help="trimmed-mean: fraction dropped at each end per coordinate (default 0.2)",
-    )
-    server.add_argument(
-        "--min-sites",
-        type=int,
-        default=None,
-        help="acceptable updates a round needs (default: all but one of its sites, at least 1)",
-    )
-    server.add_argument("--max-update-norm", type=float, default=None, help="reject updates whose L2 norm exceeds this")
-    server.add_argument(
-        "--norm-factor",
-        type=float,
-        default=100.0,
-        help="reject an update whose norm is this many times the median of the others (default 100)",
-    )
-    server.add_argument(
-        "--inject-fault",
-        action="append",
-        default=[],
-        metavar="SITE:KIND:ROUND",
-        help=f"inject a fault to test the federation, KIND in {FAULT_KINDS} (repeatable)",
-    )
-    p.add_argument("--baselines", action="store_true",
-                   help="also train centralised and local-only models with the same total epochs")  # fmt: skip
-    priv = p.add_argument_group("privacy (DP-SGD at every site, Ziller et al. Table 1 regimes)")
-    priv.add_argument(
-        "--privacy",
-        choices=("none", "low", "medium", "high", "custom"),
-        default="none",
-        help="add the shared dp.json with this regime (default none)",
-    )
-    priv.add_argument("--noise-multiplier", type=float, default=None, help="custom (or overridden) noise multiplier")
-    priv.add_argument("--max-grad-norm", type=float, default=None, help="custom (or overridden) per-sample clip norm")
-    priv.add_argument(
-        "--privacy-unit",
-        choices=("slice", "volume", "patient"),
-        default=None,
-        help="what one epsilon protects (default slice: one training item)",
-    )
-    priv.add_argument(
-        "--items-per-patient",
-        type=int,
-        default=None,
-        help="patient unit: items an included patient contributes per step (default 1)",
-    )
-    budget = p.add_argument_group("budget (one per site over DP-SGD, SVT and Gaussian update releases)")
-    budget.add_argument(
-        "--epsilon-budget",
-        type=float,
-        default=None,
-        help="per-site epsilon budget (default: the regime's); no release passes it",
-    )
-    budget.add_argument("--delta", type=float, default=None, help="delta of every epsilon (default 1e-5)")
-    budget.add_argument("--share-delta", type=float, default=None, dest="delta", help=argparse.SUPPRESS)
-    budget.add_argument(
-        "--budget-policy",
-        choices=("stop_site", "stop_federation"),
-        default=None,
-        help="when a site's budget runs out: continue without it (default) or stop everyone",
-    )
-    budget.add_argument(
-        "--accountant",
-        choices=("rdp", "prv"),
-        default=None,
-        help="rdp (default; valid for every mix) or prv (Gaussian mechanisms only)",
-    )
-    budget.add_argument(
-        "--secure-noise",
-        action="store_true",
-        help="draw privacy noise from OS entropy (default in simulation: seeded from --seed)",
-    )
-    share = p.add_argument_group(
-        "update sharing (Li et al. 2019, section 2.2): filters on what every site sends, after DP-SGD if any"
-    )
-    share.add_argument(
-        "--share",
-        choices=("none", "percentile", "svt", "gaussian"),
-        default="none",
-        help="percentile: largest fraction of |dw| (no DP); svt: sparse vector technique (pure DP per "
-        "round); gaussian: clip the update norm and add Gaussian noise; default none",
-    )
-    share.add_argument("--share-fraction", type=float, default=None, help="fraction q shared (default 0.1)")
-    share.add_argument(
-        "--share-clip",
-        type=float,
-        default=None,
-        help="clip gamma per local iteration (percentile: default none; svt: default 1e-3)",
-    )
-    share.add_argument(
-        "--svt-epsilon",
-        type=float,
-        default=None,
-        help="SVT selection budget eps1 + eps2 per round, split as Lyu et al. 2017 recommend (default 1)",
-    )
-    share.add_argument("--svt-epsilon3", type=float, default=None, help="SVT budget of the released values (default 1)")
-    share.add_argument(
-        "--svt-threshold", type=float, default=None, help="SVT public threshold h on |dw| (default gamma/2)"
-    )
-    share.add_argument("--gaussian-clip", type=float, default=None, help="L2 clip norm C of the update (gaussian)")
-    share.add_argument("--gaussian-noise", type=float, default=None, help="noise multiplier sigma (gaussian)")
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="ID=JSON",
-        help="bundle config override applied last, e.g. --override learning_rate=0.001 (repeatable)",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
-    return p
-
-
-def _check_flags(args: argparse.Namespace) -> None:
-    check_number("--sites", args.sites, low=1, integer=True)
-    check_number("--rounds", args.rounds, low=1, integer=True)
-    check_number("--local-epochs", args.local_epochs, low=1, integer=True)
-    check_number("--local-steps", args.local_steps, low=1, integer=True)
-    check_number("--server-momentum", args.server_momentum, low=0, high=1, high_open=True)
-    check_number("--server-lr", args.server_lr, low=0, low_open=True)
-    check_number("--trim-fraction", args.trim_fraction, low=0, high=0.5, high_open=True)
-    check_number("--min-sites", args.min_sites, low=1, high=args.sites, integer=True)
-    check_number("--max-update-norm", args.max_update_norm, low=0, low_open=True)
-    check_number("--norm-factor", args.norm_factor, low=1, low_open=True)
-    check_number("--val-fraction", args.val_fraction, low=0, high=1, high_open=True)
-    if args.data is None:
-        given = [f for f, v in (("--layout", args.layout), ("--institutions", args.institutions),
-                                ("--val-fraction", args.val_fraction)) if v is not None]  # fmt: skip
-        if given:
-            raise OptionError(f"{', '.join(given)} need --data.")
-    if args.trim_fraction is not None and args.aggregator != "trimmed-mean":
-        raise OptionError("--trim-fraction is used by --aggregator trimmed-mean only.")
+    return add_run_flags(p)
 
 
 def simulate_main(argv: list[str]) -> int:
     args = build_simulate_parser().parse_args(argv)
-    from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
-    from monai_fedpriv.experiments import bundle_datalist, run_experiment, split_sites
-    from monai_fedpriv.fl.server.screening import ScreenSettings
-    from monai_fedpriv.fl.simulator import FaultInjector, LocalWork, parse_fault
-    from monai_fedpriv.fl.strategies import build_strategy
+    from monai_fedpriv.cli.plan import plan_run
+    from monai_fedpriv.experiments import run_experiment
 
-    _check_flags(args)
-    try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
-        faults = [parse_fault(f) for f in args.inject_fault]
-        FaultInjector(faults).check_sites([f"site-{k + 1}" for k in range(args.sites)])
-        strategy_options = {
-            "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
-            "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
-        }  # fmt: skip
-        build_strategy(args.aggregator, **strategy_options)
-        screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from exc
-    local_work = (
-        LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
-    )
-    config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
-    overrides.update(parse_overrides(args.override))
-    load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs, up front
-    privacy = check_privacy_config(BundleSpec(args.bundle_dir, tuple(config_files), overrides), args.momentum)
-    if privacy:
-        print(f"privacy: {privacy}", flush=True)
-    own = None
-    if args.data is not None:  # the data first: its description decides the bundle's channels and transforms
-        from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data, split_own_data
-
-        own = load_own_data(args.data, args.layout, args.institutions)
-        if args.privacy != "none" and args.privacy_unit is None and own.info.spatial_dims == 3:
-            overrides["dp_privacy_unit"] = "patient"
-            print("privacy unit: patient (3D volumes: each patient's slices are sampled and clipped together)")
-        adapted, target = adapt_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides), own,
-                                       privacy=args.privacy != "none")  # fmt: skip
-        overrides = {**adapted, **overrides}
-        print(f"data: {own.info.name} ({own.info.layout}, {own.info.n_cases} cases, modalities "
-              f"{list(own.info.modalities)}, labels {own.info.labels}); network {target.spatial_dims}D on "
-              f"{own.info.spatial_dims}D images, patch {list(target.patch_size)}")  # fmt: skip
-    bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
-    if own is not None:
-        val_fraction = 0.2 if args.val_fraction is None else args.val_fraction
-        split = split_own_data(own, args.sites, args.partition, val_fraction, args.seed)
-        extra = {"data": own.summary(split)}
-    else:
-        print(f"loading data list of {args.bundle_dir} ...", flush=True)
-        split = split_sites(bundle_datalist(bundle), args.sites, args.partition or "institution", args.seed)
-        extra = {}
-    print(f"partition {split.scheme}: train {split.sizes}, validation {split.describe()['val_sizes']}, mean KS "
-          f"{split.mean_ks}", flush=True)  # fmt: skip
+    plan = plan_run(args, log=lambda line: print(line, flush=True))
     metrics = run_experiment(
-        bundle,
-        split,
+        plan.bundle,
+        plan.split,
         args.output,
         args.rounds,
-        local_work,
+        plan.local_work,
         seed=args.seed,
         momentum=args.momentum,
-        strategy_factory=lambda: build_strategy(args.aggregator, **strategy_options),
+        strategy_factory=plan.build_strategy,
         baselines=args.baselines,
         resume=args.resume,
         device=args.device,
         federation={
-            "screen": screen,
+            "screen": plan.screen,
             "min_sites": args.min_sites,
-            "faults": faults,
+            "faults": plan.faults,
             "secure_noise": args.secure_noise,
         },  # fmt: skip
-        extra=extra,
+        extra=plan.extra,
     )
     if not args.no_report:
-        import torch
-
-        from monai_fedpriv.report.markdown import write_report
-        from monai_fedpriv.report.segmentations import plot_example_segmentations
-
-        weights = torch.load(args.output / "federated" / "models" / "model.pt", map_location="cpu")
-        seg = plot_example_segmentations(bundle, weights, split.val, args.output / "figures" / "segmentations.png")
-        report = write_report(metrics, args.output, {"Example segmentations of the federated model": seg})
-        print(f"report: {report}")
+        write_run_report(metrics, plan.bundle, plan.split.val, args.output)
     final = metrics["final"]["global_dice"]
     print(f"metrics: {args.output / 'metrics.json'}; final global Dice {final:.4f}" if final is not None else
           f"metrics: {args.output / 'metrics.json'}")  # fmt: skip
     return 0
+
+
+def write_run_report(metrics: dict, bundle: BundleSpec, val: dict[str, list[dict]], output: Path) -> Path:
+    """``output/report.md`` with example segmentations of ``output/federated/models/model.pt`` on the sites'
+    validation cases ``val``."""
+    import torch
+
+    from monai_fedpriv.report.markdown import write_report
+    from monai_fedpriv.report.segmentations import plot_example_segmentations
+
+    weights = torch.load(output / "federated" / "models" / "model.pt", map_location="cpu")
+    seg = plot_example_segmentations(bundle, weights, val, output / "figures" / "segmentations.png")
+    report = write_report(metrics, output, {"Example segmentations of the federated model": seg})
+    print(f"report: {report}")
+    return report

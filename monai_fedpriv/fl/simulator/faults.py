@@ -5,15 +5,19 @@
 * ``crash``: the site's trainer raises :class:`~monai_fedpriv.errors.InjectedFault` at the start of that round;
 * ``nan``: the update the site sends has NaN in its first floating-point tensor;
 * ``scale``: the update's delta is multiplied by 1e6;
-* ``keys``: a key of the update is renamed (the server sees one missing and one unknown key).
+* ``keys``: a key of the update is renamed (the server sees one missing and one unknown key);
+* ``stall``: the site's trainer sleeps :data:`STALL_SECONDS` at the start of that round (a slow site: exercises
+  round timeouts and, in deployment tests, leaves time to kill a process mid-round). Results are unchanged.
 
 ``nan``, ``scale`` and ``keys`` act on what crosses the wire, after the site's filters (a buggy or malicious site),
 so they exercise the server's screening; ``crash`` exercises the recovery of a site whose training failed.
+A ``crash`` or ``stall`` happens once per process: a site process started again (a resumed job) repeats it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,9 +26,10 @@ from ignite.engine import Engine, Events
 from monai_fedpriv.errors import InjectedFault
 from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["FAULT_KINDS", "Fault", "FaultInjector", "parse_fault"]
+__all__ = ["FAULT_KINDS", "STALL_SECONDS", "Fault", "FaultInjector", "parse_fault"]
 
-FAULT_KINDS = ("nan", "crash", "scale", "keys")
+FAULT_KINDS = ("nan", "crash", "scale", "keys", "stall")
+STALL_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -92,19 +97,22 @@ class FaultInjector:
         return dataclasses.replace(update, delta=delta, masks=masks)
 
     def attach(self, site: str, engine: Engine, current_round: Callable[[], int]) -> None:
-        """Make ``site``'s trainer raise at the start of each round that has a ``crash`` fault.
+        """Make ``site``'s trainer raise (``crash``) or sleep (``stall``) at the start of each round with such a fault.
 
         Args:
             current_round: returns the round the site is training (1-based).
         """
-        crashes = {f.round for f in self.faults if f.site == site and f.kind == "crash"}
-        if not crashes:
+        due = {(f.round, f.kind) for f in self.faults if f.site == site and f.kind in ("crash", "stall")}
+        if not due:
             return
 
-        def crash(_: Engine) -> None:
+        def act(_: Engine) -> None:
             rnd = current_round()
-            if rnd in crashes:
-                crashes.discard(rnd)  # a crash happens once: the site recovers in the next round
+            if (rnd, "stall") in due:
+                due.discard((rnd, "stall"))
+                time.sleep(STALL_SECONDS)
+            if (rnd, "crash") in due:
+                due.discard((rnd, "crash"))  # a crash happens once: the site recovers in the next round
                 raise InjectedFault(f"{site}: injected crash in round {rnd}")
 
-        engine.add_event_handler(Events.ITERATION_STARTED, crash)
+        engine.add_event_handler(Events.ITERATION_STARTED, act)

@@ -1,0 +1,225 @@
+"""``monai-fedpriv export-nvflare`` (a federated run of a bundle as an NVIDIA FLARE 2.9 job) and
+``monai-fedpriv run-nvflare`` (run such a job here, in FLARE's simulator or in POC mode, and write the same
+``metrics.json`` and report as ``simulate``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from monai_fedpriv.cli.options import OptionError
+from monai_fedpriv.cli.run_flags import add_run_flags
+
+__all__ = ["export_main", "run_nvflare_main"]
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def export_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="monai-fedpriv export-nvflare",
+        description="Write a federated run of a MONAI bundle as an NVIDIA FLARE 2.9 job folder: every site runs the "
+        "bundle's trainer with the project's sync handler and privacy filters, the server runs the project's "
+        "strategy. Run it with monai-fedpriv run-nvflare, or submit it to a provisioned federation.",
+    )
+    args = add_run_flags(p, deploy=True).parse_args(argv)
+    name = args.name or args.output.name
+    if not _JOB_NAME.match(name):
+        raise OptionError(f"--name {name!r}: a job name is letters, digits, '_', '.' and '-' (at most 64).")
+    from monai_fedpriv.cli.plan import plan_run
+    from monai_fedpriv.fl.nvflare.job import export_job
+    from monai_fedpriv.fl.nvflare.settings import JobSettings
+
+    plan = plan_run(args, log=lambda line: print(line, flush=True))
+    settings = JobSettings(
+        name=name,
+        bundle=Path(args.bundle_dir).resolve().name,
+        config_files=list(plan.bundle.config_files),
+        overrides=dict(plan.bundle.overrides),
+        rounds=args.rounds,
+        sites=list(plan.split.train),
+        local_epochs=plan.local_work.epochs,
+        local_steps=plan.local_work.steps,
+        seed=args.seed,
+        momentum=args.momentum,
+        strategy={"name": plan.strategy_name, **plan.strategy_options},
+        screen=plan.screen.to_dict(),
+        min_sites=args.min_sites,
+        round_timeout=args.round_timeout,
+        wait_after_min=args.wait_after_min,
+        secure_noise=not args.seeded_noise,
+        data={s: {"train": plan.split.train[s], "val": plan.split.val.get(s, [])} for s in plan.split.train},
+        faults=list(args.inject_fault),
+        partition=plan.split.describe(),
+        data_summary=plan.extra.get("data"),
+        resume=args.resume,
+    )
+    job = export_job(settings, args.bundle_dir, args.output)
+    noise = "seeded from --seed (simulation only)" if args.seeded_noise else "from OS entropy"
+    print(f"job: {job} ({len(settings.sites)} sites {', '.join(settings.sites)}; {args.rounds} rounds; privacy "
+          f"noise {noise})")  # fmt: skip
+    print(f"run it here: monai-fedpriv run-nvflare {job} --simulator --output DIR")
+    return 0
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="monai-fedpriv run-nvflare",
+        description="Run a job written by export-nvflare on this machine, in NVIDIA FLARE's simulator or in POC mode "
+        "(server and sites as separate processes on 127.0.0.1); writes DIR/metrics.json and DIR/report.md.",
+    )
+    p.add_argument("job_dir", type=Path, help="the job folder (from monai-fedpriv export-nvflare)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--simulator", action="store_true", help="NVFlare's simulator (one process per site)")
+    mode.add_argument("--poc", action="store_true", help="POC mode: a server and N sites on 127.0.0.1")
+    p.add_argument("--output", type=Path, required=True, help="run directory (metrics.json, report.md, state/)")
+    p.add_argument("--resume", action="store_true", help="a new job that continues after the last completed round")
+    p.add_argument("--timeout", type=int, default=None, help="seconds to wait for the job (default: rounds x the "
+                   "job's round timeout + 10 minutes)")  # fmt: skip
+    p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    return p
+
+
+def run_nvflare_main(argv: list[str]) -> int:
+    args = build_run_parser().parse_args(argv)
+    from monai_fedpriv.errors import FederationError
+    from monai_fedpriv.fl.nvflare.runner import open_job
+
+    settings, unpacked = open_job(args.job_dir)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    server_dir = out / "state" / "server"
+    if args.resume and not (server_dir / "checkpoint.pt").is_file():
+        print(f"--resume: no checkpoint in {server_dir}, starting at round 1", flush=True)
+    job_dir = Path(args.job_dir)
+    if args.resume:
+        from monai_fedpriv.fl.nvflare.runner import resumed_job
+
+        job_dir = resumed_job(job_dir, out / "resume_job")
+    else:
+        shutil.rmtree(out / "state", ignore_errors=True)
+    progress = _Progress(server_dir / "metrics.json", settings.rounds)
+    started = time.perf_counter()
+    if args.simulator:
+        from monai_fedpriv.fl.nvflare.runner import run_simulator
+
+        code = run_simulator(job_dir, out, on_poll=progress)
+        status = "FINISHED" if code == 0 else f"simulator exit code {code}"
+    else:
+        status = _run_poc(job_dir, args.timeout, settings, out, progress)
+    progress()
+    metrics = _collect(out, settings, status, "simulator" if args.simulator else "poc", time.perf_counter() - started)
+    stopped = metrics.get("stopped") or {}
+    if "failed_round" in stopped:
+        raise FederationError(f"{stopped['reason'].rstrip('.')}. The job stopped; the last completed round and every "
+                              f"site's state are intact in {out}: fix the cause and run-nvflare --resume.")  # fmt: skip
+    done = metrics["final"]["rounds_completed"]
+    if done < settings.rounds and not stopped:
+        raise FederationError(
+            f"the job ended after round {done} of {settings.rounds} ({status}); see {out}/nvflare_*.log. The completed "
+            f"rounds and every site's state are intact: run-nvflare --resume continues."
+        )
+    if not args.no_report:
+        from monai_fedpriv.bundle.loader import BundleSpec
+        from monai_fedpriv.cli.simulate import write_run_report
+
+        bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+        val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
+        write_run_report(metrics, bundle, val, out)
+    final = metrics["final"]["global_dice"]
+    print(f"metrics: {out / 'metrics.json'}" + (f"; final global Dice {final:.4f}" if final is not None else ""))
+    return 0
+
+
+def _run_poc(job_dir: Path, timeout: int | None, settings: Any, out: Path, progress: _Progress) -> str:
+    from monai_fedpriv.fl.nvflare.runner import PocRun
+
+    poc = PocRun(len(settings.sites), out, log=lambda line: print(line, flush=True))
+    try:
+        poc.start()
+        job_id = poc.submit(job_dir)
+        timeout = timeout or settings.rounds * (settings.round_timeout or 3600) + 600
+        watch = _ServerWatch(poc, job_id)
+
+        def poll() -> str | None:
+            progress()
+            return watch()
+
+        status = poc.wait(job_id, timeout, on_poll=poll)
+        print(f"job {job_id}: {status}", flush=True)
+        return status
+    finally:
+        poc.stop()
+
+
+class _ServerWatch:
+    """Notices a server job process that died: FLARE 2.9 then leaves the job RUNNING for good, so the wait is ended
+    (after a grace period in which a normally finishing job reports its status) and the job aborted."""
+
+    GRACE_S = 30.0
+
+    def __init__(self, poc: Any, job_id: str) -> None:
+        self.poc = poc
+        self.job_id = job_id
+        self.seen = False
+        self.gone_since: float | None = None
+
+    def __call__(self) -> str | None:
+        alive = bool(self.poc.job_processes(self.job_id)["server"])
+        self.seen = self.seen or alive
+        if alive or not self.seen:
+            self.gone_since = None
+            return None
+        self.gone_since = self.gone_since or time.monotonic()
+        if time.monotonic() - self.gone_since > self.GRACE_S:
+            return "the server's job process is gone and the job never finished"
+        return None
+
+
+class _Progress:
+    """Prints one line per round completed, read from the controller's ``metrics.json``."""
+
+    def __init__(self, path: Path, rounds: int) -> None:
+        self.path = path
+        self.rounds = rounds
+        self.shown = 0
+        self.mtime = 0.0
+
+    def __call__(self) -> str | None:
+        from monai_fedpriv.fl.server.records import progress_cell
+
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime == self.mtime:
+                return None
+            self.mtime = mtime
+            history = json.loads(self.path.read_text()).get("rounds", [])
+        except (OSError, json.JSONDecodeError):
+            return None
+        for record in history[self.shown :]:
+            cells = " | ".join(progress_cell(n, r) for n, r in record["sites"].items())
+            print(f"[nvflare] round {record['round']}/{self.rounds} | {cells} | {record['seconds']:.1f}s", flush=True)
+        self.shown = max(self.shown, len(history))
+        return None
+
+
+def _collect(out: Path, settings: Any, status: str, mode: str, seconds: float) -> dict[str, Any]:
+    """``out/metrics.json`` and ``out/federated/models/model.pt`` from what the controller wrote."""
+    from monai_fedpriv.errors import FederationError
+    from monai_fedpriv.utils.files import write_json
+
+    server = out / "state" / "server"
+    if not (server / "metrics.json").is_file():
+        raise FederationError(f"the job wrote no metrics ({status}); see {out}/nvflare_*.log.")
+    metrics = json.loads((server / "metrics.json").read_text())
+    metrics["nvflare"] = {"mode": mode, "status": status, "seconds": round(seconds, 1)}
+    if (server / "models" / "model.pt").is_file():
+        (out / "federated" / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(server / "models" / "model.pt", out / "federated" / "models" / "model.pt")
+    write_json(metrics, out / "metrics.json")
+    return metrics

@@ -1,0 +1,96 @@
+"""From run flags to a planned federated run: the bundle with its privacy and data overrides, the sites' data, the
+strategy, the server's screening and the faults. ``simulate`` runs the plan in-process; ``export-nvflare`` writes it
+as an NVIDIA FLARE job. Every flag is checked before any data is read."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from monai_fedpriv.bundle.loader import BundleSpec
+from monai_fedpriv.cli.options import OptionError, check_privacy_config, parse_overrides, privacy_files_and_overrides
+from monai_fedpriv.cli.run_flags import check_run_flags
+from monai_fedpriv.experiments.federated import SiteSplit
+from monai_fedpriv.fl.server.screening import ScreenSettings
+from monai_fedpriv.fl.simulator import Fault, LocalWork
+
+__all__ = ["RunPlan", "plan_run"]
+
+
+@dataclass
+class RunPlan:
+    """What a federated run needs, decided from the flags (and the data, with ``--data``)."""
+
+    bundle: BundleSpec
+    split: SiteSplit
+    local_work: LocalWork
+    strategy_name: str
+    strategy_options: dict[str, Any]
+    screen: ScreenSettings
+    faults: list[Fault]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build_strategy(self) -> Any:
+        from monai_fedpriv.fl.strategies import build_strategy
+
+        return build_strategy(self.strategy_name, **self.strategy_options)
+
+
+def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> RunPlan:
+    """Check the run flags and decide the run (see the module docstring)."""
+    from monai_fedpriv.bundle.loader import load_bundle
+    from monai_fedpriv.experiments import bundle_datalist, split_sites
+    from monai_fedpriv.fl.simulator import FaultInjector, parse_fault
+    from monai_fedpriv.fl.strategies import build_strategy
+
+    check_run_flags(args)
+    try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
+        faults = [parse_fault(f) for f in args.inject_fault]
+        FaultInjector(faults).check_sites([f"site-{k + 1}" for k in range(args.sites)])
+        strategy_options = {
+            "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
+            "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
+        }  # fmt: skip
+        build_strategy(args.aggregator, **strategy_options)
+        screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from exc
+    local_work = (
+        LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
+    )
+    config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
+    overrides.update(parse_overrides(args.override))
+    load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs, up front
+    privacy = check_privacy_config(BundleSpec(args.bundle_dir, tuple(config_files), overrides), args.momentum)
+    if privacy:
+        log(f"privacy: {privacy}")
+    own = None
+    if args.data is not None:  # the data first: its description decides the bundle's channels and transforms
+        from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data
+
+        own = load_own_data(args.data, args.layout, args.institutions)
+        if args.privacy != "none" and args.privacy_unit is None and own.info.spatial_dims == 3:
+            overrides["dp_privacy_unit"] = "patient"
+            log("privacy unit: patient (3D volumes: each patient's slices are sampled and clipped together)")
+        adapted, target = adapt_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides), own,
+                                       privacy=args.privacy != "none")  # fmt: skip
+        overrides = {**adapted, **overrides}
+        log(f"data: {own.info.name} ({own.info.layout}, {own.info.n_cases} cases, modalities "
+            f"{list(own.info.modalities)}, labels {own.info.labels}); network {target.spatial_dims}D on "
+            f"{own.info.spatial_dims}D images, patch {list(target.patch_size)}")  # fmt: skip
+    bundle = BundleSpec(args.bundle_dir, tuple(config_files), overrides)
+    extra: dict[str, Any] = {}
+    if own is not None:
+        from monai_fedpriv.experiments.own_data import split_own_data
+
+        val_fraction = 0.2 if args.val_fraction is None else args.val_fraction
+        split = split_own_data(own, args.sites, args.partition, val_fraction, args.seed)
+        extra["data"] = own.summary(split)
+    else:
+        log(f"loading data list of {args.bundle_dir} ...")
+        split = split_sites(bundle_datalist(bundle), args.sites, args.partition or "institution", args.seed)
+    log(f"partition {split.scheme}: train {split.sizes}, validation {split.describe()['val_sizes']}, mean KS "
+        f"{split.mean_ks}")  # fmt: skip
+    return RunPlan(bundle, split, local_work, args.aggregator, strategy_options, screen, faults, extra)

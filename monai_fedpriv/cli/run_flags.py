@@ -1,0 +1,243 @@
+"""The flags that define a federated run, shared by ``monai-fedpriv simulate`` (in-process sites) and
+``monai-fedpriv export-nvflare`` (an NVIDIA FLARE job), and their range checks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from monai_fedpriv.cli.options import OptionError, check_number
+
+__all__ = ["PARTITIONS", "add_run_flags", "check_run_flags"]
+
+PARTITIONS = ("iid", "institution", "quantity", "skew-low", "skew-mid", "skew-high")
+
+
+def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.ArgumentParser:
+    """Add the flags that define a federated run to ``p``; ``deploy`` (``export-nvflare``) leaves out what only
+    the in-process simulator does (``--resume``, ``--baselines``, ``--device``, reports) and adds the job's own
+    flags (name, noise source, timeouts)."""
+    from monai_fedpriv.fl.simulator.faults import FAULT_KINDS
+    from monai_fedpriv.fl.strategies import STRATEGIES, WEIGHTINGS
+
+    p.add_argument("bundle_dir", type=Path, help="MONAI bundle directory (with configs/train.json)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    work = p.add_mutually_exclusive_group()
+    work.add_argument("--local-epochs", type=int, default=None, help="local epochs per round (default 1)")
+    work.add_argument("--local-steps", type=int, default=None, help="local optimiser steps per round")
+    p.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default=None,
+        help="how cases are split onto sites (default: institution when the data name enough institutions, else iid)",
+    )
+    data = p.add_argument_group("your data (instead of the bundle's own data list)")
+    data.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a Medical Segmentation Decathlon task folder or a BraTS release folder, as distributed",
+    )
+    data.add_argument("--layout", choices=("msd", "brats"), default=None, help="layout of --data (default: detected)")
+    data.add_argument(
+        "--institutions",
+        type=Path,
+        default=None,
+        help="CSV with columns case,institution (for --partition institution)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="patients per site held out for validation when the data set has no validation cases "
+        "(default 0.2; at least one per site)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    if deploy:
+        p.add_argument("--output", type=Path, required=True, help="the job folder to write (replaced if it exists)")
+        p.add_argument("--name", default=None, help="job name (default: the job folder's name)")
+        p.add_argument("--resume", action="store_true", help="a job that continues the federation saved by an earlier "
+                       "job of the same settings after its last completed round (see docs/deployment.md)")  # fmt: skip
+    else:
+        p.add_argument("--resume", action="store_true", help="continue from the last completed round in --output")
+        p.add_argument("--output", type=Path, required=True,
+                       help="run directory (metrics.json, report.md, checkpoints)")  # fmt: skip
+    p.add_argument(
+        "--config-files", nargs="+", default=["train.json"],
+        help="bundle config files merged in order, e.g. train.json fed.json (default train.json); names not in the "
+        "bundle's configs/ are taken from monai_fedpriv's shared overrides",
+    )  # fmt: skip
+    p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default="restart",
+                   help="client optimiser state across rounds (Li et al. 2019): default restart")  # fmt: skip
+    server = p.add_argument_group("server (the strategy and how it screens updates)")
+    server.add_argument(
+        "--aggregator",
+        choices=STRATEGIES,
+        default="fedavg",
+        help="fedavg, fedavgm (server momentum), median or trimmed-mean (robust, Yin et al. 2018)",
+    )
+    server.add_argument(
+        "--weighting",
+        choices=WEIGHTINGS,
+        default="steps",
+        help="FedAvg weights: local steps (Li et al. Alg. 3), samples, or plain mean",
+    )
+    server.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM server momentum in [0, 1)")
+    server.add_argument("--server-lr", type=float, default=1.0, help="server step size on the aggregated update")
+    server.add_argument(
+        "--trim-fraction",
+        type=float,
+        default=None,
+        help="trimmed-mean: fraction dropped at each end per coordinate (default 0.2)",
+    )
+    server.add_argument(
+        "--min-sites",
+        type=int,
+        default=None,
+        help="acceptable updates a round needs (default: all but one of its sites, at least 1)",
+    )
+    server.add_argument("--max-update-norm", type=float, default=None, help="reject updates whose L2 norm exceeds this")
+    server.add_argument(
+        "--norm-factor",
+        type=float,
+        default=100.0,
+        help="reject an update whose norm is this many times the median of the others (default 100)",
+    )
+    server.add_argument(
+        "--inject-fault",
+        action="append",
+        default=[],
+        metavar="SITE:KIND:ROUND",
+        help=f"inject a fault to test the federation, KIND in {FAULT_KINDS} (repeatable)",
+    )
+    if deploy:
+        server.add_argument("--round-timeout", type=int, default=3600,
+                            help="seconds the server waits for a round's updates (default 3600)")  # fmt: skip
+        server.add_argument(
+            "--wait-after-min",
+            type=int,
+            default=10,
+            help="seconds the server keeps waiting for slower sites once --min-sites answered (default 10)",
+        )
+    else:
+        p.add_argument("--baselines", action="store_true",
+                       help="also train centralised and local-only models with the same total epochs")  # fmt: skip
+    priv = p.add_argument_group("privacy (DP-SGD at every site, Ziller et al. Table 1 regimes)")
+    priv.add_argument(
+        "--privacy",
+        choices=("none", "low", "medium", "high", "custom"),
+        default="none",
+        help="add the shared dp.json with this regime (default none)",
+    )
+    priv.add_argument("--noise-multiplier", type=float, default=None, help="custom (or overridden) noise multiplier")
+    priv.add_argument("--max-grad-norm", type=float, default=None, help="custom (or overridden) per-sample clip norm")
+    priv.add_argument(
+        "--privacy-unit",
+        choices=("slice", "volume", "patient"),
+        default=None,
+        help="what one epsilon protects (default slice: one training item)",
+    )
+    priv.add_argument(
+        "--items-per-patient",
+        type=int,
+        default=None,
+        help="patient unit: items an included patient contributes per step (default 1)",
+    )
+    budget = p.add_argument_group("budget (one per site over DP-SGD, SVT and Gaussian update releases)")
+    budget.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=None,
+        help="per-site epsilon budget (default: the regime's); no release passes it",
+    )
+    budget.add_argument("--delta", type=float, default=None, help="delta of every epsilon (default 1e-5)")
+    budget.add_argument("--share-delta", type=float, default=None, dest="delta", help=argparse.SUPPRESS)
+    budget.add_argument(
+        "--budget-policy",
+        choices=("stop_site", "stop_federation"),
+        default=None,
+        help="when a site's budget runs out: continue without it (default) or stop everyone",
+    )
+    budget.add_argument(
+        "--accountant",
+        choices=("rdp", "prv"),
+        default=None,
+        help="rdp (default; valid for every mix) or prv (Gaussian mechanisms only)",
+    )
+    if deploy:
+        budget.add_argument(
+            "--seeded-noise",
+            action="store_true",
+            help="simulation only: seed privacy noise from --seed (reproducible, not private; default OS entropy)",
+        )
+    else:
+        budget.add_argument(
+            "--secure-noise",
+            action="store_true",
+            help="draw privacy noise from OS entropy (default in simulation: seeded from --seed)",
+        )
+    share = p.add_argument_group(
+        "update sharing (Li et al. 2019, section 2.2): filters on what every site sends, after DP-SGD if any"
+    )
+    share.add_argument(
+        "--share",
+        choices=("none", "percentile", "svt", "gaussian"),
+        default="none",
+        help="percentile: largest fraction of |dw| (no DP); svt: sparse vector technique (pure DP per "
+        "round); gaussian: clip the update norm and add Gaussian noise; default none",
+    )
+    share.add_argument("--share-fraction", type=float, default=None, help="fraction q shared (default 0.1)")
+    share.add_argument(
+        "--share-clip",
+        type=float,
+        default=None,
+        help="clip gamma per local iteration (percentile: default none; svt: default 1e-3)",
+    )
+    share.add_argument(
+        "--svt-epsilon",
+        type=float,
+        default=None,
+        help="SVT selection budget eps1 + eps2 per round, split as Lyu et al. 2017 recommend (default 1)",
+    )
+    share.add_argument("--svt-epsilon3", type=float, default=None, help="SVT budget of the released values (default 1)")
+    share.add_argument(
+        "--svt-threshold", type=float, default=None, help="SVT public threshold h on |dw| (default gamma/2)"
+    )
+    share.add_argument("--gaussian-clip", type=float, default=None, help="L2 clip norm C of the update (gaussian)")
+    share.add_argument("--gaussian-noise", type=float, default=None, help="noise multiplier sigma (gaussian)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="ID=JSON",
+        help="bundle config override applied last, e.g. --override learning_rate=0.001 (repeatable)",
+    )
+    if not deploy:
+        p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    return p
+
+
+def check_run_flags(args: argparse.Namespace) -> None:
+    """Refuse bad values of the run flags (one message naming the flag)."""
+    check_number("--sites", args.sites, low=1, integer=True)
+    check_number("--rounds", args.rounds, low=1, integer=True)
+    check_number("--local-epochs", args.local_epochs, low=1, integer=True)
+    check_number("--local-steps", args.local_steps, low=1, integer=True)
+    check_number("--server-momentum", args.server_momentum, low=0, high=1, high_open=True)
+    check_number("--server-lr", args.server_lr, low=0, low_open=True)
+    check_number("--trim-fraction", args.trim_fraction, low=0, high=0.5, high_open=True)
+    check_number("--min-sites", args.min_sites, low=1, high=args.sites, integer=True)
+    check_number("--max-update-norm", args.max_update_norm, low=0, low_open=True)
+    check_number("--norm-factor", args.norm_factor, low=1, low_open=True)
+    check_number("--val-fraction", args.val_fraction, low=0, high=1, high_open=True)
+    if args.data is None:
+        given = [f for f, v in (("--layout", args.layout), ("--institutions", args.institutions),
+                                ("--val-fraction", args.val_fraction)) if v is not None]  # fmt: skip
+        if given:
+            raise OptionError(f"{', '.join(given)} need --data.")
+    check_number("--round-timeout", getattr(args, "round_timeout", None), low=0, integer=True)
+    check_number("--wait-after-min", getattr(args, "wait_after_min", None), low=0, integer=True)
+    if args.trim_fraction is not None and args.aggregator != "trimmed-mean":
+        raise OptionError("--trim-fraction is used by --aggregator trimmed-mean only.")

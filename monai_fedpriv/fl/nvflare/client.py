@@ -1,0 +1,219 @@
+"""A site of an NVIDIA FLARE job: the bundle's own trainer with :class:`~monai_fedpriv.handlers.FederatedSync`,
+driven round by round from the server's tasks.
+
+The site is built exactly as the in-process simulator builds it (:func:`~monai_fedpriv.fl.simulator.site.build_site`)
+and trains each round with the same :func:`~monai_fedpriv.fl.simulator.site.train_round` (budget stops, partial
+rounds, roll-back of a failed round), so a job and a simulation with the same settings train the same. Each task is
+answered with the update's codec bytes (or none) and what the site reports: its loss and local Dice, the Dice of the
+global model it received on its own validation cases, a stop or a failure.
+
+The site keeps its own state (``<state root>/<site>``): before it answers round ``r`` it saves one file with its
+state after the round (engine, optimiser, sampler, random state, DP generators, privacy ledger) and the exact bytes
+it sends. A new job that resumes the federation (exported with ``--resume``) after the server's last completed
+round ``s`` restores the site's file of round ``s + 1`` when there is one and sends its saved bytes again (the same
+release, no new privacy spent), or else its file of round ``s`` and trains round ``s + 1`` from there. A process
+killed in the middle of a round released nothing of that round (its noisy steps never left its memory), so the
+round is trained again from the saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.errors import ResumeError
+from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
+from monai_fedpriv.fl.nvflare.transport import NVFlareTransport, Task
+from monai_fedpriv.fl.simulator.faults import FaultInjector, parse_fault
+from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site, train_round
+from monai_fedpriv.fl.weights import load_exchangeable_state, unwrap
+from monai_fedpriv.privacy.grad_sample import plain_copy
+from monai_fedpriv.utils.files import atomic_torch_save
+
+__all__ = ["SiteStateStore", "main", "run_site"]
+
+logger = logging.getLogger("monai_fedpriv.nvflare.client")
+
+
+class SiteStateStore:
+    """A site's own round files between jobs: ``round_<r>.pt`` = its state after round ``r`` and what it sent
+    (the last two rounds kept)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        for path in self.root.glob("round_*.pt"):
+            path.unlink(missing_ok=True)
+
+    def save(self, rnd: int, state: dict[str, Any], release: bytes | None, meta: dict[str, Any]) -> None:
+        """Save the state after round ``rnd`` with the bytes and meta of its answer, in one atomic write."""
+        atomic_torch_save({"state": state, "release": release, "meta": meta}, self.root / f"round_{rnd}.pt")
+        for old in self.root.glob("round_*.pt"):
+            if int(old.stem.split("_")[1]) < rnd - 1:
+                old.unlink(missing_ok=True)
+
+    def latest_at_most(self, rnd: int) -> tuple[int, dict[str, Any]] | None:
+        """``(round, saved record)`` of the latest round file not after ``rnd``."""
+        rounds = sorted(int(p.stem.split("_")[1]) for p in self.root.glob("round_*.pt"))
+        rounds = [r for r in rounds if r <= rnd]
+        if not rounds:
+            return None
+        record = torch.load(self.root / f"round_{rounds[-1]}.pt", map_location="cpu", weights_only=False)
+        return rounds[-1], record
+
+
+def _job_archive() -> Path:
+    here = Path(sys.argv[0]).resolve().parent if sys.argv and sys.argv[0] else Path.cwd()
+    for candidate in (here, here / "custom", Path.cwd() / "custom", Path.cwd()):
+        if (candidate / JOB_ARCHIVE).is_file():
+            return candidate / JOB_ARCHIVE
+    raise FileNotFoundError(f"{JOB_ARCHIVE} not found next to the client script ({here}) or in {Path.cwd()}/custom.")
+
+
+class _Site:
+    """The site of this process and how it scores models on its own validation cases."""
+
+    def __init__(self, settings: JobSettings, job_dir: Path, name: str, transport: NVFlareTransport) -> None:
+        self.settings = settings
+        self.name = name
+        train, val = settings.site_data(name)
+        self.bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+        self.spec = SiteSpec(
+            rounds=settings.rounds, epochs=settings.local_epochs, steps=settings.local_steps, seed=settings.seed,
+            device="cpu", momentum=settings.momentum, output_dir=settings.state_root() / "run",
+            secure_noise=settings.secure_noise,
+        )  # fmt: skip
+        with torch.random.fork_rng(devices=[]):
+            self.site: SiteRuntime = build_site(self.bundle, name, train, self.spec, transport)
+        faults = FaultInjector([parse_fault(f) for f in settings.faults])
+        faults.attach(name, self.site.trainer, lambda: self.site.sync.round + 1)
+        self.max_epochs = settings.rounds * (settings.local_epochs or 1)
+        self.evaluator = self._evaluator(val)
+
+    def _evaluator(self, val: list[dict[str, Any]]) -> DiceEvaluator | None:
+        if not val:
+            return None
+        parser = load_bundle(self.bundle, {"device": "$torch.device('cpu')"})
+        transform = parser.get_parsed_content("validate#preprocessing")
+        inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
+        batch = parser_get(parser, "validate#dataloader#batch_size")
+        batch = int(batch) if isinstance(batch, int) and not isinstance(batch, bool) else 16
+        return DiceEvaluator(val, transform, "cpu", inferer, batch_size=batch)
+
+    def score_global(self, task: Task) -> dict[str, Any]:
+        """Dice of the task's global model on this site's validation cases."""
+        if self.evaluator is None:
+            return {}
+        network = plain_copy(unwrap(self.site.sync.network or self.site.trainer.network))
+        load_exchangeable_state(network, task.model.weights)
+        result = self.evaluator(network)
+        return {"global_dice": result["dice"], "n_cases": result["n_cases"]}
+
+
+def run_site(archive: Path) -> None:
+    """The site's task loop (see the module docstring)."""
+    settings, job_dir = open_job_archive(archive)
+    faults = FaultInjector([parse_fault(f) for f in settings.faults])
+    transport = NVFlareTransport(tamper=faults.tamper if faults.faults else None)
+    transport.flare.init()
+    name = transport.site_name()
+    site = _Site(settings, job_dir, name, transport)
+    store = SiteStateStore(settings.state_root() / name)
+    snapshot = site.site.snapshot()
+    replay: tuple[int, bytes, dict[str, Any]] | None = None
+    first = True
+    while True:
+        task = transport.pull()
+        if task is None:
+            break
+        if first:
+            first = False
+            if not settings.resume or task.model.round == 0:  # a new federation: nothing of an earlier one counts
+                store.clear()
+            restored = _restore(site, store, task.model.round)
+            if restored is not None:
+                snapshot, replay = restored
+        if task.name == "validate":
+            transport.reply_bytes(None, {"validate": True, "global": site.score_global(task)})
+            continue
+        rnd = task.model.round + 1
+        if replay is not None and replay[0] == rnd:  # answered before the last job ended: the same bytes again
+            transport.reply_bytes(replay[1], replay[2])
+            replay = None
+            continue
+        meta = _train(site, rnd, task, transport, snapshot)
+        snapshot = site.site.snapshot()
+        blob, meta = transport.answer(name, meta)
+        store.save(rnd, snapshot, blob, meta)  # saved before anything leaves the site
+        transport.reply_bytes(blob, meta)
+    site.site.release_engine()
+
+
+def _train(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Train round ``rnd`` (or report that the site has stopped); returns the answer's meta."""
+    meta: dict[str, Any] = {"round": rnd}
+    if task.model.round > 0:  # the previous round's global model, scored on this site's cases
+        meta["global"] = site.score_global(task)
+    if site.site.setup:
+        meta["setup"] = site.site.setup
+    if not site.site.active:
+        meta["result"] = {"stopped": "the site stopped earlier", "privacy": site.site.privacy_facts()}
+        return meta
+    result, _, failure = train_round(site.site, rnd, transport, snapshot, site.max_epochs, site.evaluator)
+    meta["result"] = result
+    if failure:
+        meta["failed"] = failure
+    return meta
+
+
+def _restore(
+    site: _Site, store: SiteStateStore, server_round: int
+) -> tuple[dict[str, Any], tuple[int, bytes, dict[str, Any]] | None] | None:
+    """The site's saved state for a federation resumed after ``server_round``, and the answer to send again."""
+    if server_round == 0:
+        return None
+    found = store.latest_at_most(server_round + 1)
+    if found is None:
+        raise ResumeError(
+            f"{site.name}: the server resumes after round {server_round} but this site has no saved state in "
+            f"{store.root}; restore its state folder or start a new run."
+        )
+    rnd, record = found
+    state = record["state"]
+    if rnd < server_round and state.get("active", True):
+        raise ResumeError(
+            f"{site.name}: the server resumes after round {server_round} but this site's last saved state is of round "
+            f"{rnd}; it cannot rejoin consistently."
+        )
+    site.site.load_state_dict(state, site.max_epochs)
+    replay = None
+    if rnd == server_round + 1 and record.get("release") is not None:
+        replay = (rnd, bytes(record["release"]), dict(record["meta"]))
+    logger.warning(
+        f"{site.name}: resumed from its state after round {rnd} ({store.root})"
+        + ("; its answer of that round is sent again" if replay else "")
+    )
+    return site.site.snapshot(), replay
+
+
+def main() -> None:
+    """Entry point of the client script an exported job runs (``custom/fedpriv_client.py``)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_site(_job_archive())
+    except BaseException:  # noqa: BLE001 - an external trainer that raises must exit, or FLARE waits for it
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)

@@ -1,0 +1,266 @@
+"""The server of an NVIDIA FLARE job: a ``ModelController`` whose ``run()`` drives the project's server round.
+
+Every round it lets the strategy choose the sites, broadcasts the global model as codec bytes with
+``min_responses`` (the rounds's ``--min-sites``), a timeout and ``wait_time_after_min_received`` (NVFlare counts an
+error reply as an answer; waiting on lets slower good results in), turns the answers into updates and failures,
+and hands them to the same :class:`~monai_fedpriv.fl.server.ServerRound` the in-process simulator uses (screen,
+aggregate, record). After each completed round it checkpoints its state atomically under ``<state root>/server``
+and writes ``metrics.json`` in the simulator's format. Sites score each global model on their own validation cases
+(reported with their next answer, and in a final ``validate`` task): the server never sees data.
+
+Resume: NVFlare 2.9 has no job-level resume, so a resumed federation is a new job of the same settings exported
+with ``--resume`` (``run-nvflare --resume`` makes one): this controller reloads its checkpoint (refusing one of
+other settings) and continues after the last completed round, and every site restores its own state of that round.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.workflows.model_controller import ModelController
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.data.stream import derive_seed
+from monai_fedpriv.errors import ResumeError, UpdateError
+from monai_fedpriv.fl.codec import decode_update, encode_global
+from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
+from monai_fedpriv.fl.server import ScreenSettings, ServerRound, global_privacy
+from monai_fedpriv.fl.strategies import build_strategy
+from monai_fedpriv.fl.update import GlobalModel
+from monai_fedpriv.fl.weights import exchangeable_state
+from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
+from monai_fedpriv.utils.files import atomic_torch_save, json_safe, write_json
+
+__all__ = ["FedPrivController", "initial_weights"]
+
+CHECKPOINT_VERSION = 1
+
+
+def initial_weights(bundle: BundleSpec, seed: int) -> dict[str, torch.Tensor]:
+    """The global model of round 0: the bundle's network built from the run seed, as the simulator builds it, with
+    the structure the sites train when they run DP-SGD (BatchNorm replaced the way ``dp.json`` replaces it, affine
+    weights kept)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "init"))
+        parser = load_bundle(bundle, {"device": "$torch.device('cpu')", "seed": seed})
+        network = parser.get_parsed_content("network")
+    if parser_get(parser, "dp") is not None:
+        from monai_fedpriv.privacy.model_prep import convert_batchnorm
+
+        network, _ = convert_batchnorm(network, norm=parser_get(parser, "dp#norm") or "instance")
+    return exchangeable_state(network)
+
+
+class FedPrivController(ModelController):
+    """``run()`` of an exported job (see the module docstring).
+
+    Args:
+        job_archive: the job archive's file name in the app's ``custom/`` folder.
+    """
+
+    def __init__(self, job_archive: str = JOB_ARCHIVE) -> None:
+        super().__init__(persistor_id="", ignore_result_error=True)  # failures are decided by ServerRound
+        self.job_archive = job_archive
+
+    # ---------------------------------------------------------------- set-up
+    def _settings(self) -> tuple[JobSettings, Path]:
+        app = Path(self.get_app_dir())
+        for folder in (app / "custom", app):
+            if (folder / self.job_archive).is_file():
+                return open_job_archive(folder / self.job_archive)
+        raise FileNotFoundError(f"{self.job_archive} not found in {app}/custom.")
+
+    def _start(self, settings: JobSettings, job_dir: Path, state_dir: Path) -> dict[str, Any]:
+        checkpoint = state_dir / "checkpoint.pt"
+        if settings.resume and checkpoint.is_file():
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != settings.fingerprint():
+                raise ResumeError(f"{checkpoint} belongs to another job configuration; start a new run.")
+            self.info(f"resuming after round {state['round']} from {checkpoint}")
+            return state
+        bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+        return {
+            "version": CHECKPOINT_VERSION,
+            "fingerprint": settings.fingerprint(),
+            "round": 0,
+            "weights": initial_weights(bundle, settings.seed),
+            "optimizer_state": None,
+            "strategy": {},
+            "history": [],
+            "active": list(settings.sites),
+            "stopped": None,
+        }
+
+    # ---------------------------------------------------------------- the rounds
+    def run(self) -> None:
+        settings, job_dir = self._settings()
+        state_dir = settings.state_root() / "server"
+        state = self._start(settings, job_dir, state_dir)
+        strategy = build_strategy(**settings.strategy)
+        strategy.load_state_dict(state["strategy"])
+        server = ServerRound(strategy, ScreenSettings(**settings.screen), settings.min_sites)
+        for rnd in range(state["round"] + 1, settings.rounds + 1):
+            if self.abort_signal is not None and self.abort_signal.triggered:
+                return
+            targets = strategy.select_sites(rnd, list(state["active"]))
+            if not targets:
+                break
+            if not self._round(rnd, targets, settings, server, state, state_dir):
+                return
+            if state.get("stopped"):
+                break
+        self._validate(settings, state, state_dir)
+
+    def _broadcast(self, rnd: int, targets: list[str], server: ServerRound, settings: JobSettings, state: dict) -> list:
+        model = GlobalModel(rnd - 1, state["weights"], state["optimizer_state"])
+        data = FLModel(params_type=ParamsType.FULL, params={"global": encode_global(model)},
+                       current_round=rnd - 1, total_rounds=settings.rounds, meta={"round": rnd})  # fmt: skip
+        return self.broadcast_model(
+            data=data, task_name="train", targets=targets,
+            min_responses=min(server.required(len(targets)), len(targets)), timeout=int(settings.round_timeout),
+            wait_time_after_min_received=int(settings.wait_after_min),
+        ) or []  # fmt: skip
+
+    def _round(
+        self, rnd: int, targets: list[str], settings: JobSettings, server: ServerRound, state: dict, state_dir: Path
+    ) -> bool:
+        t0 = time.perf_counter()
+        results = self._broadcast(rnd, targets, server, settings, state)
+        if self.abort_signal is not None and self.abort_signal.triggered:
+            return False
+        updates, failures, expected, sites, wire = [], {}, [], {}, {}
+        order = {name: k for k, name in enumerate(settings.sites)}
+        for res in sorted(results, key=lambda r: order.get(str((r.meta or {}).get("client_name")), len(order))):
+            meta = dict(res.meta or {})
+            name = str(meta.get("client_name"))
+            sites[name] = dict(meta.get("result") or {})
+            if meta.get("setup"):
+                state.setdefault("setup", {})[name] = meta["setup"]
+            self._note_global_dice(state, name, meta.get("global") or {})
+            blob = (res.params or {}).get("update")
+            if meta.get("failed"):
+                failures[name] = str(meta["failed"])
+                expected.append(name)
+            elif isinstance(blob, (bytes, bytearray)):
+                expected.append(name)
+                wire[name] = len(blob)
+                try:
+                    updates.append(decode_update(bytes(blob)))
+                except UpdateError as exc:
+                    failures[name] = f"undecodable update: {exc}"
+            if sites[name].get("stopped"):
+                state["active"] = [s for s in state["active"] if s != name]
+        errored = set(getattr(self, "_current_failed_clients", set()) or set())
+        for name in targets:
+            if name not in sites:
+                failures[name] = (
+                    "no answer: the site's trainer failed (NVFlare error reply)"
+                    if name in errored
+                    else f"no answer within the round's timeout ({settings.round_timeout} s)"
+                )
+                expected.append(name)
+        outcome = server(rnd, state["weights"], updates, expected, failures, wire_bytes=wire)
+        for name, entry in outcome.sites.items():
+            sites.setdefault(name, {}).update(entry)
+        if outcome.failed:
+            state["stopped"] = {"round": rnd, "reason": outcome.failed, "failed_round": {"round": rnd, "sites": sites}}
+            self._write_metrics(settings, state, state_dir)
+            self.error(outcome.failed)
+            return False
+        state["weights"], state["optimizer_state"] = outcome.weights, outcome.optimizer_state
+        record: dict[str, Any] = {
+            "round": rnd,
+            "sites": sites,
+            "global": {"dice": None, "per_site": {}, "rejected": len(outcome.rejected)},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        privacy = global_privacy([*state["history"], record])
+        if privacy:
+            record["global"]["privacy"] = privacy
+        stop = [n for n, e in sites.items() if (e.get("privacy") or {}).get("policy") == "stop_federation"
+                and (e.get("privacy") or {}).get("exhausted")]  # fmt: skip
+        if stop:
+            record["federation_stopped"] = f"privacy budget of {stop[0]} exhausted (policy stop_federation)"
+            state["stopped"] = {"round": rnd, "reason": record["federation_stopped"]}
+        state["history"].append(record)
+        state["round"] = rnd
+        state["strategy"] = server.strategy.state_dict()
+        if not state["active"] and not state.get("stopped"):
+            state["stopped"] = {"round": rnd, "reason": "every site has stopped"}
+        atomic_torch_save(state, state_dir / "checkpoint.pt")
+        atomic_torch_save(state["weights"], state_dir / "models" / "model.pt")
+        self._write_metrics(settings, state, state_dir)
+        self.info(f"round {rnd}: aggregated {outcome.accepted}, rejected {sorted(outcome.rejected)}")
+        return True
+
+    def _note_global_dice(self, state: dict, site: str, scored: dict) -> None:
+        """A site's score of the last completed round's global model goes into that round's record."""
+        if "global_dice" not in scored or not state["history"]:
+            return
+        record = state["history"][-1]
+        record["global"]["per_site"][site] = scored["global_dice"]
+        record["sites"].setdefault(site, {})["global_dice"] = scored["global_dice"]
+        counts = record["global"].setdefault("n_cases", {})
+        counts[site] = int(scored.get("n_cases", 1))
+        per_site = record["global"]["per_site"]
+        total = sum(counts[s] for s in per_site)
+        record["global"]["dice"] = sum(per_site[s] * counts[s] for s in per_site) / total if total else None
+
+    def _validate(self, settings: JobSettings, state: dict, state_dir: Path) -> None:
+        """Every site scores the final global model on its own validation cases."""
+        if state["history"]:
+            model = GlobalModel(state["round"], state["weights"], None, stop=True)
+            blob = encode_global(model)
+            data = FLModel(params_type=ParamsType.FULL, params={"global": blob}, meta={"validate": True})
+            results = self.broadcast_model(data=data, task_name="validate", targets=list(settings.sites),
+                                           timeout=int(settings.round_timeout) or 600,
+                                           wait_time_after_min_received=int(settings.wait_after_min)) or []  # fmt: skip
+            for res in results:
+                meta = dict(res.meta or {})
+                self._note_global_dice(state, str(meta.get("client_name")), meta.get("global") or {})
+            atomic_torch_save(state, state_dir / "checkpoint.pt")
+        self._write_metrics(settings, state, state_dir)
+
+    def _write_metrics(self, settings: JobSettings, state: dict, state_dir: Path) -> None:
+        history = state["history"]
+        order = {name: k for k, name in enumerate(settings.sites)}
+        for record in history:  # sites in the job's order, whatever order their answers came in
+            for key in ("per_site", "n_cases"):
+                if key in record["global"]:
+                    record["global"][key] = dict(sorted(record["global"][key].items(), key=lambda kv: order[kv[0]]))
+        finals = [r["global"]["dice"] for r in history]
+        scored = [i for i, d in enumerate(finals) if d is not None]
+        best = max(scored, key=lambda i: finals[i]) if scored else None
+        metrics: dict[str, Any] = {
+            "label": "federated (NVIDIA FLARE)",
+            "config": {
+                "job": settings.name, "bundle": settings.bundle, "config_files": list(settings.config_files),
+                "overrides": json_safe(settings.overrides), "rounds": settings.rounds, "sites": list(settings.sites),
+                "local_work": {"local_epochs": settings.local_epochs, "local_steps": settings.local_steps},
+                "momentum": settings.momentum, "strategy": build_strategy(**settings.strategy).config(),
+                "screen": settings.screen, "min_sites": settings.min_sites, "seed": settings.seed,
+                "secure_noise": settings.secure_noise, "fingerprint": settings.fingerprint(),
+            },  # fmt: skip
+            "rounds": history,
+            "final": {
+                "global_dice": finals[-1] if finals else None,
+                "global_dice_per_site": history[-1]["global"]["per_site"] if history else {},
+                "best_global_dice": finals[best] if best is not None else None,
+                "best_round": history[best]["round"] if best is not None else None,
+                "rounds_completed": len(history),
+            },
+            "partition": settings.partition,
+        }
+        if state.get("setup"):
+            metrics["setup"] = state["setup"]
+        if state.get("setup") or any((e or {}).get("privacy") for r in history for e in r["sites"].values()):
+            metrics["noise_source"] = NOISE_SECURE if settings.secure_noise else NOISE_SEEDED
+        if settings.data_summary:
+            metrics["data"] = settings.data_summary
+        if state.get("stopped"):
+            metrics["stopped"] = state["stopped"]
+        write_json(metrics, state_dir / "metrics.json")

@@ -1,0 +1,258 @@
+"""NVIDIA FLARE deployment: an exported job runs in FLARE's simulator and in POC mode (real processes on 127.0.0.1),
+trains exactly what the in-process simulator trains, survives a failing site, a poisoned update, a killed site
+process and a killed server, and never lets a site pass its budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_fedpriv.cli import main
+from monai_fedpriv.fl.nvflare.runner import open_job
+from monai_fedpriv.fl.nvflare.settings import JOB_FILE, JobSettings
+from tests.conftest import BUNDLE_DIR
+
+pytest.importorskip("nvflare")
+
+TINY = {
+    "network_def#channels": [4, 8],
+    "network_def#strides": [2],
+    "batch_size": 4,
+    "learning_rate": 0.01,
+}
+CLI = str(Path(sys.executable).parent / "monai-fedpriv")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_per_process(monkeypatch):
+    """FLARE's site processes compute with one thread like this test process (the conftest sets it), so that the
+    float sums and the weights match bit for bit (Adam turns tiny differences in a conv bias before a norm, whose
+    gradient is rounding noise, into steps of the learning rate)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nvflare") / "tiny_bundle"
+    (root / "configs").mkdir(parents=True)
+    for f in ("train.json", "metadata.json"):
+        (root / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
+    (root / "configs" / "tiny.json").write_text(json.dumps({**TINY, "dataset_dir": str(tiny_data)}))
+    return root
+
+
+def run_flags(bundle: Path, rounds: int, *extra: str) -> list[str]:
+    return [str(bundle), "--sites", "3", "--rounds", str(rounds), "--local-steps", "4", "--partition", "iid",
+            "--config-files", "train.json", "tiny.json", *extra]  # fmt: skip
+
+
+def export(bundle: Path, job: Path, rounds: int, *extra: str) -> JobSettings:
+    assert main(["export-nvflare", *run_flags(bundle, rounds, *extra), "--output", str(job)]) == 0
+    return open_job(job)[0]
+
+
+def simulate(bundle: Path, out: Path, rounds: int, *extra: str) -> dict:
+    extra = tuple(f for f in extra if f != "--seeded-noise")  # the simulator seeds its noise by default
+    assert main(["simulate", *run_flags(bundle, rounds, *extra), "--output", str(out), "--no-report"]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "federated" / "models" / "model.pt", map_location="cpu")
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def site_epsilons(metrics: dict) -> dict[str, float]:
+    return dict(metrics["rounds"][-1]["global"]["privacy"]["per_site"])
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def test_export_writes_a_byoc_job_with_secure_noise_by_default(bundle, tmp_path):
+    settings = export(bundle, tmp_path / "job", 2, "--privacy", "medium", "--min-sites", "2")
+    app = tmp_path / "job" / "app"
+    server = json.loads((app / "config" / "config_fed_server.json").read_text())
+    client = json.loads((app / "config" / "config_fed_client.json").read_text())
+    assert server["workflows"][0]["path"] == "monai_fedpriv.fl.nvflare.controller.FedPrivController"
+    executor = client["executors"][0]["executor"]["args"]
+    assert executor["execution_mode"] == "external_process" and executor["shutdown_timeout"] >= 30
+    assert (app / "custom" / "fedpriv_client.py").is_file()
+    assert (open_job(tmp_path / "job")[1] / "tiny_bundle" / "configs" / "tiny.json").is_file()
+    # nvflare job submit rewrites every .json under custom/ as HOCON ('#' starts a comment): nothing of ours is one
+    assert [f.name for f in (app / "custom").rglob("*.json")] == []
+    assert settings.secure_noise is True  # deployment: OS entropy unless --seeded-noise
+    assert settings.sites == ["site-1", "site-2", "site-3"] and settings.min_sites == 2
+    assert "dp.json" in settings.config_files and "budget.json" in settings.config_files
+    assert all(settings.data[s]["train"] for s in settings.sites)
+    assert export(bundle, tmp_path / "job2", 2, "--seeded-noise").secure_noise is False
+
+
+def test_export_refuses_bad_flags_before_writing(bundle, tmp_path, capsys):
+    job = tmp_path / "job"
+    assert main(["export-nvflare", *run_flags(bundle, 2, "--name", "a b"), "--output", str(job)]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert main(["export-nvflare", *run_flags(bundle, 2, "--share", "svt", "--momentum", "aggregate"),
+                 "--output", str(job)]) == 2  # fmt: skip
+    assert not job.exists()
+    with pytest.raises(SystemExit):  # simulation-only flags are not flags of a job
+        main(["export-nvflare", *run_flags(bundle, 2, "--baselines"), "--output", str(job)])
+
+
+def test_a_resuming_job_shares_the_fingerprint_and_state_folder_of_the_job_it_continues(bundle, tmp_path, monkeypatch):
+    monkeypatch.delenv("MONAI_FEDPRIV_STATE_ROOT", raising=False)
+    first = export(bundle, tmp_path / "job", 2, "--privacy", "medium")
+    again = export(bundle, tmp_path / "later", 4, "--privacy", "medium", "--resume")
+    assert again.resume and not first.resume and again.name != first.name
+    assert again.fingerprint() == first.fingerprint() and again.state_root() == first.state_root()
+    assert str(first.state_root()).startswith(str(Path.home() / ".monai_fedpriv" / "state"))
+    other = export(bundle, tmp_path / "other", 2, "--privacy", "high")
+    assert other.state_root() != first.state_root()
+
+
+def test_job_settings_refuse_unknown_fields_and_fingerprint_ignores_rounds(tmp_path):
+    settings = JobSettings(name="j", bundle="b", config_files=["train.json"], overrides={}, rounds=2, sites=["s"])
+    settings.save(tmp_path / JOB_FILE)
+    again = JobSettings.load(tmp_path / JOB_FILE)
+    assert again == settings
+    longer = JobSettings(**{**again.__dict__, "rounds": 5})
+    assert longer.fingerprint() == settings.fingerprint()
+    assert JobSettings(**{**again.__dict__, "seed": 1}).fingerprint() != settings.fingerprint()
+    (tmp_path / JOB_FILE).write_text(json.dumps({**json.loads((tmp_path / JOB_FILE).read_text()), "extra": 1}))
+    with pytest.raises(Exception, match="unknown fields"):
+        JobSettings.load(tmp_path / JOB_FILE)
+
+
+def test_run_nvflare_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
+    assert main(["run-nvflare", str(tmp_path), "--simulator", "--output", str(tmp_path / "out")]) == 2
+    assert "export-nvflare" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- simulator
+@pytest.mark.slow
+def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_path):
+    export(bundle, tmp_path / "job", 2)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = simulate(bundle, tmp_path / "sim", 2)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    dice = [r["global"]["dice"] for r in metrics["rounds"]]
+    assert dice == pytest.approx([r["global"]["dice"] for r in reference["rounds"]], abs=1e-5)
+    assert dice[-1] > dice[0]  # the global model improves
+    assert metrics["final"]["rounds_completed"] == 2 and metrics["nvflare"]["mode"] == "simulator"
+    assert (tmp_path / "run" / "report.md").is_file()
+    for record in metrics["rounds"]:  # codec bytes crossed the wire and were counted
+        assert all(s["bytes_sent"] > 0 for s in record["sites"].values())
+
+
+@pytest.mark.slow
+def test_simulator_job_survives_a_failing_site_and_rejects_poisoned_updates(bundle, tmp_path):
+    faults = ["--inject-fault", "site-2:crash:2", "--inject-fault", "site-3:nan:3", "--inject-fault",
+              "site-1:scale:3", "--min-sites", "1"]  # fmt: skip
+    export(bundle, tmp_path / "job", 3, *faults)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    r2, r3 = metrics["rounds"][1], metrics["rounds"][2]
+    assert "InjectedFault" in r2["sites"]["site-2"]["rejected"] and r2["global"]["rejected"] == 1
+    assert "not finite" in r3["sites"]["site-3"]["rejected"] or "NaN" in r3["sites"]["site-3"]["rejected"]
+    assert "median" in r3["sites"]["site-1"]["rejected"] and r3["global"]["rejected"] == 2
+    assert "rejected" not in r3["sites"]["site-2"]
+    reference = simulate(bundle, tmp_path / "sim", 3, *faults)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    assert [sorted(r["sites"]) for r in metrics["rounds"]] == [sorted(r["sites"]) for r in reference["rounds"]]
+
+
+@pytest.mark.slow
+def test_a_round_without_enough_answers_fails_the_job_with_the_reason(bundle, tmp_path, capsys):
+    export(bundle, tmp_path / "job", 2, "--inject-fault", "site-2:crash:1", "--min-sites", "3")
+    code = main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"])  # fmt: skip
+    assert code == 1
+    assert "only 2 of 3" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["final"]["rounds_completed"] == 0 and metrics["stopped"]["round"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------- POC
+def _poc_processes(out: Path, role: str) -> list[int]:
+    """PIDs of the POC job processes of ``role`` (``server`` or a site name) under ``out``."""
+    table = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    marker = "server.runner_process" if role == "server" else "client.worker_process"
+    return [int(line.split()[0]) for line in table.splitlines()[1:]
+            if marker in line and str(out) in line and (role == "server" or f"-c {role} " in line)]  # fmt: skip
+
+
+def _run_and_kill(job: Path, out: Path, role: str, when, resume: bool) -> subprocess.CompletedProcess:
+    """``run-nvflare --poc`` in a child process; ``kill -9`` the job process of ``role`` once ``when()`` holds."""
+    cmd = [CLI, "run-nvflare", str(job), "--poc", "--output", str(out), "--no-report", *(["--resume"] * resume)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while not when():
+        assert proc.poll() is None, proc.communicate()[0]
+        assert time.monotonic() < deadline, "the job never reached the point to kill it"
+        time.sleep(0.3)
+    pids = _poc_processes(out.resolve(), role)
+    assert pids, f"no job process of {role}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    output = proc.communicate(timeout=300)[0]
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+def _server_rounds(out: Path) -> int:
+    try:
+        return len(json.loads((out / "state" / "server" / "metrics.json").read_text())["rounds"])
+    except (OSError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.mark.slow
+def test_poc_job_resumes_after_a_killed_site_and_a_killed_server(bundle, tmp_path):
+    """Real processes on 127.0.0.1: a site's job process killed in round 2 fails the job (FLARE's behaviour); the
+    resumed job continues after round 1; its server killed after two sites answered round 3 fails it again; the
+    next resume sends those sites' saved round-3 answers again (no new release), site-2 trains round 3, and the
+    job finishes. Weights and every site's epsilon equal
+    an uninterrupted in-process run with the same seeds (DP-SGD, seeded noise), and no site passes its budget."""
+    flags = ("--privacy", "medium", "--epsilon-budget", "100", "--seeded-noise")
+    stalls = ("--inject-fault", "site-2:stall:2", "--inject-fault", "site-2:stall:3", "--min-sites", "3")
+    export(bundle, tmp_path / "job", 3, *flags, *stalls)
+    out = tmp_path / "run"
+
+    # site-2 is slow in round 2 (a 10 s stall): its job process is killed then
+    first = _run_and_kill(tmp_path / "job", out, "site-2", lambda: _server_rounds(out) >= 1, resume=False)
+    assert first.returncode == 1, first.stdout
+    assert "--resume continues" in first.stdout
+    assert json.loads((out / "metrics.json").read_text())["final"]["rounds_completed"] == 1
+
+    # resumed: round 2 completes; in round 3 sites 1 and 3 answer, site-2 stalls, and the server is killed
+    answered = lambda: all((out / "state" / s / "round_3.pt").is_file() for s in ("site-1", "site-3"))  # noqa: E731
+    second = _run_and_kill(tmp_path / "job", out, "server", answered, resume=True)
+    assert second.returncode == 1, second.stdout
+    assert json.loads((out / "metrics.json").read_text())["final"]["rounds_completed"] == 2
+
+    third = subprocess.run([CLI, "run-nvflare", str(tmp_path / "job"), "--poc", "--output", str(out), "--resume"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["rounds_completed"] == 3 and metrics["nvflare"]["status"] == "FINISHED:COMPLETED"
+    assert metrics["noise_source"] == "seeded (simulation only)" or "seed" in metrics["noise_source"]
+    reference = simulate(bundle, tmp_path / "sim", 3, *flags)
+    assert_same_weights(weights(out), weights(tmp_path / "sim"))
+    assert site_epsilons(metrics) == pytest.approx(site_epsilons(reference), rel=1e-9)
+    for site, eps in site_epsilons(metrics).items():
+        budget = metrics["rounds"][-1]["sites"][site]["privacy"]["budget"]
+        assert eps <= budget
+    dice = [r["global"]["dice"] for r in metrics["rounds"]]
+    assert dice[-1] > dice[0]
