@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from monai_fedpriv.attacks.gradient_inversion import reconstruct
-from monai_fedpriv.attacks.scores import score_reconstruction
+from monai_fedpriv.attacks.scores import label_map, score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
 from monai_fedpriv.attacks.victim import (
     build_victim_update,
@@ -33,6 +33,7 @@ __all__ = [
     "DELTA",
     "attack_image",
     "build_share_filter",
+    "bundle_activation",
     "load_bundle_model",
     "load_checkpoint",
     "load_victim",
@@ -98,6 +99,16 @@ def load_bundle_model(
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
     pixel_range = _find_pixel_range(parser.config) or (0.0, 1.0)
     return network, loss, pixel_range
+
+
+def bundle_activation(bundle_dir: str | Path) -> str:
+    """The bundle's output convention (``eval_activation`` of ``configs/train.json``; ``"softmax"`` if unset)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
+    value = parser.get("eval_activation", "softmax")
+    return value if value in ("softmax", "sigmoid") else "softmax"
 
 
 def load_checkpoint(network: torch.nn.Module, path: str | Path, size: int) -> torch.nn.Module:
@@ -217,8 +228,12 @@ def attack_image(
     tv_weight: float = 5e-2,
     seed: int = 0,
     num_threads: int | None = None,
+    activation: str = "softmax",
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Build the update a site would send for ``(image, label)`` and attack it; returns ``(record, reconstruction)``.
+
+    ``activation`` is the bundle's output convention (``eval_activation``): ``"sigmoid"`` bundles label each region
+    in its own binary channel (``label`` is then ``(regions, *spatial)``).
 
     The DP-SGD setting is a named regime, or ``noise_multiplier``/``max_grad_norm`` when given (``"custom"``); a
     ``share_filter`` (e.g. from :func:`build_share_filter`) is applied to the update after DP-SGD, and the attack
@@ -230,7 +245,7 @@ def attack_image(
     custom = noise_multiplier is not None or max_grad_norm is not None
     common = dict(
         image_shape=tuple(image.shape[1:]), num_classes=num_classes, in_channels=image.shape[0],
-        local_steps=local_steps, lr=lr, mask_known=mask_known, pixel_range=pixel_range,
+        local_steps=local_steps, lr=lr, mask_known=mask_known, pixel_range=pixel_range, activation=activation,
     )  # fmt: skip
     if custom:
         tm = ThreatModel(noise_multiplier=noise_multiplier or 0.0, max_grad_norm=max_grad_norm, **common)  # type: ignore[arg-type]
@@ -256,7 +271,7 @@ def attack_image(
         generator=torch.Generator().manual_seed(seed + 1), num_threads=num_threads,
     )  # fmt: skip
     recon = recon[0]
-    scores = score_reconstruction(recon, image.cpu(), label.cpu(), pixel_range)
+    scores = score_reconstruction(recon, image.cpu(), label_map(label.cpu()), pixel_range)
     eps_sgd = release_epsilon(tm.noise_multiplier, tm.local_steps)
     eps_share = share_meta.get("filter_epsilon")
     epsilon = release_epsilon(tm.noise_multiplier, tm.local_steps, pure_epsilon=eps_share)

@@ -21,6 +21,7 @@ from monai_fedpriv.attacks.audit import (
     DELTA,
     attack_image,
     build_share_filter,
+    bundle_activation,
     load_bundle_model,
     load_checkpoint,
     load_victim,
@@ -142,6 +143,7 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         max_grad_norm=args.max_grad_norm, share_filter=share_filter, share=args.share,
         local_steps=args.local_steps, lr=args.lr, mask_known=args.mask == "known", iterations=args.iterations,
         restarts=args.restarts, tv_weight=args.tv_weight, seed=args.seed, num_threads=args.threads,
+        activation=bundle_activation(args.bundle_dir),
     )  # fmt: skip
     record["mask_source"] = source
     if victim:

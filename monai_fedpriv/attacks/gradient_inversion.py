@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -123,6 +124,22 @@ def _flatten_update(
     return flat, keep
 
 
+def _batch_statistics_only(model: nn.Module) -> Callable[[], None]:
+    """Make every BatchNorm of ``model`` normalise with batch statistics (as the site did in train mode) without
+    updating its running statistics, which the functional transforms cannot (an in-place write to a captured
+    buffer); returns the function that restores them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flags = [m.track_running_stats for m in norms]
+    for m in norms:
+        m.track_running_stats = False
+
+    def restore() -> None:
+        for m, flag in zip(norms, flags, strict=True):
+            m.track_running_stats = flag
+
+    return restore
+
+
 def reconstruct(
     update: ModelUpdate | Mapping[str, torch.Tensor],
     model: torch.nn.Module,
@@ -175,6 +192,7 @@ def reconstruct(
     device = next(model.parameters()).device
     was_training = model.training
     model.train()  # the site trained in train mode; restored below
+    restore_tracking = _batch_statistics_only(model)
     params = strip_prefixes({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
     buffers = strip_prefixes({n: b.detach() for n, b in model.named_buffers()})
     names = list(params)
@@ -186,10 +204,14 @@ def reconstruct(
     shape = tm.input_shape
     mask_shape = (tm.batch_size, tm.num_classes, *tm.image_shape)
     known_soft = None
+    sigmoid = tm.activation == "sigmoid"
     if tm.mask_known:
         assert mask is not None
-        labels = mask.to(device).long().reshape(tm.batch_size, *tm.image_shape)
-        known_soft = F.one_hot(labels, tm.num_classes).movedim(-1, 1).float()
+        if sigmoid:  # one binary channel per region, as the site's loss saw it
+            known_soft = (mask.to(device) > 0).float().reshape(mask_shape)
+        else:
+            labels = mask.to(device).long().reshape(tm.batch_size, *tm.image_shape)
+            known_soft = F.one_hot(labels, tm.num_classes).movedim(-1, 1).float()
 
     def dummy_delta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         p = replay_update(model, params, buffers, soft_loss, x, y, tm)
@@ -197,7 +219,10 @@ def reconstruct(
         return flat * keep if keep is not None else flat
 
     def objective(x: torch.Tensor, mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = known_soft if known_soft is not None else torch.softmax(mask_logits, dim=1)
+        if known_soft is not None:
+            y = known_soft
+        else:
+            y = torch.sigmoid(mask_logits) if sigmoid else torch.softmax(mask_logits, dim=1)
         match = cosine_matching_loss(dummy_delta(x, y), target)
         return match + tv_weight * total_variation(x), match
 
@@ -235,9 +260,13 @@ def reconstruct(
         seconds = time.perf_counter() - start
         _total, match = run_all(objective, x.detach(), logits.detach())
     model.train(was_training)
+    restore_tracking()
     best = int(torch.argmin(match))
     if tm.mask_known:
-        mask_out = labels[:, None].cpu()
+        assert known_soft is not None
+        mask_out = known_soft.cpu() if sigmoid else known_soft.argmax(dim=1, keepdim=True).cpu()
+    elif sigmoid:
+        mask_out = (logits[best].detach() > 0).float().cpu()
     else:
         mask_out = logits[best].detach().argmax(dim=1, keepdim=True).cpu()
     stats = {

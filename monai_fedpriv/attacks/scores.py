@@ -13,8 +13,14 @@ from typing import Any, cast
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-__all__ = ["psnr", "ssim", "ncc", "baseline_images", "score_reconstruction", "verdict"]
+__all__ = ["psnr", "ssim", "ncc", "baseline_images", "score_reconstruction", "verdict", "label_map"]
 
+
+
+def label_map(label: torch.Tensor) -> torch.Tensor:
+    """One label map from a victim's label: itself (class indices, one channel), or for one binary channel per
+    region (sigmoid bundles) the number of regions covering each voxel (nested BraTS regions give 0..3)."""
+    return label.float().sum(0, keepdim=True) if label.ndim > 1 and label.shape[0] > 1 else label
 
 def psnr(recon: torch.Tensor, original: torch.Tensor, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB of one image ``(C, *spatial)`` against the original."""

@@ -43,6 +43,9 @@ class ThreatModel:
         noise_multiplier: DP-SGD noise multiplier the site used (the attacker knows it but cannot undo the noise).
         max_grad_norm: DP-SGD clipping norm, or ``None`` without clipping; the attacker replays clipping in the
             unrolled steps.
+        activation: the network's output convention: ``"softmax"`` (label maps of class indices) or ``"sigmoid"``
+            (one binary channel per possibly overlapping region, e.g. BraTS' TC/WT/ET); an unknown mask is then
+            optimised as sigmoid (not softmax) probabilities.
 
     Example:
         >>> tm = ThreatModel(image_shape=(64, 64), num_classes=3, mask_known=True)
@@ -60,6 +63,7 @@ class ThreatModel:
     pixel_range: tuple[float, float] = (0.0, 1.0)
     noise_multiplier: float = 0.0
     max_grad_norm: float | None = None
+    activation: str = "softmax"
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)
@@ -71,6 +75,8 @@ class ThreatModel:
                 f"num_classes, in_channels and batch_size must be >= 1, got "
                 f"{self.num_classes}, {self.in_channels}, {self.batch_size}."
             )
+        if self.activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {self.activation!r}.")
         if self.local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {self.local_steps}.")
         if not self.lr > 0:

@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.bundle import ConfigParser
 
-from monai_fedpriv.bundle.loader import BundleSpec
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
 from monai_fedpriv.data.checks import check_case
 from monai_fedpriv.errors import DataError
 from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data
@@ -31,7 +30,8 @@ def _window(length: int, centre: int, size: int) -> tuple[int, int]:
 def victim_from_dataset(
     bundle_dir: str | Path, data_dir: str | Path, case: int = 0, layout: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, Any]]:
-    """``(image (C, *patch), label (1, *patch), bundle overrides, description)`` of case ``case`` of a data set.
+    """``(image (C, *patch), label (L, *patch), bundle overrides, description)`` of case ``case`` of a data set
+    (``L`` = 1 label map, or one binary channel per region for a sigmoid bundle).
 
     Raises:
         DataError: no such case, or a case that fails its checks (the message names the file).
@@ -44,15 +44,21 @@ def victim_from_dataset(
     item = data.cases[case]
     check_case(item, list(data.info.labels))
     overrides, target = adapt_bundle(BundleSpec(Path(bundle_dir)), data)
-    parser = ConfigParser({"t": overrides["validate#preprocessing"]})
-    sample = parser.get_parsed_content("t")(dict(item))
+    transform = load_bundle(BundleSpec(Path(bundle_dir)), overrides, required=()).get_parsed_content(
+        "validate#preprocessing"
+    )  # the bundle's own validation chain on this data (a task bundle builds it from dataset_dir)
+    sample = transform(dict(item))
     image, label = torch.as_tensor(sample["image"]).float(), torch.as_tensor(sample["label"]).long()
     slice_index = None
     if target.spatial_dims == 2 and image.ndim == 4:
-        per_slice = (label[0] > 0).reshape(-1, label.shape[-1]).sum(0)
+        per_slice = (label.amax(0) > 0).reshape(-1, label.shape[-1]).sum(0)
         slice_index = int(per_slice.argmax())
-        image, label = image[..., slice_index], label[..., slice_index]
-    fg = torch.nonzero(label[0] > 0)
+        half = target.slice_context // 2  # the slice and its neighbours as channels, as the network trains
+        around = [min(max(slice_index + k, 0), image.shape[-1] - 1) for k in range(-half, half + 1)]
+        c, h, w = image.shape[:3]
+        image = image[..., around].permute(0, 3, 1, 2).reshape(c * len(around), h, w)
+        label = label[..., slice_index]
+    fg = torch.nonzero(label.amax(0) > 0)
     centre = fg.float().mean(0).round().long().tolist() if len(fg) else [s // 2 for s in label.shape[1:]]
     pads: list[int] = []
     for dim, size in reversed(list(enumerate(target.patch_size))):

@@ -46,6 +46,8 @@ SLOT_DEFAULTS: dict[str, Any] = {
     "fed_privacy_stateful": {},
     "fed_share_stateful": {},
     "fed_stateful": "$dict(**@fed_budget_stateful, **@fed_privacy_stateful, **@fed_share_stateful)",
+    "eval_activation": "softmax",  # output convention: softmax classes or sigmoid regions (fl.evaluation)
+    "attack_pixel_range": [0.0, 1.0],  # intensity range of the preprocessed images (attack.json)
 }
 
 

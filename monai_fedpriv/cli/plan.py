@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from monai_fedpriv.bundle.loader import BundleSpec
+from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.cli.options import OptionError, check_privacy_config, parse_overrides, privacy_files_and_overrides
 from monai_fedpriv.cli.run_flags import check_run_flags
 from monai_fedpriv.experiments.federated import SiteSplit
@@ -67,6 +68,10 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     if privacy:
         log(f"privacy: {privacy}")
     own = None
+    if args.data is None:  # a task bundle pointed at its data by --override dataset_dir=DIR: the same as --data DIR
+        probe = load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides), required=())
+        if parser_get(probe, "adapt_target") is not None and parser_get(probe, "dataset_dir"):
+            args.data = Path(str(parser_get(probe, "dataset_dir")))
     if args.data is not None:  # the data first: its description decides the bundle's channels and transforms
         from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data
 

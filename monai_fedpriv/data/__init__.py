@@ -1,5 +1,6 @@
 """Site data: image readers, consistency checks, MSD/BraTS data lists, federated site partitions, default data set."""
 
+from monai_fedpriv.data import task, transforms  # noqa: E402 - modules the task bundles import by name
 from monai_fedpriv.data.brain_tissue import (
     BRAIN_TISSUE_LABELS,
     build_brain_tissue_2d,
@@ -31,4 +32,6 @@ __all__ = [
     "read_institutions_csv",
     "read_msd_labels",
     "site_acquisition",
+    "task",
+    "transforms",
 ]

@@ -59,6 +59,9 @@ class AdaptTarget:
         pos: weight of foreground-centred patches. neg: weight of background-centred patches.
         sw_batch_size: windows per inference batch. overlap: sliding-window overlap.
         augment: add light random augmentation after cropping.
+        channels: input channels kept, by index in the data's modality order (``None``: all), e.g. T2-FLAIR only.
+        slice_context: for a 2D network on 3D data, consecutive axial slices given as channels (odd; the label is
+            the central slice, inference by :class:`~monai_fedpriv.data.transforms.ContextSliceInferer`).
     """
 
     spatial_dims: int = 2
@@ -74,6 +77,8 @@ class AdaptTarget:
     sw_batch_size: int = 8
     overlap: float = 0.25
     augment: bool = field(default=True)
+    channels: tuple[int, ...] | None = None
+    slice_context: int = 1
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -87,6 +92,12 @@ class AdaptTarget:
                 raise ValueError(f"AdaptTarget.{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.ct_window[0] < self.ct_window[1]:
             raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window!r}")
+        if self.slice_context < 1 or self.slice_context % 2 == 0:
+            raise ValueError(f"slice_context must be a positive odd number, got {self.slice_context!r}")
+        if self.slice_context > 1 and self.spatial_dims != 2:
+            raise ValueError("slice_context is for a 2D network on 3D data (spatial_dims=2)")
+        if self.channels is not None and (not self.channels or min(self.channels) < 0):
+            raise ValueError(f"channels must be non-negative channel indices, got {self.channels!r}")
         if self.pos < 0 or self.neg < 0 or self.pos + self.neg == 0 or not 0 <= self.overlap < 1:
             raise ValueError(
                 f"need pos, neg >= 0 (not both 0) and 0 <= overlap < 1, got pos={self.pos}, "
@@ -102,6 +113,13 @@ def _check(info: DatasetInfo, target: AdaptTarget) -> None:
         )
     if target.spacing is not None and len(target.spacing) > info.spatial_dims:
         raise DataError(f"spacing {target.spacing} has more entries than {info.name} has axes ({info.spatial_dims})")
+    if target.channels is not None and max(target.channels) >= info.n_channels:
+        raise DataError(
+            f"the network takes channels {list(target.channels)} but {info.name} has {info.n_channels} "
+            f"({list(info.modalities)})"
+        )
+    if target.slice_context > 1 and info.spatial_dims != 3:
+        raise DataError(f"slice_context {target.slice_context} needs 3D volumes; {info.name} is {info.spatial_dims}D")
     mapped = {int((target.label_mapping or {}).get(v, v)) for v in info.labels}
     unknown = sorted({int(v) for r in (target.regions or {}).values() for v in r} - mapped)
     if unknown:
@@ -131,6 +149,8 @@ def _intensity(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
         return {"_target_": "NormalizeIntensityd", "keys": key, "nonzero": True, "channel_wise": True}
 
     kinds = info.modality_kinds
+    if target.channels is not None:  # the kept channels only (SelectChannelsd ran before)
+        kinds = tuple(kinds[c] for c in target.channels)
     if len(set(kinds)) == 1:
         return [one("image", kinds[0])]
     names = [f"image_{c}" for c in range(len(kinds))]
@@ -162,6 +182,9 @@ def _deterministic(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
         {"_target_": "EnsureChannelFirstd", "keys": "image", "channel_dim": channel_dim},
         {"_target_": "EnsureChannelFirstd", "keys": "label", "channel_dim": "no_channel"},
     ]
+    if target.channels is not None:
+        chain.append({"_target_": "monai_fedpriv.data.transforms.SelectChannelsd", "keys": "image",
+                      "channels": [int(c) for c in target.channels]})  # fmt: skip
     if target.label_mapping:
         pairs = sorted((int(k), int(v)) for k, v in target.label_mapping.items())
         chain.append(
@@ -195,11 +218,12 @@ def _deterministic(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
 def _random(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
     slices = target.spatial_dims == 2 and info.spatial_dims == 3
     patch = [int(p) for p in target.patch_size]
+    depth = int(target.slice_context)
     crop: dict[str, Any] = {
         "_target_": "RandCropByPosNegLabeld",
         "keys": _IMG_LAB,
         "label_key": "label",
-        "spatial_size": [*patch, 1] if slices else patch,
+        "spatial_size": [*patch, depth] if slices else patch,
         "pos": float(target.pos),
         "neg": float(target.neg),
         "num_samples": int(target.samples_per_volume),
@@ -207,7 +231,9 @@ def _random(info: DatasetInfo, target: AdaptTarget) -> list[dict]:
     if set(info.modality_kinds) == {"ct"}:  # background patches from the body (> window floor), not from the air
         crop.update(image_key="image", image_threshold=0.0)
     chain = [{"_target_": "SpatialPadd", "keys": _IMG_LAB, "spatial_size": [*patch, -1] if slices else patch}, crop]
-    if slices:
+    if slices and depth > 1:  # the slices around the crop's centre become channels, the label its central slice
+        chain.append({"_target_": "monai_fedpriv.data.transforms.SlicesToChannelsd"})
+    elif slices:
         chain.append({"_target_": "SqueezeDimd", "keys": _IMG_LAB, "dim": -1})
     if target.augment:
         n = target.spatial_dims
@@ -270,6 +296,9 @@ def inferer_config(info: DatasetInfo, target: AdaptTarget) -> dict[str, Any]:
     }
     if info.spatial_dims == 2:
         return {"_target_": "SimpleInferer"}
+    if target.spatial_dims == 2 and target.slice_context > 1:
+        return {"_target_": "monai_fedpriv.data.transforms.ContextSliceInferer", "context": int(target.slice_context),
+                "batch_size": int(target.sw_batch_size)}  # fmt: skip
     if target.spatial_dims == 2:
         return {"_target_": "SliceInferer", "spatial_dim": 2, **window}
     return {"_target_": "SlidingWindowInferer", "mode": "gaussian", **window}
@@ -287,7 +316,8 @@ def network_channels(info: DatasetInfo, target: AdaptTarget) -> dict[str, int]:
     or per class value ``0..max`` after ``label_mapping`` (softmax; a gap such as BraTS' unused 3 costs one output).
     """
     _check(info, target)
+    n_in = (len(target.channels) if target.channels is not None else info.n_channels) * int(target.slice_context)
     if target.regions:
-        return {"in_channels": info.n_channels, "out_channels": len(target.regions)}
+        return {"in_channels": n_in, "out_channels": len(target.regions)}
     mapped = {int((target.label_mapping or {}).get(v, v)) for v in info.labels}
-    return {"in_channels": info.n_channels, "out_channels": max(mapped) + 1}
+    return {"in_channels": n_in, "out_channels": max(mapped) + 1}

@@ -167,6 +167,8 @@ def adapt_bundle(bundle: BundleSpec, data: OwnData, privacy: bool = False) -> tu
     """
     info = data.info
     parser = load_bundle(bundle, required=())
+    if parser_get(parser, "adapt_target") is not None:  # a task bundle builds its pipeline from dataset_dir itself
+        return _adapt_task_bundle(bundle, data, privacy)
     net = parser_get(parser, "network_def")
     dims = None
     if isinstance(net, Mapping):
@@ -213,6 +215,24 @@ def adapt_bundle(bundle: BundleSpec, data: OwnData, privacy: bool = False) -> tu
         for key in ("out_channels", "classes"):
             if key in net and _literal(net[key]):
                 overrides[f"network_def#{key}"] = n_classes
+    return overrides, target
+
+
+def _adapt_task_bundle(bundle: BundleSpec, data: OwnData, privacy: bool) -> tuple[dict[str, Any], AdaptTarget]:
+    """A task bundle (``data_info``/``adapt_target`` ids, :mod:`monai_fedpriv.data.task`) is pointed at the data;
+    its own expressions then build transforms, inferer and channels. Under DP-SGD each volume gives one sample per
+    visit (the privacy unit is then a volume or a patient, not a patch)."""
+    overrides: dict[str, Any] = {
+        "dataset_dir": str(data.info.root),
+        "data_layout": data.info.layout,
+        "train#dataset#cache_rate": _cache_rate(data.info, data.cases[0]["image"]),
+    }
+    if privacy:
+        overrides["samples_per_volume"] = 1
+    target = load_bundle(bundle, overrides, required=()).get_parsed_content("adapt_target")
+    if not isinstance(target, AdaptTarget):
+        kind = type(target).__name__
+        raise BundleError(f"bundle {bundle.root}: 'adapt_target' should build an AdaptTarget, got {kind}.")
     return overrides, target
 
 

@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 
 from monai_fedpriv.attacks.figures import save_reconstruction_grid
 from monai_fedpriv.attacks.gradient_inversion import reconstruct
-from monai_fedpriv.attacks.scores import score_reconstruction
+from monai_fedpriv.attacks.scores import label_map, score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
 from monai_fedpriv.attacks.victim import update_norm
 from monai_fedpriv.fl.update import ModelUpdate
@@ -179,13 +179,15 @@ class ReconstructionAttackEvaluator:
             batch_size=int(image.shape[0]),
             local_steps=max(1, int(update.local_steps)),
             image_shape=tuple(image.shape[2:]),
+            in_channels=int(image.shape[1]),
         )
         recon, stats = reconstruct(
             update, server_model, tm, self.loss, mask=label.to(device) if tm.mask_known else None,
             iterations=self.iterations, restarts=self.restarts, tv_weight=self.tv_weight,
             generator=torch.Generator().manual_seed(self.seed + update.round), num_threads=self.num_threads,
         )  # fmt: skip
-        per_image = [score_reconstruction(recon[i], image[i], label[i], tm.pixel_range) for i in range(len(recon))]
+        per_image = [score_reconstruction(recon[i], image[i], label_map(label[i]), tm.pixel_range)
+                     for i in range(len(recon))]  # fmt: skip
         privacy = dict(update.meta.get("privacy", {}) or {})
         record = {
             "round": update.round,

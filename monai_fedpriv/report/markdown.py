@@ -109,6 +109,10 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
                 f"(target: within 2 points: {'met' if gap <= 2 else 'NOT met'}). Local-only models score "
                 f"{_f(min(others) if others else None)}-{_f(max(others) if others else None)} on the other sites.",
             ]
+    per_class = final.get("global_dice_per_class")
+    if per_class:
+        lines += ["", f"Metric: {metrics.get('metric', 'Dice')}.", "", "| class / region | global model Dice |",
+                  "|---|---|", *[f"| {name} | {_f(v)} |" for name, v in per_class.items()]]  # fmt: skip
     lines += ["", "## Per round", ""]
     sites = sorted({s for r in metrics["rounds"] for s in r["sites"]})
     header = "| round | global Dice | " + " | ".join(f"{s} local Dice / steps" for s in sites) + " | seconds |"

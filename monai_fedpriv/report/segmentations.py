@@ -10,10 +10,27 @@ import numpy as np
 import torch
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
-from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.evaluation import evaluator_from_bundle
 from monai_fedpriv.privacy.model_prep import load_trained_weights
 
 __all__ = ["plot_example_segmentations"]
+
+
+def _example_input(parser: Any) -> torch.Tensor | None:
+    """A zero input of the shape the bundle's metadata declares (``network_data_format.inputs.image``)."""
+    meta = parser.get("_meta_") or {}
+    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    shape, channels = image.get("spatial_shape"), image.get("num_channels")
+    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape) and isinstance(channels, int):
+        return torch.zeros(1, channels, *shape)
+    return None
+
+
+def _to_map(mask: torch.Tensor, regions: bool) -> np.ndarray:
+    """Binary channel masks (1, C, ...) -> one integer map: the class index (one-hot softmax classes) or the number
+    of regions covering each voxel (sigmoid regions)."""
+    m = mask[0].float()
+    return np.asarray(m.sum(0) if regions else m.argmax(0))
 
 
 def plot_example_segmentations(
@@ -23,7 +40,8 @@ def plot_example_segmentations(
     path: Path,
     title: str = "global model",
 ) -> Path:
-    """Save a PNG grid with the first validation case of every site and the model's argmax prediction.
+    """Save a PNG grid with the first validation case of every site and the model's prediction (argmax classes, or
+    thresholded sigmoid regions coloured by how many regions cover a voxel).
 
     A 3D validation volume is predicted whole with the bundle's ``validate#inferer`` (slice-wise or sliding window)
     and shown at the axial slice with the most foreground in its label."""
@@ -37,7 +55,9 @@ def plot_example_segmentations(
     rows = [(site, cases[0]) for site, cases in val_sets.items() if cases]
     if not rows:
         raise ValueError("no validation case to show: every site's validation set is empty.")
-    example = torch.as_tensor(transform(dict(rows[0][1]))["image"])[None].float()
+    example = _example_input(parser) if _example_input(parser) is not None else (
+        torch.as_tensor(transform(dict(rows[0][1]))["image"])[None].float()
+    )  # the network's input (a 2D patch), not a validation volume
     network = parser.get_parsed_content("network").to("cpu")
     # under DP the sites (and so the global model) train the prepared network, e.g. without BatchNorm statistics
     network = load_trained_weights(network, weights, example, norm=str(parser_get(parser, "dp#norm", "instance")))
@@ -49,11 +69,15 @@ def plot_example_segmentations(
         image = torch.as_tensor(item["image"])[None].float()
         with torch.no_grad():
             logits = inferer(image, network) if inferer is not None else network(image)
-        pred = logits.argmax(1)[0].numpy()
-        label = np.asarray(torch.as_tensor(item["label"])[0])
-        dice = DiceEvaluator([case], transform, inferer=inferer, batch_size=1)(network)["dice"]
+        scorer = evaluator_from_bundle(parser, [case], "cpu")
+        pred_mask, label_mask = scorer.predict_masks(logits, torch.as_tensor(item["label"])[None])
+        # one map to colour: softmax -> the class index; sigmoid regions -> how many regions cover a voxel (nested
+        # regions such as BraTS' WT > TC > ET become 1, 2, 3)
+        regions = scorer.activation == "sigmoid"
+        pred, label = _to_map(pred_mask, regions), _to_map(label_mask, regions)
+        dice = scorer(network)["dice"]
         img = np.asarray(image[0, 0])
-        n_classes = int(logits.shape[1])
+        n_classes = int(logits.shape[1]) + (1 if regions else 0)
         if img.ndim == 3:  # a volume: the axial slice with the most foreground
             z = int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(0)))
             img, label, pred = img[..., z], label[..., z], pred[..., z]

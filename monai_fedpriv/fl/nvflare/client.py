@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
 from monai_fedpriv.errors import ResumeError
-from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.evaluation import DiceEvaluator, evaluator_from_bundle
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.nvflare.transport import NVFlareTransport, Task
 from monai_fedpriv.fl.simulator.faults import FaultInjector, parse_fault
@@ -103,12 +103,7 @@ class _Site:
     def _evaluator(self, val: list[dict[str, Any]]) -> DiceEvaluator | None:
         if not val:
             return None
-        parser = load_bundle(self.bundle, {"device": "$torch.device('cpu')"})
-        transform = parser.get_parsed_content("validate#preprocessing")
-        inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
-        batch = parser_get(parser, "validate#dataloader#batch_size")
-        batch = int(batch) if isinstance(batch, int) and not isinstance(batch, bool) else 16
-        return DiceEvaluator(val, transform, "cpu", inferer, batch_size=batch)
+        return evaluator_from_bundle(load_bundle(self.bundle, {"device": "$torch.device('cpu')"}), val, "cpu")
 
     def score_global(self, task: Task) -> dict[str, Any]:
         """Dice of the task's global model on this site's validation cases."""
@@ -117,7 +112,8 @@ class _Site:
         network = plain_copy(unwrap(self.site.sync.network or self.site.trainer.network))
         load_exchangeable_state(network, task.model.weights)
         result = self.evaluator(network)
-        return {"global_dice": result["dice"], "n_cases": result["n_cases"]}
+        return {"global_dice": result["dice"], "n_cases": result["n_cases"], "dice_per_class": result["dice_per_class"],
+                "classes": result["classes"], "metric": self.evaluator.describe()}  # fmt: skip
 
 
 def run_site(archive: Path) -> None:

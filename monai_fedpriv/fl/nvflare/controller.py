@@ -27,6 +27,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.stream import derive_seed
 from monai_fedpriv.errors import ResumeError, UpdateError
 from monai_fedpriv.fl.codec import decode_update, encode_global
+from monai_fedpriv.fl.evaluation import combine_scores
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.server import ScreenSettings, ServerRound, global_privacy
 from monai_fedpriv.fl.strategies import build_strategy
@@ -202,13 +203,20 @@ class FedPrivController(ModelController):
         if "global_dice" not in scored or not state["history"]:
             return
         record = state["history"][-1]
-        record["global"]["per_site"][site] = scored["global_dice"]
         record["sites"].setdefault(site, {})["global_dice"] = scored["global_dice"]
-        counts = record["global"].setdefault("n_cases", {})
-        counts[site] = int(scored.get("n_cases", 1))
-        per_site = record["global"]["per_site"]
-        total = sum(counts[s] for s in per_site)
-        record["global"]["dice"] = sum(per_site[s] * counts[s] for s in per_site) / total if total else None
+        scores = record.setdefault("_scores", {})
+        scores[site] = {
+            "dice": scored["global_dice"], "n_cases": int(scored.get("n_cases", 1)),
+            "dice_per_class": scored.get("dice_per_class", []), "classes": scored.get("classes", []),
+        }  # fmt: skip
+        combined = combine_scores(scores)
+        record["global"]["per_site"][site] = scored["global_dice"]
+        record["global"]["n_cases"] = {s: v["n_cases"] for s, v in scores.items()}
+        record["global"]["dice"] = combined["dice"]
+        if combined["dice_per_class"]:
+            record["global"]["dice_per_class"] = combined["dice_per_class"]
+        if scored.get("metric"):
+            state["metric"] = scored["metric"]
 
     def _validate(self, settings: JobSettings, state: dict, state_dir: Path) -> None:
         """Every site scores the final global model on its own validation cases."""
@@ -245,7 +253,7 @@ class FedPrivController(ModelController):
                 "screen": settings.screen, "min_sites": settings.min_sites, "seed": settings.seed,
                 "secure_noise": settings.secure_noise, "fingerprint": settings.fingerprint(),
             },  # fmt: skip
-            "rounds": history,
+            "rounds": [{k: v for k, v in r.items() if k != "_scores"} for r in history],
             "final": {
                 "global_dice": finals[-1] if finals else None,
                 "global_dice_per_site": history[-1]["global"]["per_site"] if history else {},
@@ -255,6 +263,10 @@ class FedPrivController(ModelController):
             },
             "partition": settings.partition,
         }
+        if history and history[-1]["global"].get("dice_per_class"):
+            metrics["final"]["global_dice_per_class"] = history[-1]["global"]["dice_per_class"]
+        if state.get("metric"):
+            metrics["metric"] = state["metric"]
         if state.get("setup"):
             metrics["setup"] = state["setup"]
         if state.get("setup") or any((e or {}).get("privacy") for r in history for e in r["sites"].values()):

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
 from monai_fedpriv.data.stream import derive_seed
 from monai_fedpriv.errors import BundleError, DataError, FederationError, PrivacyConfigError
-from monai_fedpriv.fl.evaluation import DiceEvaluator
+from monai_fedpriv.fl.evaluation import DiceEvaluator, combine_scores, evaluator_from_bundle
 from monai_fedpriv.fl.server.checkpoint import CHECKPOINT_VERSION, load_round_checkpoint
 from monai_fedpriv.fl.server.records import global_privacy, progress_cell
 from monai_fedpriv.fl.server.round import ServerRound
@@ -185,12 +185,8 @@ class FederatedSimulator:
             network = parser.get_parsed_content("network")
         self._server_network = network
         self.global_weights = exchangeable_state(network)
-        transform = parser.get_parsed_content("validate#preprocessing")
-        inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
-        batch = parser_get(parser, "validate#dataloader#batch_size")
-        batch = int(batch) if isinstance(batch, int) and not isinstance(batch, bool) else 16
         for name, data in self.eval_sets.items():
-            self.evaluators[name] = DiceEvaluator(data, transform, self.device, inferer, batch_size=batch)
+            self.evaluators[name] = evaluator_from_bundle(parser, data, self.device)
 
     def setup(self) -> None:
         self._build_server()
@@ -399,6 +395,8 @@ class FederatedSimulator:
             "global": {"dice": glob["dice"], "per_site": glob["per_set"], "rejected": len(outcome.rejected)},
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if glob["per_class"]:
+            record["global"]["dice_per_class"] = glob["per_class"]
         privacy = global_privacy([*self.history, record])
         if privacy:
             record["global"]["privacy"] = privacy
@@ -423,9 +421,9 @@ class FederatedSimulator:
         if weights is not None:
             load_exchangeable_state(self._server_network, weights)
         per_set = {name: ev(self._server_network) for name, ev in self.evaluators.items()}
-        total = sum(r["n_cases"] for r in per_set.values())
-        dice = sum(r["dice"] * r["n_cases"] for r in per_set.values()) / total if total else float("nan")
-        return {"dice": dice, "per_set": {k: v["dice"] for k, v in per_set.items()}}
+        combined = combine_scores(per_set)
+        return {"dice": combined["dice"], "per_set": {k: v["dice"] for k, v in per_set.items()},
+                "per_class": combined["dice_per_class"]}  # fmt: skip
 
     def metrics(self) -> dict[str, Any]:
         finals = [r["global"]["dice"] for r in self.history]
@@ -442,6 +440,10 @@ class FederatedSimulator:
                 "rounds_completed": len(self.history),
             },
         }
+        if self.history and self.history[-1]["global"].get("dice_per_class"):
+            out["final"]["global_dice_per_class"] = self.history[-1]["global"]["dice_per_class"]
+        if self.evaluators:
+            out["metric"] = next(iter(self.evaluators.values())).describe()
         setup = {name: site.setup for name, site in self.sites.items() if site.setup}
         if setup:
             out["setup"] = setup
