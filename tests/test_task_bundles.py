@@ -183,21 +183,24 @@ def test_flair_bundle_takes_three_slices_and_predicts_whole_volumes(brats_data, 
 
 
 @pytest.mark.slow
-def test_liver_inference_writes_masks_on_each_input_grid(liver_data, tmp_path):
+@pytest.mark.parametrize("bundle_name", ["liver_ct_2d", "brain_tumour_2d_flair"])
+def test_inference_writes_masks_on_each_input_grid(bundle_name, liver_data, brats_data, tmp_path):
     from monai.bundle import run
 
-    bundle = tmp_path / "liver_ct_2d"
+    bundle = tmp_path / bundle_name
     (bundle / "models").mkdir(parents=True)
     (bundle / "inputs").mkdir()
-    image = sorted((liver_data / "imagesTr").glob("*.nii.gz"))[0]
+    if bundle_name == "liver_ct_2d":
+        image, net = sorted((liver_data / "imagesTr").glob("*.nii.gz"))[0], build_network("monet", 1, 1)
+    else:  # FLAIR volumes, each slice predicted from its neighbourhood (MetaTensor inputs)
+        image, net = sorted(brats_data.glob("*/*_flair.nii.gz"))[0], build_network("unet", 3, 1)
     (bundle / "inputs" / image.name).write_bytes(image.read_bytes())
-    net = build_network("monet", 1, 1)
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
-    run(config_file=str(BUNDLES / "liver_ct_2d" / "configs" / "inference.json"), bundle_root=str(bundle),
+    run(config_file=str(BUNDLES / bundle_name / "configs" / "inference.json"), bundle_root=str(bundle),
         patch_size=[16, 16])  # fmt: skip
     import nibabel as nib
 
-    written = list((bundle / "predictions").glob("*_liver.nii.gz"))
+    written = list((bundle / "predictions").glob("*.nii.gz"))
     assert len(written) == 1
     pred, src = nib.load(written[0]), nib.load(image)
     assert pred.shape == src.shape and np.allclose(pred.affine, src.affine)

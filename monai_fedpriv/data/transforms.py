@@ -84,6 +84,8 @@ class ContextSliceInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if inputs.ndim != 5:
             raise ValueError(f"ContextSliceInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}.")
+        if hasattr(inputs, "as_tensor"):  # a MetaTensor: slicing and stacking work on the plain data
+            inputs = inputs.as_tensor()
         b, c, h, w, depth = inputs.shape
         half = self.context // 2
         padded = torch.cat([inputs[..., :1]] * half + [inputs] + [inputs[..., -1:]] * half, dim=-1)
