@@ -58,10 +58,10 @@ def update_l2_norm(update: ModelUpdate) -> float:
     for key, value in update.delta.items():
         if not value.is_floating_point():
             continue
-        v = value.detach().to(torch.float64)
+        v = value.detach()
         if update.masks is not None and key in update.masks:
-            v = v * update.masks[key].to(torch.float64)
-        total += float((v * v).sum())
+            v = v * update.masks[key].to(v.dtype)
+        total += float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
     return math.sqrt(total)
 
 

@@ -59,6 +59,12 @@ def weighted_delta(
             best = max(range(len(updates)), key=lambda i: weights[i])
             out[key] = updates[best].delta[key].to(ref.dtype)
             continue
+        if all(u.masks is None for u in updates):  # dense updates: one weighted sum, a scalar denominator
+            num = torch.zeros_like(ref, dtype=torch.float64)
+            for u, w in zip(updates, weights, strict=True):
+                num.add_(u.delta[key].to(torch.float64), alpha=w)
+            out[key] = (num / sum(weights)).to(ref.dtype)
+            continue
         num = torch.zeros_like(ref, dtype=torch.float64)
         den = torch.zeros_like(ref, dtype=torch.float64)
         for u, w in zip(updates, weights, strict=True):
