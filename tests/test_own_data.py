@@ -99,6 +99,7 @@ def test_a_handful_of_patients_still_validates_every_site_or_says_why(tmp_path, 
         (["--local-steps", "0"], "--local-steps"),
         (["--local-epochs", "0"], "--local-epochs"),
         (["--server-momentum", "1.5"], "--server-momentum"),
+        (["--threads", "0"], "--threads"),
         (["--val-fraction", "0.5"], "need --data"),
         (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
     ],
@@ -112,6 +113,20 @@ def test_every_bad_flag_is_one_line_and_exit_2(tmp_path, capsys, args, named):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+
+
+def test_threads_apply_to_the_run_and_are_restored_after_it(tmp_path, monkeypatch):
+    import torch
+
+    import monai_fedpriv.cli.simulate as simulate_cli
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    monkeypatch.setattr(simulate_cli, "_simulate", lambda args, plan: seen.append(torch.get_num_threads()) or 0)
+    wanted = 1 if before != 1 else 2
+    argv = ["simulate", str(BUNDLE_DIR), "--output", str(tmp_path / "o"), "--rounds", "1", "--threads", str(wanted)]
+    assert main(argv) == 0
+    assert seen == [wanted] and torch.get_num_threads() == before
 
 
 def test_bundle_without_an_id_the_run_needs(tmp_path, capsys):

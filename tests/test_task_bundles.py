@@ -208,6 +208,38 @@ def test_inference_writes_masks_on_each_input_grid(bundle_name, liver_data, brat
 
 
 @pytest.mark.slow
+def test_3d_inference_from_modality_files_writes_regions_named_after_the_case(brats_data, tmp_path):
+    from monai.bundle import run
+
+    bundle = tmp_path / "brain_tumour_3d"
+    (bundle / "models").mkdir(parents=True)
+    case = sorted(p for p in brats_data.iterdir() if p.is_dir())[0]
+    files = [str(case / f"{case.name}_{m}.nii.gz") for m in ("t1", "t1ce", "t2", "flair")]
+    (tmp_path / "cases.json").write_text(json.dumps([{"image": files}]))
+    torch.save(build_network("segresnet", 4, 3, spatial_dims=3).state_dict(), bundle / "models" / "model.pt")
+    run(config_file=str(BUNDLES / "brain_tumour_3d" / "configs" / "inference.json"), bundle_root=str(bundle),
+        input_datalist=str(tmp_path / "cases.json"), patch_size=[16, 16, 16])  # fmt: skip
+    import nibabel as nib
+
+    written = sorted(p.name for p in (bundle / "predictions").glob("*.nii.gz"))
+    assert written == [f"{case.name}_regions.nii.gz"]  # the case, not its first modality
+    pred, src = nib.load(bundle / "predictions" / written[0]), nib.load(files[0])
+    assert pred.shape[:3] == src.shape and np.allclose(pred.affine, src.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_case_name_formatter_strips_only_a_modality_ending():
+    from types import SimpleNamespace
+
+    saver = SimpleNamespace(_data_index=0)
+    name = lambda f: Path(task.case_name_formatter({"filename_or_obj": f}, saver)["subject"]).name  # noqa: E731
+    assert name("/d/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz") == "BraTS20_Training_001.nii.gz"
+    assert name("/d/BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz") == "BraTS-GLI-00001-000.nii.gz"
+    assert name("/d/imagesTr/BRATS_001_0000.nii.gz") == "BRATS_001.nii.gz"
+    assert name("/d/imagesTr/BRATS_001.nii.gz") == "BRATS_001.nii.gz"
+
+
+@pytest.mark.slow
 def test_attack_audit_on_a_region_bundle(liver_data, tmp_path):
     out = tmp_path / "attack"
     assert main(["attack", str(BUNDLES / "liver_ct_2d"), "--data", str(liver_data), "--case", "0",

@@ -215,6 +215,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     )
     if not deploy:
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
         p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     return p
 
@@ -232,6 +233,7 @@ def check_run_flags(args: argparse.Namespace) -> None:
     check_number("--max-update-norm", args.max_update_norm, low=0, low_open=True)
     check_number("--norm-factor", args.norm_factor, low=1, low_open=True)
     check_number("--val-fraction", args.val_fraction, low=0, high=1, high_open=True)
+    check_number("--threads", getattr(args, "threads", None), low=1, integer=True)
     if args.data is None:
         given = [f for f, v in (("--layout", args.layout), ("--institutions", args.institutions),
                                 ("--val-fraction", args.val_fraction)) if v is not None]  # fmt: skip

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.cli.run_flags import add_run_flags
+
+if TYPE_CHECKING:
+    from monai_fedpriv.cli.plan import RunPlan
 
 __all__ = ["build_simulate_parser", "simulate_main", "write_run_report"]
 
@@ -23,10 +27,23 @@ def build_simulate_parser() -> argparse.ArgumentParser:
 
 def simulate_main(argv: list[str]) -> int:
     args = build_simulate_parser().parse_args(argv)
+    import torch
+
     from monai_fedpriv.cli.plan import plan_run
-    from monai_fedpriv.experiments import run_experiment
 
     plan = plan_run(args, log=lambda line: print(line, flush=True))
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _simulate(args, plan)
+    finally:
+        torch.set_num_threads(threads)  # a caller in the same process (a notebook, a test) keeps its own setting
+
+
+def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
+    from monai_fedpriv.experiments import run_experiment
+
     metrics = run_experiment(
         plan.bundle,
         plan.split,

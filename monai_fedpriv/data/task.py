@@ -17,6 +17,7 @@ So ``python -m monai.bundle run --dataset_dir /data/Task03_Liver ...`` and ``mon
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from monai_fedpriv.data.dataset_info import DatasetInfo, describe_dataset
 from monai_fedpriv.errors import BundleError, DataError
 
 __all__ = [
-    "MSD_BRATS_REGIONS", "brats_regions", "channel_indices", "inference_datalist", "inference_info", "instantiate",
+    "MSD_BRATS_REGIONS", "brats_regions", "case_name_formatter", "channel_indices", "inference_datalist",
+    "inference_info", "instantiate",
     "task_datalist", "task_inference_transforms", "task_inferer", "task_info", "task_target", "task_transforms",
 ]  # fmt: skip
 
@@ -191,6 +193,25 @@ def inference_datalist(input_dir: str | Path, datalist_json: str | Path | None =
     if not files:
         raise DataError(f"no NIfTI images to segment in {input_dir} (set input_dir or input_datalist).")
     return [{"image": str(f)} for f in files]
+
+
+#: File-name endings that name one modality of a multi-file case: BraTS 2017-2021, BraTS 2023, nnU-Net channels.
+_MODALITY_ENDING = re.compile(r"([_-](t1|t1ce|t2|flair|t1n|t1c|t2w|t2f)|_\d{4})$", re.IGNORECASE)
+
+
+def case_name_formatter(metadict: Mapping[str, Any] | None, saver: Any) -> dict[str, Any]:
+    """``SaveImaged``'s ``output_name_formatter`` for cases read from one file per modality (MONAI names the output
+    after the first file): the name loses its modality ending (``BraTS20_Training_001_t1.nii.gz`` ->
+    ``BraTS20_Training_001``, then the saver's postfix); names without one are kept."""
+    from monai.data.folder_layout import default_name_formatter
+
+    kwargs = default_name_formatter(dict(metadict) if metadict else {}, saver)
+    subject = str(kwargs["subject"])
+    name = Path(subject).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+    if _MODALITY_ENDING.search(stem):
+        kwargs["subject"] = str(Path(subject).with_name(_MODALITY_ENDING.sub("", stem) + ".nii.gz"))
+    return kwargs
 
 
 def _image_only(transform: dict[str, Any]) -> dict[str, Any] | None:

@@ -55,9 +55,9 @@ def plot_example_segmentations(
     rows = [(site, cases[0]) for site, cases in val_sets.items() if cases]
     if not rows:
         raise ValueError("no validation case to show: every site's validation set is empty.")
-    example = _example_input(parser) if _example_input(parser) is not None else (
-        torch.as_tensor(transform(dict(rows[0][1]))["image"])[None].float()
-    )  # the network's input (a 2D patch), not a validation volume
+    example = _example_input(parser)  # the network's input (a 2D patch), not a validation volume
+    if example is None:
+        example = torch.as_tensor(transform(dict(rows[0][1]))["image"])[None].float()
     network = parser.get_parsed_content("network").to("cpu")
     # under DP the sites (and so the global model) train the prepared network, e.g. without BatchNorm statistics
     network = load_trained_weights(network, weights, example, norm=str(parser_get(parser, "dp#norm", "instance")))
