@@ -115,6 +115,26 @@ def test_max_steps_cache_matches_the_ledger_step_by_step():
     assert budget.max_steps(Q, SIGMA) == 0 and budget.epsilon() > 8.0 - 0.5
 
 
+def test_max_steps_cache_sees_steps_recorded_at_other_settings():
+    budget = PrivacyBudget(limit=3.0)
+    budget.record(SampledGaussianEvent(0.02, 1.0, 100))
+    assert budget.max_steps(0.05, 1.0) > 0
+    budget.record(SampledGaussianEvent(0.02, 1.0, 2000))  # the trailing event grows, at other settings
+    assert budget.epsilon() > 3.0
+    assert budget.max_steps(0.05, 1.0) == 0 and not budget.step_fits(0.05, 1.0) and budget.exhausted
+
+
+def test_epsilon_is_remembered_only_until_the_ledger_changes():
+    budget = PrivacyBudget(limit=50.0)
+    budget.record(SampledGaussianEvent(Q, SIGMA, 10))
+    first = budget.epsilon()
+    assert budget.epsilon() == first == PrivacyLedger().epsilon_with([SampledGaussianEvent(Q, SIGMA, 10)], 1e-5)
+    budget.record(PureEvent(1.0, "svt"))
+    assert budget.epsilon() > first + 0.99  # recomputed after the new release
+    budget.load_state_dict({"ledger": PrivacyLedger().state_dict(), "exhausted": False})
+    assert budget.epsilon() == 0.0  # and after a restore
+
+
 def test_state_dict_restores_epsilon_into_the_same_ledger():
     budget = PrivacyBudget(limit=10.0)
     budget.ledger.record_sampled_gaussian(Q, SIGMA, steps=5)

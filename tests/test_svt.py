@@ -185,6 +185,10 @@ def test_epsilon_select_is_split_for_each_updates_count():
     c = rec["target"]
     assert (rec["epsilon1"], rec["epsilon2"]) == pytest.approx(lyu_budget_split(1.0, c))
     assert rec["epsilon"] == pytest.approx(1.5) and budget.epsilon() == pytest.approx(1.5)
+    for count in (1, 7, c):  # the scales of any c follow that c's split, whatever the last update was
+        e1, e2 = lyu_budget_split(1.0, count)
+        assert f.noise_scales(count)["query"] == pytest.approx(2 * count * f.sensitivity / e1)
+        assert f.noise_scales(count)["threshold"] == pytest.approx(f.sensitivity / e2)
     with pytest.raises(PrivacyConfigError):
         SparseVectorFilter(0.1, 0.5, 0.5, epsilon_select=1.0, budget=budget)
 

@@ -32,7 +32,7 @@ from monai_fedpriv.attacks.scores import label_map, score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
 from monai_fedpriv.attacks.victim import update_norm
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.privacy.filters.base import copy_update
+from monai_fedpriv.privacy.filters.base import copy_update, meta_with_privacy, privacy_meta
 from monai_fedpriv.privacy.grad_sample import plain_copy
 from monai_fedpriv.utils.files import json_safe, write_json
 
@@ -222,11 +222,10 @@ class ReconstructionAttackEvaluator:
 
 def _dropped(update: ModelUpdate, record: dict[str, Any]) -> ModelUpdate:
     """``update`` with nothing shared (zero delta, all-``False`` masks): the aggregator ignores every coordinate."""
-    meta = dict(update.meta)
-    privacy = dict(meta.get("privacy", {}) or {})
+    privacy = privacy_meta(update)
     privacy["leakage_gate"] = {"dropped": True, "round": update.round, "ssim": record["ssim"]}
     privacy["fraction_shared"] = 0.0
-    meta["privacy"] = privacy
+    meta = meta_with_privacy(update, privacy)
     return dataclasses.replace(
         update,
         delta={k: torch.zeros_like(v) for k, v in update.delta.items()},

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any
@@ -29,7 +28,8 @@ from ignite.engine import Engine, Events
 from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.budget import PrivacyBudget
-from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
+from monai_fedpriv.privacy.filters.base import meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.noise import noise_source
 
 __all__ = ["PrivacyBudgetHandler"]
 
@@ -61,10 +61,9 @@ class PrivacyBudgetHandler:
         if not isinstance(budget, PrivacyBudget):
             raise PrivacyConfigError(f"budget must be a PrivacyBudget, got {type(budget).__name__}.")
         self.budget = budget
-        self.noise_source = NOISE_SECURE if noise_seed is None else NOISE_SEEDED
+        self.noise_source = noise_source(noise_seed)
         self.site = str(site)
         self.log_epochs = bool(log_epochs)
-        self._engine: Engine | None = None
 
     # ---------------------------------------------------------------- Ignite handler
     def attach(self, engine: Engine) -> None:
@@ -76,7 +75,6 @@ class PrivacyBudgetHandler:
             )
         if engine.has_event_handler(self._before_iteration, Events.ITERATION_STARTED):
             return
-        self._engine = engine
         engine.add_event_handler(Events.ITERATION_STARTED, self._before_iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
         engine.add_event_handler(Events.TERMINATE, self._log_stop)
@@ -94,12 +92,9 @@ class PrivacyBudgetHandler:
             return
         dp = self._dp_settings(engine)
         if not budget.exhausted:
-            if dp is not None and budget.max_steps(*dp) < 1:
-                budget.exhaust(
-                    f"the next DP-SGD step would take epsilon past the budget {budget.limit:g}"
-                    + (" (room kept for the round's update release)" if budget.reserved else "")
-                )
-            elif dp is None and not budget.allows([]):
+            if dp is not None:
+                budget.step_fits(*dp)
+            elif not budget.allows([]):
                 budget.exhaust(f"the round's update release would take epsilon past the budget {budget.limit:g}")
         if budget.exhausted:
             engine.terminate()
@@ -107,14 +102,15 @@ class PrivacyBudgetHandler:
                 raise PrivacyBudgetExceeded(f"{self.site}: {budget.stop_reason}.")
 
     def _log_epoch(self, engine: Engine) -> None:
+        if not self.log_epochs:
+            return
         budget = self.budget
         limit = "no limit" if budget.limit is None else f"budget {budget.limit:g}"
         message = (
             f"{self.site} epoch {engine.state.epoch}: epsilon {budget.epsilon():.4f} at delta {budget.delta:g} "
             f"({limit}, {budget.ledger.steps} DP-SGD steps, accountant {budget.accountant})"
         )
-        if self.log_epochs:
-            epoch_logger().info(message)
+        epoch_logger().info(message)
 
     def _log_stop(self, engine: Engine) -> None:
         if self.budget.exhausted:
@@ -148,9 +144,8 @@ class PrivacyBudgetHandler:
 
     def filter(self, update: ModelUpdate) -> ModelUpdate:
         """A new update whose ``meta["privacy"]`` holds the site's cumulative epsilon after every release so far."""
-        meta = copy.deepcopy(update.meta)
-        meta["privacy"] = {**meta.get("privacy", {}), **self.privacy_facts()}
-        return dataclasses.replace(update, meta=meta)
+        privacy = {**privacy_meta(update), **self.privacy_facts()}
+        return dataclasses.replace(update, meta=meta_with_privacy(update, privacy))
 
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:

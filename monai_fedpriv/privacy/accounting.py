@@ -141,9 +141,11 @@ class PrivacyLedger:
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
+        self.revision = 0  # bumped on every change: lets callers cache what they computed from the events
 
     # ---------------------------------------------------------------- recording
     def _append(self, event: dict[str, Any]) -> None:
+        self.revision += 1
         counter = _KINDS[event["kind"]]
         if self._events:
             last = self._events[-1]
@@ -212,6 +214,26 @@ class PrivacyLedger:
     def events(self) -> list[dict[str, Any]]:
         """A copy of the recorded events, oldest first."""
         return copy.deepcopy(self._events)
+
+    def without_trailing_steps(self, sample_rate: float, noise_multiplier: float) -> tuple[tuple, int]:
+        """``(key, steps)``: a hashable summary of every event except a trailing run of DP-SGD steps at exactly
+        ``(sample_rate, noise_multiplier)``, and the length of that run (0 when the last event is anything else).
+
+        While only such steps are recorded, the key stays the same and ``steps`` grows; any other change (another
+        event, steps at other settings) changes the key.
+        """
+        events = self._events
+        last = events[-1] if events else None
+        if (
+            last is not None
+            and last["kind"] == "sampled_gaussian"
+            and last["sample_rate"] == sample_rate
+            and last["noise_multiplier"] == noise_multiplier
+        ):
+            head, steps = events[:-1], int(last["steps"])
+        else:
+            head, steps = events, 0
+        return tuple(tuple(sorted(e.items())) for e in head), steps
 
     @property
     def steps(self) -> int:
@@ -298,6 +320,7 @@ class PrivacyLedger:
             else:
                 raise PrivacyConfigError(f"unknown ledger event {e!r}.")
         self._events = fresh._events
+        self.revision += 1
 
     def __repr__(self) -> str:
         return f"PrivacyLedger(events={len(self._events)}, steps={self.steps})"

@@ -82,6 +82,7 @@ class PrivacyBudget:
         self.exhausted = False
         self.stop_reason: str | None = None
         self._steps_cache: tuple[Any, int] | None = None
+        self._epsilon_memo: tuple[int, dict[tuple[PrivacyEvent, ...], float]] = (-1, {})
 
     # ---------------------------------------------------------------- configuration
     def reserve(self, name: str, event: PrivacyEvent) -> None:
@@ -115,11 +116,21 @@ class PrivacyBudget:
     # ---------------------------------------------------------------- queries
     def epsilon(self) -> float:
         """Epsilon spent so far at :attr:`delta`, over every recorded release."""
-        return self.ledger.epsilon(self.delta, self.accountant)
+        return self.epsilon_with(())
 
     def epsilon_with(self, events: Sequence[PrivacyEvent]) -> float:
-        """Epsilon after also releasing ``events`` (nothing is recorded)."""
-        return self.ledger.epsilon_with(list(events), self.delta, self.accountant)
+        """Epsilon after also releasing ``events`` (nothing is recorded).
+
+        Remembered until the ledger changes: the per-iteration budget check of a site without DP-SGD, and the
+        reports of every filter in a round, ask the same question of the same ledger.
+        """
+        if self._epsilon_memo[0] != self.ledger.revision:
+            self._epsilon_memo = (self.ledger.revision, {})
+        key = tuple(events)
+        memo = self._epsilon_memo[1]
+        if key not in memo:
+            memo[key] = self.ledger.epsilon_with(list(events), self.delta, self.accountant)
+        return memo[key]
 
     def allows(self, events: Sequence[PrivacyEvent], reserve: bool = True) -> bool:
         """Whether releasing ``events`` (and, with ``reserve``, one more round of the reserved releases) stays within
@@ -137,8 +148,8 @@ class PrivacyBudget:
         """
         if self.limit is None:
             return _MAX_STEPS
-        key = (sample_rate, noise_multiplier, tuple(self.reserved.items()), _without_trailing_steps(self.ledger))
-        taken = _trailing_steps(self.ledger, sample_rate, noise_multiplier)
+        history, taken = self.ledger.without_trailing_steps(sample_rate, noise_multiplier)
+        key = (sample_rate, noise_multiplier, tuple(self.reserved.items()), history)
         if self._steps_cache is not None and self._steps_cache[0] == key:
             return max(0, self._steps_cache[1] - taken)
         step = SampledGaussianEvent(sample_rate, noise_multiplier)
@@ -164,6 +175,17 @@ class PrivacyBudget:
             best = lo
         self._steps_cache = (key, best + taken)
         return best
+
+    def step_fits(self, sample_rate: float, noise_multiplier: float) -> bool:
+        """Whether one more DP-SGD step fits (see :meth:`max_steps`); if not, the site is exhausted with the reason.
+        Asked before every iteration (to stop the engine) and again inside every step (to refuse it)."""
+        if self.max_steps(sample_rate, noise_multiplier) >= 1:
+            return True
+        self.exhaust(
+            f"the next DP-SGD step would take epsilon past the budget {self.limit:g}"
+            + (" (room kept for the round's update release)" if self.reserved else "")
+        )
+        return False
 
     # ---------------------------------------------------------------- spending
     def record(self, event: PrivacyEvent) -> None:
@@ -222,22 +244,3 @@ class PrivacyBudget:
     def __repr__(self) -> str:
         return f"PrivacyBudget(limit={self.limit}, epsilon={self.epsilon():.4g}, exhausted={self.exhausted})"
 
-
-def _trailing_steps(ledger: PrivacyLedger, sample_rate: float, noise_multiplier: float) -> int:
-    events = ledger._events  # read-only peek: the last merged event
-    if events and events[-1]["kind"] == "sampled_gaussian":
-        last = events[-1]
-        if last["sample_rate"] == sample_rate and last["noise_multiplier"] == noise_multiplier:
-            return int(last["steps"])
-    return 0
-
-
-def _without_trailing_steps(ledger: PrivacyLedger) -> tuple:
-    events = ledger._events
-    if events and events[-1]["kind"] == "sampled_gaussian":
-        last = events[-1]
-        head = events[:-1]
-        tail = (last["sample_rate"], last["noise_multiplier"])
-    else:
-        head, tail = events, None
-    return tuple(tuple(sorted(e.items())) for e in head), tail

@@ -92,8 +92,6 @@ class DPSGD(UpdateFilter):
         )  # fmt: skip
         if not isinstance(budget, PrivacyBudget):
             raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise PrivacyConfigError(f"seed must be an int or None (OS entropy), got {seed!r}.")
         self._inputs = (network, optimizer, data_loader)
         self.budget = budget
         self.seed = seed

@@ -213,8 +213,7 @@ def make_site_private(
 
     def ask_then_record(opt: DPOptimizer) -> None:
         # runs after clipping and noise, before the weights change: a refused step never updates the model
-        if budget.max_steps(event.sample_rate, event.noise_multiplier) < 1:
-            budget.exhaust(f"the next DP-SGD step would take epsilon past the budget {budget.limit:g}")
+        if not budget.step_fits(event.sample_rate, event.noise_multiplier):
             raise PrivacyBudgetExceeded(f"DP-SGD step refused: {budget.stop_reason}.")
         budget.record(event)
 

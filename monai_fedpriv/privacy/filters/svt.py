@@ -147,15 +147,17 @@ class SparseVectorFilter(UpdateFilter):
         if epsilon_select is None:
             if epsilon1 is None or epsilon2 is None:
                 raise PrivacyConfigError("give epsilon1 and epsilon2, or epsilon_select (split as Lyu et al. 2017).")
-            self.epsilon1 = float(check_positive("epsilon1", epsilon1))  # type: ignore[arg-type]
-            self.epsilon2 = float(check_positive("epsilon2", epsilon2))  # type: ignore[arg-type]
-            self.epsilon_select = self.epsilon1 + self.epsilon2
+            e1 = float(check_positive("epsilon1", epsilon1))  # type: ignore[arg-type]
+            e2 = float(check_positive("epsilon2", epsilon2))  # type: ignore[arg-type]
+            self.epsilon1: float | None = e1
+            self.epsilon2: float | None = e2
+            self.epsilon_select = e1 + e2
             self.split = "fixed"
         else:
             if epsilon1 is not None or epsilon2 is not None:
                 raise PrivacyConfigError("give either epsilon_select or epsilon1 and epsilon2, not both.")
             self.epsilon_select = float(check_positive("epsilon_select", epsilon_select))  # type: ignore[arg-type]
-            self.epsilon1, self.epsilon2 = lyu_budget_split(self.epsilon_select, 1)  # re-split per update's c
+            self.epsilon1 = self.epsilon2 = None  # split per update's c: see budget_split
             self.split = "lyu"
         self.epsilon3 = float(check_positive("epsilon3", epsilon3))  # type: ignore[arg-type]
         self.clip = float(check_positive("clip", clip))  # type: ignore[arg-type]
@@ -194,12 +196,21 @@ class SparseVectorFilter(UpdateFilter):
         """The ledger event of one round's release."""
         return PureEvent(self.epsilon_per_round, "svt")
 
+    def budget_split(self, count: int) -> tuple[float, float]:
+        """``(epsilon1, epsilon2)`` of an update releasing ``c = count`` coordinates: the fixed pair, or Lyu et
+        al.'s split of ``epsilon_select`` for that ``c``."""
+        if self.split == "lyu":
+            return lyu_budget_split(self.epsilon_select, count)
+        assert self.epsilon1 is not None and self.epsilon2 is not None
+        return self.epsilon1, self.epsilon2
+
     def noise_scales(self, count: int) -> dict[str, float]:
         """Laplace scales ``b`` for ``c = count``: threshold, query and answer noise."""
         s = self.sensitivity
+        epsilon1, epsilon2 = self.budget_split(count)
         return {
-            "threshold": s / self.epsilon2,
-            "query": 2.0 * count * s / self.epsilon1,
+            "threshold": s / epsilon2,
+            "query": 2.0 * count * s / epsilon1,
             "answer": count * s / self.epsilon3,
         }
 
@@ -220,8 +231,7 @@ class SparseVectorFilter(UpdateFilter):
         # asked before any noise is drawn or any value computed: a refused release sends nothing
         self.budget.release(self.event, f"{who} round {update.round}")
         c = shared_count(self.fraction, size)
-        if self.split == "lyu":
-            self.epsilon1, self.epsilon2 = lyu_budget_split(self.epsilon_select, c)
+        epsilon1, epsilon2 = self.budget_split(c)
         b = self.noise_scales(c)
 
         # All randomness of the round, drawn up front in a data-independent amount.
@@ -261,8 +271,8 @@ class SparseVectorFilter(UpdateFilter):
                 "filter": "svt",
                 "dp": True,
                 "epsilon": spent,
-                "epsilon1": self.epsilon1,
-                "epsilon2": self.epsilon2,
+                "epsilon1": epsilon1,
+                "epsilon2": epsilon2,
                 "epsilon3": self.epsilon3,
                 "sensitivity": self.sensitivity,
                 "clip": self.clip,
