@@ -170,6 +170,31 @@ def test_corrupt_data_is_rejected():
             decode_update(bad)
 
 
+def _reheader(data: bytes, change) -> bytes:
+    """``data`` with its header replaced by ``change(header)`` (what a buggy or hostile sender could write)."""
+    _, _, n = struct.unpack_from("<4sBI", data, 0)
+    head = header(data)
+    change(head)
+    packed = zlib.compress(json.dumps(head).encode())
+    return data[:4] + struct.pack("<BI", data[4], len(packed)) + packed + data[9 + n :]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda h: h.pop("sparse"),
+        lambda h: h.update(tensors=5),
+        lambda h: h["tensors"][0].pop("shape"),
+        lambda h: h.update(optimizer_state=[{"key": "x"}]),
+    ],
+)  # fmt: skip
+def test_a_malformed_header_is_an_update_error_not_a_crash(change):
+    data = encode_update(mixed_update(True))
+    assert_same(decode_update(_reheader(data, lambda h: None)), decode_update(data))  # the rewrite itself is neutral
+    with pytest.raises(UpdateError, match="malformed encoded update"):
+        decode_update(_reheader(data, change))
+
+
 def test_unserialisable_meta_and_bad_masks_raise():
     with pytest.raises(UpdateError, match="JSON"):
         encode_update(ModelUpdate("s", 1, {"w": torch.zeros(2)}, 1, 1, meta={"x": object()}))

@@ -17,9 +17,9 @@ from tests.test_fail_closed import bundle, simulate  # noqa: F401 - fixture and 
 REF = {"w": torch.zeros(6), "n": torch.tensor(0)}
 
 
-def upd(site, values, steps=1, masks=None, opt=None):
+def upd(site, values, steps=1, masks=None, opt=None, rnd=1):
     delta = {"w": torch.tensor(values, dtype=torch.float32), "n": torch.tensor(1)}
-    return ModelUpdate(site, 1, delta, n_samples=4, local_steps=steps, masks=masks, optimizer_state=opt)
+    return ModelUpdate(site, rnd, delta, n_samples=4, local_steps=steps, masks=masks, optimizer_state=opt)
 
 
 # ---------------------------------------------------------------- screening
@@ -55,12 +55,22 @@ def test_server_round_aggregates_the_rest_or_fails_with_the_last_model_kept():
     assert out.sites["c"]["rejected"].startswith("update from 'c'") and out.sites["a"]["local_steps"] == 1
     assert len(published) == 1 and published[0].round == 1
     strict = ServerRound(FedAvg(), min_sites=3)
-    out = strict(2, REF, good, ["a", "b", "c"], failures={"c": "training raised RuntimeError: x"},
+    good2 = [upd("a", [1.0] * 6, rnd=2), upd("b", [3.0] * 6, rnd=2)]
+    out = strict(2, REF, good2, ["a", "b", "c"], failures={"c": "training raised RuntimeError: x"},
                  publish=published.append)  # fmt: skip
     assert out.weights is None and "only 2 of 3 sites" in out.failed and "c: training raised" in out.failed
     assert len(published) == 1  # nothing published: the last good global model stays current
     with pytest.raises(ValueError, match="not asked"):
         server(3, REF, good, ["a"])
+
+
+def test_server_round_rejects_an_update_of_another_round_and_refuses_two_from_one_site():
+    server = ServerRound(FedAvg(weighting="uniform"), min_sites=1)
+    out = server(2, REF, [upd("a", [1.0] * 6, rnd=2), upd("b", [9.0] * 6, rnd=1)], ["a", "b"])
+    assert out.accepted == ["a"] and out.sites["b"]["rejected"] == "update is for round 1, not round 2"
+    assert torch.allclose(out.weights["w"], torch.full((6,), 1.0))  # the stale update is not in the aggregate
+    with pytest.raises(ValueError, match="several updates from one site"):
+        server(3, REF, [upd("a", [1.0] * 6, rnd=3), upd("a", [2.0] * 6, rnd=3)], ["a"])
 
 
 # ---------------------------------------------------------------- robust strategies

@@ -134,6 +134,21 @@ def test_job_settings_refuse_unknown_fields_and_fingerprint_ignores_rounds(tmp_p
         JobSettings.load(tmp_path / JOB_FILE)
 
 
+def test_a_resuming_server_without_its_checkpoint_refuses_instead_of_starting_over(tmp_path):
+    from monai_fedpriv.errors import ResumeError
+    from monai_fedpriv.fl.nvflare.controller import FedPrivController
+
+    settings = JobSettings(name="j", bundle="b", config_files=["train.json"], overrides={}, rounds=2, sites=["s"],
+                           resume=True)  # fmt: skip
+    controller = FedPrivController()
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        controller._start(settings, tmp_path, tmp_path / "server")  # a fresh start would make the sites drop state
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="cannot read the server checkpoint"):
+        controller._start(settings, tmp_path, tmp_path / "server")
+
+
 def test_run_nvflare_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
     assert main(["run-nvflare", str(tmp_path), "--simulator", "--output", str(tmp_path / "out")]) == 2
     assert "export-nvflare" in capsys.readouterr().err

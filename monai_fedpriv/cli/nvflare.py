@@ -94,10 +94,11 @@ def run_nvflare_main(argv: list[str]) -> int:
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     server_dir = out / "state" / "server"
-    if args.resume and not (server_dir / "checkpoint.pt").is_file():
+    resume = args.resume and (server_dir / "checkpoint.pt").is_file()
+    if args.resume and not resume:
         print(f"--resume: no checkpoint in {server_dir}, starting at round 1", flush=True)
     job_dir = Path(args.job_dir)
-    if args.resume:
+    if resume:
         from monai_fedpriv.fl.nvflare.runner import resumed_job
 
         job_dir = resumed_job(job_dir, out / "resume_job")

@@ -30,16 +30,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from monai_fedpriv.errors import UpdateError
+from monai_fedpriv.fl.positions import decode_positions, encode_positions
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 
 __all__ = ["encode_update", "decode_update", "encoded_size", "encode_global", "decode_global", "CODEC_VERSION"]
@@ -86,76 +88,6 @@ def _from_raw(data: bytes, name: str, count: int) -> torch.Tensor:
     return out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
 
 
-def _rice_encode(mask: np.ndarray) -> bytes:
-    """Gaps between shared indices, Golomb-Rice coded (parameter ``k`` chosen to minimise the size).
-
-    Layout: ``k`` (1 byte) | unary stream length in bytes (uint32) | unary quotients | ``k``-bit remainders. The
-    quotient ``(gap - 1) >> k`` is written as that many 1-bits and a 0-bit; streams are packed LSB first.
-    """
-    idx = np.flatnonzero(mask).astype(np.int64)
-    gaps = np.diff(idx, prepend=-1) - 1  # >= 0
-    costs = [int((gaps >> k).sum()) + gaps.size * (1 + k) for k in range(32)]
-    k = int(np.argmin(costs))
-    quot = gaps >> k
-    ends = np.cumsum(quot + 1) - 1  # position of each terminating 0-bit
-    unary = np.ones(int(ends[-1]) + 1 if gaps.size else 0, dtype=np.uint8)
-    unary[ends] = 0
-    unary_bytes = np.packbits(unary, bitorder="little").tobytes()
-    rem = ((gaps[:, None] >> np.arange(k - 1, -1, -1)) & 1).astype(np.uint8).reshape(-1)
-    return struct.pack("<BI", k, len(unary_bytes)) + unary_bytes + np.packbits(rem, bitorder="little").tobytes()
-
-
-def _rice_decode(block: bytes, count: int, numel: int, key: str) -> np.ndarray:
-    if len(block) < 5:
-        raise UpdateError(f"corrupt gap block for tensor {key!r}.")
-    k, n_unary = struct.unpack_from("<BI", block, 0)
-    unary = np.unpackbits(np.frombuffer(block, dtype=np.uint8, count=n_unary, offset=5), bitorder="little")
-    ends = np.flatnonzero(unary == 0)[:count]
-    rem_bits = np.unpackbits(np.frombuffer(block, dtype=np.uint8, offset=5 + n_unary), bitorder="little")
-    if ends.size != count or k > 31 or rem_bits.size < count * k:
-        raise UpdateError(f"corrupt gap block for tensor {key!r}.")
-    quot = np.diff(ends, prepend=-1) - 1
-    rem = rem_bits[: count * k].reshape(count, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64))
-    return np.cumsum((quot.astype(np.int64) << k) + rem + 1) - 1
-
-
-def _positions(mask: np.ndarray) -> tuple[str, bytes]:
-    """The smallest of the position encodings of a flat boolean mask."""
-    if mask.size >= 2**31:
-        raise UpdateError(f"tensor with {mask.size} elements is too large for int32 indices.")
-    bitmap = np.packbits(mask, bitorder="little").tobytes()
-    options = [
-        ("indices", np.flatnonzero(mask).astype("<i4").tobytes()),
-        ("bitmap", bitmap),
-        ("bitmap_deflate", zlib.compress(bitmap, 9)),
-        ("gaps_rice", _rice_encode(mask)),
-    ]
-    return min(options, key=lambda o: len(o[1]))  # first wins on ties
-
-
-def _mask_from(encoding: str, block: bytes, numel: int, count: int, key: str) -> np.ndarray:
-    if encoding in ("indices", "gaps_rice"):
-        if encoding == "indices":
-            idx = np.frombuffer(block, dtype="<i4").astype(np.int64)
-        else:
-            idx = _rice_decode(block, count, numel, key)
-        if idx.size and (idx.min() < 0 or idx.max() >= numel or np.any(np.diff(idx) <= 0)):
-            raise UpdateError(f"corrupt index block for tensor {key!r}.")
-        mask = np.zeros(numel, dtype=bool)
-        mask[idx] = True
-        return mask
-    if encoding == "bitmap_deflate":
-        try:
-            block = zlib.decompress(block)
-        except zlib.error as exc:
-            raise UpdateError(f"corrupt compressed bitmap for tensor {key!r}: {exc}") from exc
-    if encoding in ("bitmap", "bitmap_deflate"):
-        if len(block) != (numel + 7) // 8:
-            raise UpdateError(f"bitmap of tensor {key!r} has {len(block)} bytes, expected {(numel + 7) // 8}.")
-        return np.unpackbits(np.frombuffer(block, dtype=np.uint8), count=numel, bitorder="little").astype(bool)
-    raise UpdateError(f"unknown position encoding {encoding!r} for tensor {key!r}.")
-
-
 def _encode_tensors(
     tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None, who: str
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
@@ -174,7 +106,7 @@ def _encode_tensors(
             if m.dtype != torch.bool or tuple(m.shape) != tuple(t.shape):
                 raise UpdateError(f"{who}: mask of {key!r} must be bool with shape {tuple(t.shape)}.")
             flat_mask = m.detach().to("cpu").reshape(-1).numpy()
-            encoding, pos = _positions(flat_mask)
+            encoding, pos = encode_positions(flat_mask)
             values = _raw(t.detach().to("cpu").reshape(-1)[torch.from_numpy(flat_mask)])
             entry.update(encoding=encoding, count=int(flat_mask.sum()), pos_bytes=len(pos), val_bytes=len(values))
             blocks += [pos, values]
@@ -189,10 +121,7 @@ def encode_update(update: ModelUpdate) -> bytes:
         UpdateError: unsupported dtype, bad or missing mask, or a ``meta`` that is not JSON-serialisable.
     """
     who = f"update from {update.site!r} (round {update.round})"
-    entries, blocks = _encode_tensors(update.delta, update.masks, who)
-    opt_entries, opt_blocks = (
-        ([], []) if update.optimizer_state is None else _encode_tensors(update.optimizer_state, None, who)
-    )
+    entries, opt_entries, blocks = _encode_body(update.delta, update.masks, update.optimizer_state, who)
     header = {
         "site": update.site,
         "round": update.round,
@@ -200,14 +129,10 @@ def encode_update(update: ModelUpdate) -> bytes:
         "local_steps": update.local_steps,
         "sparse": update.masks is not None,
         "tensors": entries,
-        "optimizer_state": None if update.optimizer_state is None else opt_entries,
+        "optimizer_state": opt_entries,
         "meta": update.meta,
     }
-    try:
-        head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
-    except (TypeError, ValueError) as exc:
-        raise UpdateError(f"{who}: header/meta is not JSON-serialisable: {exc}") from exc
-    return b"".join([_PREFIX.pack(MAGIC, CODEC_VERSION, len(head)), head, *blocks, *opt_blocks])
+    return _pack(MAGIC, header, blocks, who)
 
 
 def _decode_tensors(
@@ -232,7 +157,7 @@ def _decode_tensors(
                 raise UpdateError(f"dense tensor {key!r} has {len(raw)} value bytes, expected {numel * item}.")
             tensors[key] = _from_raw(raw, name, numel).reshape(shape)
             continue
-        mask = _mask_from(e["encoding"], pos, numel, int(e["count"]), key)
+        mask = decode_positions(e["encoding"], pos, numel, int(e["count"]), key)
         count = int(mask.sum())
         if count != e["count"] or len(raw) != count * item:
             raise UpdateError(f"sparse tensor {key!r}: mask has {count} coordinates, values {len(raw) // item}.")
@@ -250,36 +175,20 @@ def decode_update(data: bytes) -> ModelUpdate:
     Raises:
         UpdateError: wrong magic or version, truncated or trailing bytes, or inconsistent blocks.
     """
-    if len(data) < _PREFIX.size:
-        raise UpdateError(f"encoded update is {len(data)} bytes, shorter than its {_PREFIX.size}-byte prefix.")
-    magic, version, head_len = _PREFIX.unpack_from(data, 0)
-    if magic != MAGIC:
-        raise UpdateError(f"not an encoded ModelUpdate (magic {magic!r}, expected {MAGIC!r}).")
-    if version != CODEC_VERSION:
-        raise UpdateError(f"codec version {version} is not supported (this is version {CODEC_VERSION}).")
-    start = _PREFIX.size + head_len
-    try:
-        header = json.loads(zlib.decompress(bytes(data[_PREFIX.size : start])).decode("utf-8"))
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UpdateError(f"corrupt header in encoded update: {exc}") from exc
-    view = memoryview(data)
-    sparse = bool(header["sparse"])
-    delta, masks, offset = _decode_tensors(header["tensors"], view, start, sparse)
-    optimizer_state = None
-    if header["optimizer_state"] is not None:
-        optimizer_state, _, offset = _decode_tensors(header["optimizer_state"], view, offset, False)
-    if offset != len(data):
-        raise UpdateError(f"encoded update has {len(data) - offset} trailing bytes.")
-    return ModelUpdate(
-        site=header["site"],
-        round=header["round"],
-        delta=delta,
-        n_samples=header["n_samples"],
-        local_steps=header["local_steps"],
-        masks=masks if sparse else None,
-        optimizer_state=optimizer_state,
-        meta=header["meta"],
-    )
+    header, view, start = _unpack(data, MAGIC, "update")
+    with _malformed("update"):
+        sparse = bool(header["sparse"])
+        delta, masks, optimizer_state = _decode_body(header, view, start, sparse, "update")
+        return ModelUpdate(
+            site=header["site"],
+            round=header["round"],
+            delta=delta,
+            n_samples=header["n_samples"],
+            local_steps=header["local_steps"],
+            masks=masks if sparse else None,
+            optimizer_state=optimizer_state,
+            meta=header["meta"],
+        )
 
 
 def encoded_size(update: ModelUpdate) -> int:
@@ -291,7 +200,7 @@ def _pack(magic: bytes, header: dict[str, Any], blocks: list[bytes], who: str) -
     try:
         head = zlib.compress(json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8"), 9)
     except (TypeError, ValueError) as exc:
-        raise UpdateError(f"{who}: header is not JSON-serialisable: {exc}") from exc
+        raise UpdateError(f"{who}: header/meta is not JSON-serialisable: {exc}") from exc
     return b"".join([_PREFIX.pack(magic, CODEC_VERSION, len(head)), head, *blocks])
 
 
@@ -311,30 +220,62 @@ def _unpack(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], memor
     return header, memoryview(data), start
 
 
+def _encode_body(
+    tensors: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None,
+    optimizer_state: Mapping[str, torch.Tensor] | None,
+    who: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, list[bytes]]:
+    """``(entries, optimizer entries or None, blocks)``: the header entries and the bytes after the header."""
+    entries, blocks = _encode_tensors(tensors, masks, who)
+    if optimizer_state is None:
+        return entries, None, blocks
+    opt_entries, opt_blocks = _encode_tensors(optimizer_state, None, who)
+    return entries, opt_entries, [*blocks, *opt_blocks]
+
+
+def _decode_body(
+    header: dict[str, Any], view: memoryview, start: int, sparse: bool, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """``(tensors, masks, optimizer_state)`` from the blocks after the header; every byte must be used."""
+    tensors, masks, offset = _decode_tensors(header["tensors"], view, start, sparse)
+    optimizer_state = None
+    if header["optimizer_state"] is not None:
+        optimizer_state, _, offset = _decode_tensors(header["optimizer_state"], view, offset, False)
+    if offset != len(view):
+        raise UpdateError(f"encoded {what} has {len(view) - offset} trailing bytes.")
+    return tensors, masks, optimizer_state
+
+
 def encode_global(model: GlobalModel) -> bytes:
     """Serialise the server's answer (dense weights and optional aggregated moments) for a remote transport."""
     who = f"global model of round {model.round}"
-    entries, blocks = _encode_tensors(model.weights, None, who)
-    opt_entries, opt_blocks = (
-        ([], []) if model.optimizer_state is None else _encode_tensors(model.optimizer_state, None, who)
-    )
+    entries, opt_entries, blocks = _encode_body(model.weights, None, model.optimizer_state, who)
     header = {
         "kind": "global",
         "round": model.round,
         "stop": model.stop,
         "tensors": entries,
-        "optimizer_state": None if model.optimizer_state is None else opt_entries,
+        "optimizer_state": opt_entries,
     }
-    return _pack(GLOBAL_MAGIC, header, [*blocks, *opt_blocks], who)
+    return _pack(GLOBAL_MAGIC, header, blocks, who)
 
 
 def decode_global(data: bytes) -> GlobalModel:
     """Inverse of :func:`encode_global` (``UpdateError`` on anything malformed)."""
     header, view, start = _unpack(data, GLOBAL_MAGIC, "global model")
-    weights, _, offset = _decode_tensors(header["tensors"], view, start, False)
-    optimizer_state = None
-    if header["optimizer_state"] is not None:
-        optimizer_state, _, offset = _decode_tensors(header["optimizer_state"], view, offset, False)
-    if offset != len(data):
-        raise UpdateError(f"encoded global model has {len(data) - offset} trailing bytes.")
-    return GlobalModel(int(header["round"]), weights, optimizer_state, bool(header["stop"]))
+    with _malformed("global model"):
+        weights, _, optimizer_state = _decode_body(header, view, start, False, "global model")
+        return GlobalModel(int(header["round"]), weights, optimizer_state, bool(header["stop"]))
+
+
+@contextlib.contextmanager
+def _malformed(what: str) -> Iterator[None]:
+    """Bytes from another process are untrusted: a header with missing keys or wrong types is an ``UpdateError``
+    (the server rejects that one answer), never a ``KeyError`` that ends the round."""
+    try:
+        yield
+    except UpdateError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise UpdateError(f"malformed encoded {what}: {type(exc).__name__}: {exc}") from exc

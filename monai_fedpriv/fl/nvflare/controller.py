@@ -77,9 +77,20 @@ class FedPrivController(ModelController):
 
     def _start(self, settings: JobSettings, job_dir: Path, state_dir: Path) -> dict[str, Any]:
         checkpoint = state_dir / "checkpoint.pt"
-        if settings.resume and checkpoint.is_file():
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            if state.get("version") != CHECKPOINT_VERSION or state.get("fingerprint") != settings.fingerprint():
+        if settings.resume:
+            # never a silent fresh start: the sites would then drop the rounds they saved for this resume
+            if not checkpoint.is_file():
+                raise ResumeError(
+                    f"this job resumes a federation, but the server has no checkpoint at {checkpoint} (is "
+                    f"$MONAI_FEDPRIV_STATE_ROOT the same as for the earlier job?); export the job without --resume "
+                    f"to start over."
+                )
+            try:
+                state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is one resume error naming it
+                raise ResumeError(f"cannot read the server checkpoint {checkpoint}: {exc}") from exc
+            fingerprint = state.get("fingerprint") if isinstance(state, dict) else None
+            if fingerprint != settings.fingerprint() or state.get("version") != CHECKPOINT_VERSION:
                 raise ResumeError(f"{checkpoint} belongs to another job configuration; start a new run.")
             self.info(f"resuming after round {state['round']} from {checkpoint}")
             return state
@@ -150,9 +161,14 @@ class FedPrivController(ModelController):
                 expected.append(name)
                 wire[name] = len(blob)
                 try:
-                    updates.append(decode_update(bytes(blob)))
+                    update = decode_update(bytes(blob))
                 except UpdateError as exc:
                     failures[name] = f"undecodable update: {exc}"
+                else:
+                    if update.site == name:
+                        updates.append(update)
+                    else:  # the bytes must come from the site that answered
+                        failures[name] = f"update claims to come from {update.site!r}, not from {name!r}"
             if sites[name].get("stopped"):
                 state["active"] = [s for s in state["active"] if s != name]
         errored = set(getattr(self, "_current_failed_clients", set()) or set())

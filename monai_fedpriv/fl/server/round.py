@@ -108,7 +108,14 @@ class ServerRound:
         unexpected = sorted({u.site for u in updates} - set(expected))
         if unexpected:
             raise ValueError(f"round {rnd}: updates from sites that were not asked to train: {unexpected}.")
-        accepted, rejected = screen_updates(global_weights, updates, self.screen)
+        senders = [u.site for u in updates]
+        if len(set(senders)) != len(senders):
+            raise ValueError(f"round {rnd}: several updates from one site: {sorted(senders)}.")
+        for u in updates:  # computed against another round's model: never aggregated with this round's
+            if u.round != rnd:
+                failures[u.site] = f"update is for round {u.round}, not round {rnd}"
+        on_round = [u for u in updates if u.site not in failures]
+        accepted, rejected = screen_updates(global_weights, on_round, self.screen)
         rejected = {**failures, **rejected}
         sites: dict[str, dict[str, Any]] = {}
         by_site = {u.site: u for u in updates}
