@@ -126,6 +126,10 @@ def test_stop_federation_ends_the_run_when_one_site_is_exhausted(tiny_data, tmp_
     assert m["rounds"][-1]["sites"]["site-1"]["stopped"].startswith("privacy budget exhausted")
     assert "stopped" not in m["rounds"][-1]["sites"]["site-2"]
     assert m["stopped"]["reason"].startswith("privacy budget")
+    again = _sim(_dp_bundle(tiny_data, budget=budget, policy="stop_federation"), tmp_path, 3)
+    resumed = again.run(resume=True)  # the federation stays ended, and metrics.json keeps saying why
+    assert resumed["final"]["rounds_completed"] == 2
+    assert resumed["stopped"] == {"round": 2, "reason": m["stopped"]["reason"]}
 
 
 def test_dp_checkpoint_loads_into_the_plain_bundle_network(tiny_data, tmp_path):

@@ -157,3 +157,27 @@ def test_a_patient_split_across_two_sites_is_refused(tiny_data, tmp_path):
     priv = m["rounds"][0]["sites"]["site-1"]["privacy"]
     assert priv["privacy_unit"] == "patient" and "per patient" in priv["unit_note"]
     assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["setup"]["site-1"]["dp_privacy_unit"] == "patient"
+
+
+@pytest.mark.parametrize("command", ["simulate", "export-nvflare"])
+def test_a_split_patient_is_refused_before_any_run_or_job_is_written(tiny_data, tmp_path, monkeypatch, capsys, command):
+    import monai_fedpriv.experiments as experiments
+    from monai_fedpriv.cli import main
+    from tests.conftest import BUNDLE_DIR, tiny_overrides
+
+    real = experiments.split_sites
+
+    def split_one_patient(*args, **kwargs):  # site-2 also holds one of site-1's patients
+        split = real(*args, **kwargs)
+        split.train["site-2"] = [*split.train["site-2"], dict(split.train["site-1"][0])]
+        return split
+
+    monkeypatch.setattr(experiments, "split_sites", split_one_patient)
+    overrides = [f"--override={k}={json.dumps(v)}" for k, v in tiny_overrides(tiny_data).items()]
+    argv = [command, str(BUNDLE_DIR), "--sites", "2", "--rounds", "1", "--privacy", "medium", "--privacy-unit",
+            "patient", "--output", str(tmp_path / "out"), *overrides]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split across sites" in err[0], err
+    assert not (tmp_path / "out").exists()
+

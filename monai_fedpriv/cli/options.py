@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
@@ -15,6 +16,7 @@ from monai_fedpriv.experiments.sharing_study import ShareSettings
 __all__ = [
     "OptionError",
     "check_number",
+    "refuse_given",
     "check_privacy_config",
     "parse_overrides",
     "privacy_files_and_overrides",
@@ -49,6 +51,13 @@ def check_number(
         lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
         hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
         raise OptionError(f"{flag} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}.")
+
+
+def refuse_given(flags: Sequence[tuple[str, Any]], needs: str) -> None:
+    """Refuse the flags of ``(flag, value)`` that were given (value not ``None``) because they need ``needs``."""
+    given = [flag for flag, value in flags if value is not None]
+    if given:
+        raise OptionError(f"{', '.join(given)} need {needs}.")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -124,17 +133,13 @@ def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str
     budgeted = dp or (share is not None and share.needs_budget)
     files, overrides = list(config_files), {}
     if not dp:
-        given = [f for f, v in (("--noise-multiplier", args.noise_multiplier), ("--max-grad-norm", args.max_grad_norm),
-                                ("--privacy-unit", args.privacy_unit), ("--items-per-patient", args.items_per_patient))
-                 if v is not None]  # fmt: skip
-        if given:
-            raise OptionError(f"{', '.join(given)} need --privacy.")
+        refuse_given([("--noise-multiplier", args.noise_multiplier), ("--max-grad-norm", args.max_grad_norm),
+                      ("--privacy-unit", args.privacy_unit), ("--items-per-patient", args.items_per_patient)],
+                     "--privacy")  # fmt: skip
     if not budgeted:
-        given = [f for f, v in (("--delta", args.delta), ("--epsilon-budget", args.epsilon_budget),
-                                ("--budget-policy", args.budget_policy), ("--accountant", args.accountant))
-                 if v is not None]  # fmt: skip
-        if given:
-            raise OptionError(f"{', '.join(given)} need --privacy or --share svt|gaussian.")
+        refuse_given([("--delta", args.delta), ("--epsilon-budget", args.epsilon_budget),
+                      ("--budget-policy", args.budget_policy), ("--accountant", args.accountant)],
+                     "--privacy or --share svt|gaussian")  # fmt: skip
     if args.privacy == "custom" and (args.noise_multiplier is None or args.max_grad_norm is None):
         raise OptionError("--privacy custom needs --noise-multiplier and --max-grad-norm.")
     if budgeted and "budget.json" not in files:

@@ -42,6 +42,7 @@ class RunPlan:
 def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> RunPlan:
     """Check the run flags and decide the run (see the module docstring)."""
     from monai_fedpriv.bundle.loader import load_bundle
+    from monai_fedpriv.data.splits import check_patients_at_one_site
     from monai_fedpriv.experiments import bundle_datalist, split_sites
     from monai_fedpriv.fl.simulator import FaultInjector, parse_fault
     from monai_fedpriv.fl.strategies import build_strategy
@@ -63,15 +64,14 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     )
     config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
     overrides.update(parse_overrides(args.override))
-    load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs, up front
+    parser = load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs
     privacy = check_privacy_config(BundleSpec(args.bundle_dir, tuple(config_files), overrides), args.momentum)
     if privacy:
         log(f"privacy: {privacy}")
     own = None
     if args.data is None:  # a task bundle pointed at its data by --override dataset_dir=DIR: the same as --data DIR
-        probe = load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides), required=())
-        if parser_get(probe, "adapt_target") is not None and parser_get(probe, "dataset_dir"):
-            args.data = Path(str(parser_get(probe, "dataset_dir")))
+        if parser_get(parser, "adapt_target") is not None and parser_get(parser, "dataset_dir"):
+            args.data = Path(str(parser_get(parser, "dataset_dir")))
     if args.data is not None:  # the data first: its description decides the bundle's channels and transforms
         from monai_fedpriv.experiments.own_data import adapt_bundle, load_own_data
 
@@ -98,4 +98,6 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         split = split_sites(bundle_datalist(bundle), args.sites, args.partition or "institution", args.seed)
     log(f"partition {split.scheme}: train {split.sizes}, validation {split.describe()['val_sizes']}, mean KS "
         f"{split.mean_ks}")  # fmt: skip
+    if privacy and overrides.get("dp_privacy_unit", privacy.get("privacy_unit")) == "patient":
+        check_patients_at_one_site(split.train)  # before an exported job sends a split that under-counts a patient
     return RunPlan(bundle, split, local_work, args.aggregator, strategy_options, screen, faults, extra)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monai_fedpriv.cli.options import OptionError, check_number
+from monai_fedpriv.cli.options import OptionError, check_number, refuse_given
 
 __all__ = ["PARTITIONS", "add_run_flags", "check_run_flags"]
 
@@ -235,10 +235,8 @@ def check_run_flags(args: argparse.Namespace) -> None:
     check_number("--val-fraction", args.val_fraction, low=0, high=1, high_open=True)
     check_number("--threads", getattr(args, "threads", None), low=1, integer=True)
     if args.data is None:
-        given = [f for f, v in (("--layout", args.layout), ("--institutions", args.institutions),
-                                ("--val-fraction", args.val_fraction)) if v is not None]  # fmt: skip
-        if given:
-            raise OptionError(f"{', '.join(given)} need --data.")
+        refuse_given([("--layout", args.layout), ("--institutions", args.institutions),
+                      ("--val-fraction", args.val_fraction)], "--data")  # fmt: skip
     check_number("--round-timeout", getattr(args, "round_timeout", None), low=0, integer=True)
     check_number("--wait-after-min", getattr(args, "wait_after_min", None), low=0, integer=True)
     if args.trim_fraction is not None and args.aggregator != "trimmed-mean":

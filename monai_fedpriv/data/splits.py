@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from monai_fedpriv.data.stream import derive_seed
-from monai_fedpriv.errors import DataError
+from monai_fedpriv.errors import DataError, PrivacyConfigError
 
-__all__ = ["split_validation_by_patient", "site_train_val_split"]
+__all__ = ["check_patients_at_one_site", "split_validation_by_patient", "site_train_val_split"]
 
 
 def _patients(cases: Sequence[dict]) -> dict[str, list[int]]:
@@ -135,3 +135,25 @@ def site_train_val_split(
             f"{len(errors)} of {len(sites)} sites are too small to split:\n" + "\n".join(f"  - {e}" for e in errors)
         )
     return train, val
+
+
+def check_patients_at_one_site(train_sites: Mapping[str, Sequence[Mapping]]) -> None:
+    """Refuse patient-level DP over a split that puts one patient's cases at several sites: each site's epsilon
+    would then cover only part of that patient.
+
+    Raises:
+        PrivacyConfigError: a training case without ``patient``, or patients split across sites (up to 3 named).
+    """
+    where: dict[str, set[str]] = {}
+    for name, cases in train_sites.items():
+        for case in cases:
+            if "patient" not in case:
+                raise PrivacyConfigError(f"privacy unit 'patient': a training case of {name} has no 'patient'.")
+            where.setdefault(str(case["patient"]), set()).add(name)
+    split = {p: sorted(s) for p, s in where.items() if len(s) > 1}
+    if split:
+        example = ", ".join(f"{p} at {s}" for p, s in list(split.items())[:3])
+        raise PrivacyConfigError(
+            f"privacy unit 'patient' but {len(split)} patients are split across sites ({example}): each site's "
+            f"epsilon would cover only part of a patient. Keep each patient at one site."
+        )

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.data.splits import check_patients_at_one_site
 from monai_fedpriv.data.stream import derive_seed
-from monai_fedpriv.errors import BundleError, DataError, FederationError, PrivacyConfigError
+from monai_fedpriv.errors import BundleError, DataError, FederationError
 from monai_fedpriv.fl.evaluation import DiceEvaluator, combine_scores, evaluator_from_bundle
 from monai_fedpriv.fl.server.checkpoint import CHECKPOINT_VERSION, load_round_checkpoint
 from monai_fedpriv.fl.server.records import global_privacy, progress_cell
@@ -160,6 +161,7 @@ class FederatedSimulator:
         self.sites: dict[str, SiteRuntime] = {}
         self.history: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
+        self._fingerprint: dict[str, Any] | None = None
         self.global_weights: dict[str, torch.Tensor] = {}
         self.evaluators: dict[str, DiceEvaluator] = {}
         self._server_network: torch.nn.Module | None = None
@@ -202,26 +204,14 @@ class FederatedSimulator:
             self.sites[name] = site
         self._check_patient_unit()
         self._match_server_to_sites()
+        self._fingerprint = self._describe_run()
         self.transport.publish(GlobalModel(0, self.global_weights))
         self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}
 
     def _check_patient_unit(self) -> None:
         """Patient-level DP needs every patient at one site: a patient split across sites would be counted twice."""
-        if not any(site.setup.get("dp_privacy_unit") == "patient" for site in self.sites.values()):
-            return
-        where: dict[str, set[str]] = {}
-        for name, cases in self.train_sites.items():
-            for case in cases:
-                if "patient" not in case:
-                    raise PrivacyConfigError(f"privacy unit 'patient': a training case of {name} has no 'patient'.")
-                where.setdefault(str(case["patient"]), set()).add(name)
-        split = {p: sorted(s) for p, s in where.items() if len(s) > 1}
-        if split:
-            example = ", ".join(f"{p} at {s}" for p, s in list(split.items())[:3])
-            raise PrivacyConfigError(
-                f"privacy unit 'patient' but {len(split)} patients are split across sites ({example}): each site's "
-                f"epsilon would cover only part of a patient. Keep each patient at one site."
-            )
+        if any(site.setup.get("dp_privacy_unit") == "patient" for site in self.sites.values()):
+            check_patients_at_one_site(self.train_sites)
 
     def _match_server_to_sites(self) -> None:
         """Give the server the sites' network structure when an override changed it at the sites.
@@ -246,7 +236,11 @@ class FederatedSimulator:
 
     # -- checkpointing ------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
-        """Every setting that must match for a checkpoint to be resumed (only the number of rounds may grow)."""
+        """Every setting that must match for a checkpoint to be resumed (only the number of rounds may grow), as
+        the run was set up: taken once in :meth:`setup` (a config file edited mid-run does not change it)."""
+        return self._fingerprint if self._fingerprint is not None else self._describe_run()
+
+    def _describe_run(self) -> dict[str, Any]:
         root = Path(self.bundle.root)
         digests = {}
         for path in self.bundle.config_paths():
@@ -292,6 +286,9 @@ class FederatedSimulator:
             site.load_state_dict(state["sites"][name], self.max_epochs)
         self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}
         self.history = list(state["history"])
+        ended = [r for r in self.history if r.get("federation_stopped")]
+        if ended:  # a run that ended for a site's budget (stop_federation) says so again after a resume
+            self.stopped = {"round": ended[-1]["round"], "reason": ended[-1]["federation_stopped"]}
         self.transport.publish(GlobalModel(state["round"], self.global_weights, state["optimizer_state"]))
         return int(state["round"])
 
@@ -340,7 +337,7 @@ class FederatedSimulator:
         return self.write_metrics()
 
     def _note_all_stopped(self, rnd: int) -> None:
-        if self.stopped is not None or any(r.get("federation_stopped") for r in self.history):
+        if self.stopped is not None:
             return
         reasons = []
         for record in self.history:
