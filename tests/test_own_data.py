@@ -76,6 +76,31 @@ def test_every_bad_case_is_named_in_one_error_before_training(tmp_path, capsys):
     assert "{7}" in err and not (tmp_path / "out").exists()
 
 
+def test_institutions_csv_and_marked_validation_items_are_what_the_run_uses(msd, tmp_path):
+    from monai_fedpriv.experiments.own_data import load_own_data, split_own_data
+
+    cases = load_msd_datalist(msd)
+    csv = tmp_path / "sites.csv"
+    csv.write_text("case,institution\n" + "".join(f"{c['patient']},h{i % 2}\n" for i, c in enumerate(cases)))
+    own = load_own_data(msd, institutions_csv=csv, check=False, log=lambda _: None)
+    assert own.info.institutions == {"h0": 4, "h1": 4}  # what metrics.json reports is what the sites are built from
+    assert {c["institution"] for c in own.cases} == {"h0", "h1"}
+
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    meta = json.loads((msd / "dataset.json").read_text())
+    for item in meta["training"]:
+        for key in ("image", "label"):
+            item[key] = str((msd / item[key]).resolve())
+    meta["training"][0]["split"] = meta["training"][1]["split"] = "val"
+    (marked / "dataset.json").write_text(json.dumps(meta))
+    own = load_own_data(marked, check=False, log=lambda _: None)
+    assert own.info.has_validation and len(own.val_cases) == 2 and len(own.cases) == 6
+    split = split_own_data(own, 2, "iid", 0.2, 0, log=lambda _: None)
+    trained = {c["patient"] for site in split.train.values() for c in site}
+    assert trained.isdisjoint(c["patient"] for c in own.val_cases)  # never trained on a declared validation case
+
+
 def test_a_handful_of_patients_still_validates_every_site_or_says_why(tmp_path, capsys):
     root = write_msd_task(tmp_path / "tiny", 4, shape=(20, 20, 8), seed=4)
     assert simulate("--data", str(root), "--sites", "3", "--output", str(tmp_path / "o")) == 2

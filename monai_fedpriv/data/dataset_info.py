@@ -18,7 +18,10 @@ from monai_fedpriv.data.brats import BRATS_2023_NAMES, load_brats_datalist
 from monai_fedpriv.data.msd import load_msd_datalist, read_msd_labels
 from monai_fedpriv.errors import DataError
 
-__all__ = ["DatasetInfo", "describe_dataset", "detect_layout", "modality_kind", "BRATS_CLASS_NAMES", "LAYOUTS"]
+__all__ = [
+    "DatasetInfo", "describe_and_list", "describe_dataset", "detect_layout", "modality_kind", "BRATS_CLASS_NAMES",
+    "LAYOUTS",
+]  # fmt: skip
 
 LAYOUTS = ("msd", "brats")
 #: BraTS classes by naming convention: 2017-2021 releases use 4 for enhancing tumour (3 unused); 2023 uses 3.
@@ -173,8 +176,8 @@ def _msd_modalities(meta: dict, json_path: Path) -> tuple[str, ...]:
         raise DataError(f"{json_path}: 'modality' keys must be channel numbers, got {sorted(raw)}") from exc
 
 
-def _describe_msd(root: Path) -> DatasetInfo:
-    cases = load_msd_datalist(root)  # validates dataset.json and the listed files first
+def _describe_msd(root: Path, institutions_csv: str | Path | None) -> tuple[DatasetInfo, list[dict], list[dict]]:
+    cases = load_msd_datalist(root, institutions_csv=institutions_csv)  # validates dataset.json and the files first
     json_path = root / "dataset.json"
     meta = json.loads(json_path.read_text(encoding="utf-8"))
     modalities = _msd_modalities(meta, json_path)
@@ -197,8 +200,12 @@ def _describe_msd(root: Path) -> DatasetInfo:
     if spatial not in (2, 3):
         raise DataError(f"image {first} has {spatial} spatial dimensions (shape {shape}); expected 2 or 3")
     validation = meta.get("validation")
-    has_val = bool(isinstance(validation, list) and validation) or any(c.get("split") == "val" for c in cases)
-    return DatasetInfo(
+    declared = load_msd_datalist(root, "validation", institutions_csv=institutions_csv) if (
+        isinstance(validation, list) and validation
+    ) else []  # fmt: skip
+    val_cases = [*declared, *(c for c in cases if c.get("split") == "val")]  # items marked as validation stay out
+    train_cases = [c for c in cases if c.get("split") != "val"]
+    info = DatasetInfo(
         name=str(meta.get("name") or root.name),
         layout="msd",
         root=root,
@@ -207,20 +214,21 @@ def _describe_msd(root: Path) -> DatasetInfo:
         spatial_dims=spatial,
         channel_layout=layout,
         n_cases=len(cases),
-        has_validation=has_val,
+        has_validation=bool(val_cases),
         institutions=dict(Counter(c["institution"] for c in cases)),
     )
+    return info, train_cases, val_cases
 
 
-def _describe_brats(root: Path) -> DatasetInfo:
-    cases = load_brats_datalist(root, modalities=_BRATS_MODALITIES)
+def _describe_brats(root: Path, institutions_csv: str | Path | None) -> tuple[DatasetInfo, list[dict], list[dict]]:
+    cases = load_brats_datalist(root, modalities=_BRATS_MODALITIES, institutions_csv=institutions_csv)
     first = cases[0]["image"]
     naming = "2023" if Path(first[1]).name.lower().split(".")[0].endswith(("-t1c", "_t1c")) else "2020"
     modalities = tuple(BRATS_2023_NAMES[m] for m in _BRATS_MODALITIES) if naming == "2023" else _BRATS_MODALITIES
     shape = _header_shape(first[0])
     if len(shape) != 3:
         raise DataError(f"BraTS image {first[0]} has shape {shape}; expected a 3D volume")
-    return DatasetInfo(
+    info = DatasetInfo(
         name=root.name,
         layout="brats",
         root=root,
@@ -233,6 +241,7 @@ def _describe_brats(root: Path) -> DatasetInfo:
         institutions=dict(Counter(c["institution"] for c in cases)),
         naming=naming,
     )
+    return info, cases, []
 
 
 def describe_dataset(root: str | Path, layout: str | None = None) -> DatasetInfo:
@@ -251,10 +260,21 @@ def describe_dataset(root: str | Path, layout: str | None = None) -> DatasetInfo
         >>> info.modalities, info.n_classes, info.channel_layout  # doctest: +SKIP
         (('FLAIR', 'T1w', 't1gd', 'T2w'), 4, 'last')
     """
+    return describe_and_list(root, layout)[0]
+
+
+def describe_and_list(
+    root: str | Path, layout: str | None = None, institutions_csv: str | Path | None = None
+) -> tuple[DatasetInfo, list[dict], list[dict]]:
+    """:func:`describe_dataset` with the case lists it read: ``(info, training cases, validation cases)``.
+
+    Validation cases are those of an MSD ``validation`` section and training items marked ``"split": "val"``; the
+    institutions of ``info`` and of every case follow ``institutions_csv`` when given (a ``case,institution`` CSV).
+    """
     root = Path(root).expanduser().resolve()
     layout = detect_layout(root) if layout is None else layout
     if layout not in LAYOUTS:
         raise DataError(f"unknown data layout {layout!r} for {root}; expected one of {list(LAYOUTS)}")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a directory")
-    return _describe_msd(root) if layout == "msd" else _describe_brats(root)
+    return _describe_msd(root, institutions_csv) if layout == "msd" else _describe_brats(root, institutions_csv)

@@ -25,10 +25,8 @@ from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.adapt import AdaptTarget, adapted_transforms, contiguous_label_mapping, inferer_config
-from monai_fedpriv.data.brats import load_brats_datalist
 from monai_fedpriv.data.checks import check_datalist
-from monai_fedpriv.data.dataset_info import DatasetInfo, _header_shape, describe_dataset
-from monai_fedpriv.data.msd import load_msd_datalist
+from monai_fedpriv.data.dataset_info import DatasetInfo, _header_shape, describe_and_list
 from monai_fedpriv.data.partition import partition_cases
 from monai_fedpriv.data.splits import site_train_val_split
 from monai_fedpriv.errors import BundleError, DataError
@@ -82,30 +80,11 @@ def load_own_data(
     Raises:
         DataError: one error listing every bad case and the file at fault.
     """
-    info = describe_dataset(root, layout)
-    root = info.root
-    if info.layout == "msd":
-        cases = load_msd_datalist(root, institutions_csv=institutions_csv)
-        val_cases = load_msd_datalist(root, "validation", institutions_csv=institutions_csv) if _has(root) else []
-    else:
-        cases = load_brats_datalist(root, modalities=_brats_names(info), institutions_csv=institutions_csv)
-        val_cases = []
+    info, cases, val_cases = describe_and_list(root, layout, institutions_csv)
     if check:
-        log(f"checking {len(cases) + len(val_cases)} cases of {info.name} ({root}) ...")
+        log(f"checking {len(cases) + len(val_cases)} cases of {info.name} ({info.root}) ...")
         check_datalist([*cases, *val_cases], list(info.labels))
     return OwnData(info, cases, val_cases)
-
-
-def _has(root: Path) -> bool:
-    import json
-
-    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
-    return isinstance(meta.get("validation"), list) and bool(meta["validation"])
-
-
-def _brats_names(info: DatasetInfo) -> tuple[str, ...]:
-    legacy = {"t1n": "t1", "t1c": "t1ce", "t2w": "t2", "t2f": "flair"}
-    return tuple(legacy.get(m, m) for m in info.modalities)
 
 
 def split_own_data(
