@@ -164,3 +164,48 @@ def test_checkpoint_of_a_dp_trained_batchnorm_model_loads_and_bad_ones_are_named
             "--checkpoint", str(tmp_path / "broken.pt"), "--output", str(tmp_path / "bad")]  # fmt: skip
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --checkpoint")
+
+
+def test_a_dp_checkpoint_loads_with_the_victims_shape_into_a_network_without_in_channels(tmp_path):
+    from monai_fedpriv.attacks.audit import load_checkpoint
+    from monai_fedpriv.fl.weights import exchangeable_state
+    from monai_fedpriv.networks import build_network
+    from monai_fedpriv.privacy.model_prep import prepare_for_dp
+
+    example = torch.rand(2, 3, 32, 32)  # 3 slices as channels; MoNet has no in_channels attribute
+    trained, _ = prepare_for_dp(build_network("monet", 3, 1), example)
+    torch.save(trained.state_dict(), tmp_path / "global.pt")
+    loaded = load_checkpoint(build_network("monet", 3, 1), tmp_path / "global.pt", example)
+    want, got = exchangeable_state(trained), exchangeable_state(loaded)
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_an_unknown_output_convention_is_named_not_guessed(tmp_path):
+    from monai_fedpriv.attacks.audit import bundle_activation
+    from monai_fedpriv.errors import BundleError
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"eval_activation": "sigmoid"}))
+    assert bundle_activation(tmp_path) == "sigmoid"
+    (tmp_path / "configs" / "train.json").write_text(json.dumps({"eval_activation": "relu"}))
+    with pytest.raises(BundleError, match="eval_activation"):
+        bundle_activation(tmp_path)
+
+
+def test_a_victim_and_label_in_any_readable_format_are_read_once_and_checked_on_one_grid(tmp_path, monkeypatch):
+    import nibabel as nib
+    import numpy as np
+
+    import monai_fedpriv.attacks.victim as victim
+
+    rng = np.random.default_rng(0)
+    nib.save(nib.MGHImage(rng.random((32, 32, 3)).astype(np.float32), np.eye(4)), tmp_path / "v.mgz")
+    nib.save(nib.MGHImage((rng.random((32, 32, 3)) > 0.5).astype(np.int32), np.eye(4)), tmp_path / "l.mgz")
+    reads: list[str] = []
+    real = victim._read_volume
+    monkeypatch.setattr(victim, "_read_volume", lambda p: reads.append(p.name) or real(p))
+    image, label, source = victim.load_victim(tmp_path / "v.mgz", tmp_path / "l.mgz", 2, size=16)
+    assert image.shape == label.shape == (1, 16, 16) and source == "label" and sorted(reads) == ["l.mgz", "v.mgz"]
+    nib.save(nib.MGHImage(np.zeros((30, 32, 3), dtype=np.int32), np.eye(4)), tmp_path / "other.mgz")
+    with pytest.raises(DataError, match="one grid"):
+        victim.load_victim(tmp_path / "v.mgz", tmp_path / "other.mgz", 2, size=16)

@@ -177,6 +177,15 @@ def test_unknown_command_attack_flags_and_help(tmp_path, capsys, msd):
     assert main([*attack, "--victim", cases[0]["image"], "--victim-label", other[0]["label"]]) == 2
     err = capsys.readouterr().err
     assert "shape" in err and "one grid" in err and not (tmp_path / "a").exists()
+    for flags, line in (
+        (["--share", "svt", "--svt-epsilon", "-1"], "error: --svt-epsilon must be > 0, got -1.0."),
+        (["--share", "percentile", "--share-clip", "-1"], "error: --share-clip must be > 0, got -1.0."),
+        (["--svt-epsilon", "5"], "error: --svt-epsilon need --share."),
+        (["--share", "percentile", "--svt-epsilon3", "2"], "error: --svt-epsilon3: not used by --share percentile."),
+    ):  # the share flags as simulate checks them, before any work
+        assert main([*attack, "--data", str(msd), *flags]) == 2
+        assert capsys.readouterr().err.strip() == line
+    assert not (tmp_path / "a").exists()
 
 
 def test_attack_picks_its_victim_from_the_data_as_the_network_sees_it(tmp_path, msd):

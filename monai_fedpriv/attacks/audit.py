@@ -4,30 +4,19 @@ baselines. :mod:`monai_fedpriv.attacks.cli` is the command line around it."""
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from monai_fedpriv.attacks.bundle_model import bundle_activation, load_bundle_model, load_checkpoint
 from monai_fedpriv.attacks.gradient_inversion import reconstruct
 from monai_fedpriv.attacks.scores import label_map, score_reconstruction
 from monai_fedpriv.attacks.threat_model import ThreatModel
-from monai_fedpriv.attacks.victim import (
-    build_victim_update,
-    intensity_label,
-    load_victim_image,
-    load_victim_label,
-    update_norm,
-)
-from monai_fedpriv.data.io import read_image
-from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.attacks.victim import build_victim_update, load_victim, update_norm
 from monai_fedpriv.fl.update import ModelUpdate
-from monai_fedpriv.fl.weights import strip_prefixes
 from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyEvent, PrivacyLedger, PureEvent
 from monai_fedpriv.privacy.budget import PrivacyBudget
 from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
-from monai_fedpriv.privacy.model_prep import load_trained_weights
 
 __all__ = [
     "DELTA",
@@ -41,94 +30,6 @@ __all__ = [
 ]
 
 DELTA = 1e-5
-
-
-def _find_pixel_range(config: Any) -> tuple[float, float] | None:
-    """The output range of the first ``ScaleIntensity*`` transform found in a raw bundle config."""
-    if isinstance(config, dict):
-        target = str(config.get("_target_", ""))
-        if "ScaleIntensityRange" in target and "b_min" in config and "b_max" in config:
-            return float(config["b_min"]), float(config["b_max"])
-        if "ScaleIntensity" in target and "minv" in config and "maxv" in config:
-            return float(config["minv"]), float(config["maxv"])
-        items = list(config.values())
-    elif isinstance(config, list):
-        items = config
-    else:
-        return None
-    for item in items:
-        found = _find_pixel_range(item)
-        if found is not None:
-            return found
-    return None
-
-
-def load_bundle_model(
-    bundle_dir: str | Path, overrides: dict[str, Any] | None = None
-) -> tuple[torch.nn.Module, torch.nn.Module, tuple[float, float]]:
-    """Build ``network_def`` and ``loss`` of ``BUNDLE_DIR/configs/train.json`` (with ``overrides``, e.g. the input
-    channels of a team's data) and read its pixel range.
-
-    Returns:
-        ``(network, loss, pixel_range)``; the loss defaults to ``DiceCELoss(to_onehot_y=True, softmax=True)`` and
-        the range to ``(0, 1)`` when the config does not say.
-
-    Raises:
-        BundleError: when the config file or its ``network_def`` is missing or cannot be built.
-    """
-    from monai.bundle import ConfigParser
-    from monai.losses import DiceCELoss
-
-    config_file = Path(bundle_dir) / "configs" / "train.json"
-    if not config_file.is_file():
-        raise BundleError(f"bundle {str(bundle_dir)!r} has no configs/train.json.")
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    for key, value in (overrides or {}).items():
-        parser[key] = value
-    if parser.get("network_def") is None:
-        raise BundleError(f"{str(config_file)!r} defines no 'network_def'; the attack needs the network.")
-    try:
-        network = parser.get_parsed_content("network_def", instantiate=True)
-    except Exception as err:  # noqa: BLE001 - any failure to build is a bundle error naming the file
-        raise BundleError(f"cannot build 'network_def' of {str(config_file)!r}: {err}") from err
-    if not isinstance(network, torch.nn.Module):
-        raise BundleError(f"'network_def' of {str(config_file)!r} is a {type(network).__name__}, not a torch module.")
-    loss = parser.get_parsed_content("loss", instantiate=True) if parser.get("loss") is not None else None
-    if loss is None:
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    pixel_range = _find_pixel_range(parser.config) or (0.0, 1.0)
-    return network, loss, pixel_range
-
-
-def bundle_activation(bundle_dir: str | Path) -> str:
-    """The bundle's output convention (``eval_activation`` of ``configs/train.json``; ``"softmax"`` if unset)."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
-    value = parser.get("eval_activation", "softmax")
-    return value if value in ("softmax", "sigmoid") else "softmax"
-
-
-def load_checkpoint(network: torch.nn.Module, path: str | Path, size: int) -> torch.nn.Module:
-    """Load a saved global model (a plain or ``{"network"|"model"|"state_dict": ...}`` state dict, wrapper prefixes
-    allowed); a model trained under DP-SGD is loaded into the network prepared as its sites prepared it."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise DataError(f"--checkpoint {path}: cannot be read as a PyTorch state dict ({err}).") from err
-    for key in ("network", "model", "state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise DataError(f"--checkpoint {path}: expected a state dict, got {type(state).__name__}.")
-    example = torch.zeros(2, int(getattr(network, "in_channels", 1) or 1), size, size)
-    try:
-        return load_trained_weights(network, strip_prefixes(state), example)
-    except KeyError as err:
-        raise DataError(f"--checkpoint {path} does not fit the bundle's network: {err}") from err
 
 
 def release_epsilon(
@@ -175,37 +76,6 @@ def build_share_filter(
             threshold=threshold, budget=budget, generator=seed,
         )  # fmt: skip
     raise ValueError(f"share must be 'none', 'percentile' or 'svt', got {share!r}.")
-
-
-def load_victim(
-    image_path: str | Path,
-    label_path: str | Path | None,
-    num_classes: int,
-    pixel_range: tuple[float, float] = (0.0, 1.0),
-    slice_index: int | None = None,
-    size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Victim image in the pixel range, its label map and where the label came from (``"label"``/``"intensity"``).
-
-    Raises:
-        DataError: the label's grid differs from the image's (they would be resized apart silently), or its values
-            fall outside the network's classes.
-    """
-    if label_path:
-        shapes = {str(p): read_image(p)[0].shape for p in (image_path, label_path)}
-        if len(set(shapes.values())) > 1:
-            raise DataError(
-                f"victim image {str(image_path)!r} has shape {shapes[str(image_path)]} but its label "
-                f"{str(label_path)!r} has shape {shapes[str(label_path)]}; they must be on one grid."
-            )
-    lo, hi = pixel_range
-    image = lo + (hi - lo) * load_victim_image(image_path, slice_index, size)
-    if label_path:
-        label = load_victim_label(label_path, slice_index, size)
-        if int(label.max()) >= num_classes or int(label.min()) < 0:
-            raise DataError(f"victim label {str(label_path)!r} has values outside [0, {num_classes - 1}].")
-        return image, label, "label"
-    return image, intensity_label((image - lo) / (hi - lo), num_classes), "intensity"
 
 
 def attack_image(

@@ -63,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, help="custom DP-SGD clip (with --noise-multiplier)")
     p.add_argument("--share", choices=["none", "percentile", "svt"], default="none",
                    help="filter on the update after DP-SGD (Li et al. 2019): selective sharing or SVT")  # fmt: skip
-    p.add_argument("--share-fraction", type=float, default=0.1, help="fraction of coordinates shared (default 0.1)")
+    p.add_argument("--share-fraction", type=float, default=None, help="fraction of coordinates shared (default 0.1)")
     p.add_argument("--share-clip", type=float, default=None,
                    help="clip gamma of shared values (percentile: none, svt: 1e-3)")  # fmt: skip
-    p.add_argument("--svt-threshold", type=float, default=5e-4, help="SVT threshold h (default 5e-4)")
-    p.add_argument("--svt-epsilon", type=float, default=1.0, help="SVT selection budget eps1+eps2 (default 1)")
-    p.add_argument("--svt-epsilon3", type=float, default=1.0, help="SVT answer budget eps3 (default 1)")
+    p.add_argument("--svt-threshold", type=float, default=None, help="SVT threshold h (default 5e-4)")
+    p.add_argument("--svt-epsilon", type=float, default=None, help="SVT selection budget eps1+eps2 (default 1)")
+    p.add_argument("--svt-epsilon3", type=float, default=None, help="SVT answer budget eps3 (default 1)")
     p.add_argument("--local-steps", type=int, default=1, help="local SGD steps behind the update (default 1)")
     p.add_argument("--lr", type=float, default=0.01, help="local SGD learning rate (default 0.01)")
     p.add_argument("--mask", choices=["known", "unknown"], default="known", help="does the attacker know the mask")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Every flag checked before any work: one ``OptionError`` naming the flag."""
-    from monai_fedpriv.cli.options import OptionError, check_number
+    from monai_fedpriv.cli.options import OptionError, check_number, check_share_flags
 
     if (args.victim is None) == (args.data is None):
         raise OptionError("give exactly one of --victim IMAGE and --data DIR.")
@@ -105,7 +105,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_number("--tv-weight", args.tv_weight, low=0)
     check_number("--noise-multiplier", args.noise_multiplier, low=0)
     check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True)
-    check_number("--share-fraction", args.share_fraction, low=0, high=1, low_open=True)
+    check_share_flags(args)
     check_number("--threads", args.threads, low=1, integer=True)
 
 
@@ -124,7 +124,9 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
     else:
         network, loss, pixel_range = load_bundle_model(args.bundle_dir)
     if args.checkpoint:
-        network = load_checkpoint(network, args.checkpoint, args.size)
+        # with --data the victim is the network's input; a --victim is resized to --size later
+        example = image[None].repeat(2, *[1] * image.dim()) if args.data is not None else args.size
+        network = load_checkpoint(network, args.checkpoint, example)
     network = network.to(device).train()
     if args.data is None:
         out_channels = int(getattr(network, "out_channels", 0)) or None
@@ -134,10 +136,11 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         image, label, source = load_victim(
             args.victim, args.victim_label, out_channels, pixel_range, args.slice_index, args.size
         )
-    share_filter = build_share_filter(
-        args.share, fraction=args.share_fraction, clip=args.share_clip, threshold=args.svt_threshold,
-        epsilon_select=args.svt_epsilon, epsilon3=args.svt_epsilon3, seed=args.seed,
-    )  # fmt: skip
+    given = {"fraction": args.share_fraction, "clip": args.share_clip, "threshold": args.svt_threshold,
+             "epsilon_select": args.svt_epsilon, "epsilon3": args.svt_epsilon3}  # fmt: skip
+    share_filter = build_share_filter(  # the filter's own defaults for what was not given
+        args.share, seed=args.seed, **{k: v for k, v in given.items() if v is not None}
+    )
     record, recon = attack_image(
         network, loss, image, label, pixel_range, privacy=args.privacy, noise_multiplier=args.noise_multiplier,
         max_grad_norm=args.max_grad_norm, share_filter=share_filter, share=args.share,

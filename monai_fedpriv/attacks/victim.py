@@ -19,10 +19,13 @@ from monai_fedpriv.errors import DataError, PrivacyConfigError
 from monai_fedpriv.privacy.dp_sgd.optimizer import BudgetedDPOptimizer
 from monai_fedpriv.privacy.grad_sample import plain_copy, wrap_for_grad_sample
 
-__all__ = ["load_victim_image", "load_victim_label", "build_victim_update", "intensity_label", "update_norm"]
+__all__ = [
+    "build_victim_update", "intensity_label", "load_victim", "load_victim_image", "load_victim_label", "update_norm",
+]  # fmt: skip
 
 
-def _read_array(path: Path, slice_index: int | None) -> np.ndarray:
+def _read_volume(path: Path) -> np.ndarray:
+    """The file's array (NIfTI, MGH, PNG/JPEG as grey, DICOM or anything SimpleITK reads), singleton axes dropped."""
     name = path.name.lower()
     if not path.exists():
         raise DataError(f"victim image {str(path)!r} does not exist.")
@@ -49,7 +52,11 @@ def _read_array(path: Path, slice_index: int | None) -> np.ndarray:
             arr = np.transpose(arr, tuple(range(arr.ndim))[::-1])  # to (x, y, z) like nibabel
     except Exception as err:  # noqa: BLE001 - any reader failure is a data error naming the file
         raise DataError(f"cannot read victim image {str(path)!r}: {err}") from err
-    arr = np.squeeze(arr)
+    return np.squeeze(arr)
+
+
+def _slice(arr: np.ndarray, slice_index: int | None, path: Path) -> np.ndarray:
+    """The 2D image, or one slice along the last axis of a volume (the middle one when ``slice_index`` is None)."""
     if arr.ndim == 3:
         index = arr.shape[2] // 2 if slice_index is None else slice_index
         if not 0 <= index < arr.shape[2]:
@@ -76,7 +83,10 @@ def load_victim_image(
     Example:
         >>> img = load_victim_image("brain.nii.gz", size=64)  # doctest: +SKIP
     """
-    arr = _read_array(Path(path), slice_index)
+    return _image_tensor(_slice(_read_volume(Path(path)), slice_index, Path(path)), size, path)
+
+
+def _image_tensor(arr: np.ndarray, size: tuple[int, int] | int, path: str | Path) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr))[None, None]
     hw = (size, size) if isinstance(size, int) else tuple(size)
     t = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0]
@@ -94,7 +104,10 @@ def load_victim_label(
     Returns:
         integer tensor of shape ``(1, H, W)``.
     """
-    arr = _read_array(Path(path), slice_index)
+    return _label_tensor(_slice(_read_volume(Path(path)), slice_index, Path(path)), size)
+
+
+def _label_tensor(arr: np.ndarray, size: tuple[int, int] | int) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(np.rint(arr)))[None, None]
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return F.interpolate(t, size=hw, mode="nearest")[0].long()
@@ -193,3 +206,34 @@ def build_victim_update(
             loss(private(image), mask).backward()
             optimizer.step()
     return {n: (p.detach() - start[n]) for n, p in params.items()}
+
+
+def load_victim(
+    image_path: str | Path,
+    label_path: str | Path | None,
+    num_classes: int,
+    pixel_range: tuple[float, float] = (0.0, 1.0),
+    slice_index: int | None = None,
+    size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Victim image in the pixel range, its label map and where the label came from (``"label"``/``"intensity"``).
+
+    Raises:
+        DataError: the label's grid differs from the image's (they would be resized apart silently), or its values
+            fall outside the network's classes.
+    """
+    volume = _read_volume(Path(image_path))  # each file read once
+    labels = _read_volume(Path(label_path)) if label_path else None
+    if labels is not None and labels.shape != volume.shape:
+        raise DataError(
+            f"victim image {str(image_path)!r} has shape {volume.shape} but its label {str(label_path)!r} has shape "
+            f"{labels.shape}; they must be on one grid."
+        )
+    lo, hi = pixel_range
+    image = lo + (hi - lo) * _image_tensor(_slice(volume, slice_index, Path(image_path)), size, image_path)
+    if labels is not None:
+        label = _label_tensor(_slice(labels, slice_index, Path(str(label_path))), size)
+        if int(label.max()) >= num_classes or int(label.min()) < 0:
+            raise DataError(f"victim label {str(label_path)!r} has values outside [0, {num_classes - 1}].")
+        return image, label, "label"
+    return image, intensity_label((image - lo) / (hi - lo), num_classes), "intensity"

@@ -16,6 +16,7 @@ from monai_fedpriv.experiments.sharing_study import ShareSettings
 __all__ = [
     "OptionError",
     "check_number",
+    "check_share_flags",
     "refuse_given",
     "check_privacy_config",
     "parse_overrides",
@@ -81,24 +82,31 @@ SHARE_OPTIONS = {
 }
 
 
-def share_settings(args: argparse.Namespace) -> ShareSettings | None:
-    """The ``--share`` filter and its settings, or ``None``; flags that the method does not use are refused."""
+def check_share_flags(args: argparse.Namespace) -> None:
+    """Refuse share flags that ``--share`` does not use, and bad values, naming the flag (``simulate``,
+    ``export-nvflare`` and ``attack``; flags a command does not have count as not given)."""
     given = {name for names in SHARE_OPTIONS.values() for name in names if getattr(args, name, None) is not None}
     if args.share == "none":
-        if given:
-            raise OptionError(f"{', '.join('--' + n.replace('_', '-') for n in sorted(given))} need --share.")
-        return None
+        refuse_given([("--" + n.replace("_", "-"), True) for n in sorted(given)], "--share")
+        return
     unused = given - set(SHARE_OPTIONS[args.share])
     if unused:
         names = ", ".join("--" + n.replace("_", "-") for n in sorted(unused))
         raise OptionError(f"{names}: not used by --share {args.share}.")
-    check_number("--share-fraction", args.share_fraction, low=0, high=1, low_open=True)
-    check_number("--share-clip", args.share_clip, low=0, low_open=True)
-    check_number("--svt-epsilon", args.svt_epsilon, low=0, low_open=True)
-    check_number("--svt-epsilon3", args.svt_epsilon3, low=0, low_open=True)
-    check_number("--svt-threshold", args.svt_threshold, low=0)
-    check_number("--gaussian-clip", args.gaussian_clip, low=0, low_open=True)
-    check_number("--gaussian-noise", args.gaussian_noise, low=0, low_open=True)
+    check_number("--share-fraction", getattr(args, "share_fraction", None), low=0, high=1, low_open=True)
+    check_number("--share-clip", getattr(args, "share_clip", None), low=0, low_open=True)
+    check_number("--svt-epsilon", getattr(args, "svt_epsilon", None), low=0, low_open=True)
+    check_number("--svt-epsilon3", getattr(args, "svt_epsilon3", None), low=0, low_open=True)
+    check_number("--svt-threshold", getattr(args, "svt_threshold", None), low=0)
+    check_number("--gaussian-clip", getattr(args, "gaussian_clip", None), low=0, low_open=True)
+    check_number("--gaussian-noise", getattr(args, "gaussian_noise", None), low=0, low_open=True)
+
+
+def share_settings(args: argparse.Namespace) -> ShareSettings | None:
+    """The ``--share`` filter and its settings, or ``None``; flags that the method does not use are refused."""
+    check_share_flags(args)
+    if args.share == "none":
+        return None
     if args.share == "gaussian":
         if args.gaussian_clip is None or args.gaussian_noise is None:
             raise OptionError("--share gaussian needs --gaussian-clip and --gaussian-noise.")
