@@ -247,3 +247,11 @@ def test_attack_audit_on_a_region_bundle(liver_data, tmp_path):
     record = json.loads((out / "attack.json").read_text())
     assert record["mask_known"] and record["verdict"]
     assert record["victim"]["data"] == "Liver"
+
+
+def test_an_unreadable_inference_datalist_is_named(tmp_path):
+    from monai_fedpriv.errors import DataError
+
+    (tmp_path / "cases.json").write_text("[{'image': 'not json'}]")
+    with pytest.raises(DataError, match="cases.json"):
+        task.inference_datalist(tmp_path, tmp_path / "cases.json")

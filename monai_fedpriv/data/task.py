@@ -185,7 +185,10 @@ def inference_datalist(input_dir: str | Path, datalist_json: str | Path | None =
     import json
 
     if datalist_json:
-        items = json.loads(Path(datalist_json).read_text())
+        try:
+            items = json.loads(Path(datalist_json).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"input_datalist {datalist_json}: cannot be read as JSON ({exc}).") from exc
         if not isinstance(items, list) or not all(isinstance(i, dict) and "image" in i for i in items):
             raise DataError(f"{datalist_json}: expected a JSON list of {{\"image\": ...}} items.")
         return items

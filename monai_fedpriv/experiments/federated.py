@@ -144,10 +144,11 @@ def run_experiment(
     )
     try:
         metrics = with_context(_run(fed, resume))
-    finally:  # a stopped federation still leaves its metrics (with the reason) in the contract file
+    except BaseException:  # a stopped federation still leaves its metrics (with the reason) in the contract file
         if (output_dir / "federated" / "metrics.json").is_file():
             latest = json.loads((output_dir / "federated" / "metrics.json").read_text())
             write_json(with_context(latest), output_dir / "metrics.json")
+        raise
     if baselines:
         metrics["baselines"] = _baselines(bundle, split, output_dir, rounds, local_work, resume, common)
     write_json(metrics, output_dir / "metrics.json")

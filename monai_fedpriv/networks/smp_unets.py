@@ -17,7 +17,6 @@ __all__ = ["SMP_ENCODERS", "smp_unet", "load_unet_weights"]
 
 SMP_ENCODERS = ("mobilenet_v2", "resnet18", "vgg11_bn")
 _WRAPPER_KEYS = ("state_dict", "model", "network")
-_PREFIXES = ("_module.", "module.")  # Opacus' GradSampleModule, DataParallel
 _NETWORK_PARTS = ("encoder.", "decoder.", "segmentation_head.")
 
 
@@ -89,12 +88,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = next(iter(obj.values()))
     if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"weights file {str(path)!r} holds {type(obj).__name__}, not a state dict of tensors.")
-    state = {}
-    for key, value in obj.items():
-        for prefix in _PREFIXES:
-            key = key.removeprefix(prefix)
-        state[key] = value
-    return state
+    from monai_fedpriv.fl.weights import strip_prefixes
+
+    try:
+        return strip_prefixes(obj)
+    except KeyError as err:
+        raise ValueError(f"weights file {str(path)!r}: {err}") from err
 
 
 def _adapt_first_conv(state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> list[str]:

@@ -16,6 +16,7 @@ from monai.bundle import ConfigParser
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.stream import StreamSampler, derive_seed
 from monai_fedpriv.errors import BundleError
+from monai_fedpriv.fl.server.records import mean
 from monai_fedpriv.handlers.federated_sync import FederatedSync
 from monai_fedpriv.utils.rng import OwnedRandomState
 
@@ -330,7 +331,7 @@ def train_round(
         site.active = False
         return {"stopped": "sent no update"}, True, "the site's trainer ended without sending an update"
     if sent:
-        result["loss"] = sum(site.losses) / len(site.losses) if site.losses else float("nan")
+        result["loss"] = mean(site.losses)
         if evaluator is not None:
             result["dice"] = evaluator(site.trainer.network)["dice"]
     else:
