@@ -33,8 +33,9 @@ from monai_fedpriv.fl.evaluation import DiceEvaluator, evaluator_from_bundle
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.nvflare.transport import NVFlareTransport, Task
 from monai_fedpriv.fl.simulator.faults import FaultInjector, parse_fault
-from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site, train_round
-from monai_fedpriv.fl.weights import load_exchangeable_state, unwrap
+from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
+from monai_fedpriv.fl.simulator.site_round import train_round
+from monai_fedpriv.fl.weights import load_exchangeable_state
 from monai_fedpriv.privacy.grad_sample import plain_copy
 from monai_fedpriv.utils.files import atomic_torch_save
 
@@ -96,7 +97,7 @@ class _Site:
         with torch.random.fork_rng(devices=[]):
             self.site: SiteRuntime = build_site(self.bundle, name, train, self.spec, transport)
         faults = FaultInjector([parse_fault(f) for f in settings.faults])
-        faults.attach(name, self.site.trainer, lambda: self.site.sync.round + 1)
+        faults.attach(name, self.site.trainer, self.site.round_in_training)
         self.max_epochs = settings.rounds * (settings.local_epochs or 1)
         self.evaluator = self._evaluator(val)
 
@@ -109,7 +110,7 @@ class _Site:
         """Dice of the task's global model on this site's validation cases."""
         if self.evaluator is None:
             return {}
-        network = plain_copy(unwrap(self.site.sync.network or self.site.trainer.network))
+        network = plain_copy(self.site.network)
         load_exchangeable_state(network, task.model.weights)
         result = self.evaluator(network)
         return {"global_dice": result["dice"], "n_cases": result["n_cases"], "dice_per_class": result["dice_per_class"],

@@ -23,13 +23,14 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.workflows.model_controller import ModelController
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
-from monai_fedpriv.data.stream import derive_seed
+from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.errors import ResumeError, UpdateError
 from monai_fedpriv.fl.codec import decode_update, encode_global
 from monai_fedpriv.fl.evaluation import combine_scores
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
-from monai_fedpriv.fl.server import ScreenSettings, ServerRound, global_privacy
+from monai_fedpriv.fl.server import ScreenSettings, ServerRound
+from monai_fedpriv.fl.server.records import final_summary, round_record, stop_federation_reason
+from monai_fedpriv.fl.simulator.server_model import initial_network
 from monai_fedpriv.fl.strategies import build_strategy
 from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.weights import exchangeable_state
@@ -45,10 +46,7 @@ def initial_weights(bundle: BundleSpec, seed: int) -> dict[str, torch.Tensor]:
     """The global model of round 0: the bundle's network built from the run seed, as the simulator builds it, with
     the structure the sites train when they run DP-SGD (BatchNorm replaced the way ``dp.json`` replaces it, affine
     weights kept)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "init"))
-        parser = load_bundle(bundle, {"device": "$torch.device('cpu')", "seed": seed})
-        network = parser.get_parsed_content("network")
+    parser, network = initial_network(bundle, seed)
     if parser_get(parser, "dp") is not None:
         from monai_fedpriv.privacy.model_prep import convert_batchnorm
 
@@ -66,6 +64,7 @@ class FedPrivController(ModelController):
     def __init__(self, job_archive: str = JOB_ARCHIVE) -> None:
         super().__init__(persistor_id="", ignore_result_error=True)  # failures are decided by ServerRound
         self.job_archive = job_archive
+        self._strategy_config: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- set-up
     def _settings(self) -> tuple[JobSettings, Path]:
@@ -114,6 +113,7 @@ class FedPrivController(ModelController):
         state = self._start(settings, job_dir, state_dir)
         strategy = build_strategy(**settings.strategy)
         strategy.load_state_dict(state["strategy"])
+        self._strategy_config = strategy.config()
         server = ServerRound(strategy, ScreenSettings(**settings.screen), settings.min_sites)
         for rnd in range(state["round"] + 1, settings.rounds + 1):
             if self.abort_signal is not None and self.abort_signal.triggered:
@@ -189,19 +189,12 @@ class FedPrivController(ModelController):
             self.error(outcome.failed)
             return False
         state["weights"], state["optimizer_state"] = outcome.weights, outcome.optimizer_state
-        record: dict[str, Any] = {
-            "round": rnd,
-            "sites": sites,
-            "global": {"dice": None, "per_site": {}, "rejected": len(outcome.rejected)},
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        privacy = global_privacy([*state["history"], record])
-        if privacy:
-            record["global"]["privacy"] = privacy
+        # scored when the sites answer the next task (they hold the validation data)
+        record = round_record(rnd, sites, {}, len(outcome.rejected), time.perf_counter() - t0, state["history"])
         stop = [n for n, e in sites.items() if (e.get("privacy") or {}).get("policy") == "stop_federation"
                 and (e.get("privacy") or {}).get("exhausted")]  # fmt: skip
         if stop:
-            record["federation_stopped"] = f"privacy budget of {stop[0]} exhausted (policy stop_federation)"
+            record["federation_stopped"] = stop_federation_reason(stop[0])
             state["stopped"] = {"round": rnd, "reason": record["federation_stopped"]}
         state["history"].append(record)
         state["round"] = rnd
@@ -256,31 +249,20 @@ class FedPrivController(ModelController):
             for key in ("per_site", "n_cases"):
                 if key in record["global"]:
                     record["global"][key] = dict(sorted(record["global"][key].items(), key=lambda kv: order[kv[0]]))
-        finals = [r["global"]["dice"] for r in history]
-        scored = [i for i, d in enumerate(finals) if d is not None]
-        best = max(scored, key=lambda i: finals[i]) if scored else None
         metrics: dict[str, Any] = {
             "label": "federated (NVIDIA FLARE)",
             "config": {
                 "job": settings.name, "bundle": settings.bundle, "config_files": list(settings.config_files),
                 "overrides": json_safe(settings.overrides), "rounds": settings.rounds, "sites": list(settings.sites),
                 "local_work": {"local_epochs": settings.local_epochs, "local_steps": settings.local_steps},
-                "momentum": settings.momentum, "strategy": build_strategy(**settings.strategy).config(),
+                "momentum": settings.momentum, "strategy": self._strategy_config,
                 "screen": settings.screen, "min_sites": settings.min_sites, "seed": settings.seed,
                 "secure_noise": settings.secure_noise, "fingerprint": settings.fingerprint(),
             },  # fmt: skip
             "rounds": [{k: v for k, v in r.items() if k != "_scores"} for r in history],
-            "final": {
-                "global_dice": finals[-1] if finals else None,
-                "global_dice_per_site": history[-1]["global"]["per_site"] if history else {},
-                "best_global_dice": finals[best] if best is not None else None,
-                "best_round": history[best]["round"] if best is not None else None,
-                "rounds_completed": len(history),
-            },
+            "final": final_summary(history),
             "partition": settings.partition,
         }
-        if history and history[-1]["global"].get("dice_per_class"):
-            metrics["final"]["global_dice_per_class"] = history[-1]["global"]["dice_per_class"]
         if state.get("metric"):
             metrics["metric"] = state["metric"]
         if state.get("setup"):

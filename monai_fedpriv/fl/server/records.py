@@ -4,12 +4,15 @@ progress line. Kept apart from the simulator's loop so that the NVFlare controll
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from monai_fedpriv.fl.update import ModelUpdate
 
-__all__ = ["global_privacy", "mean", "progress_cell", "update_facts"]
+__all__ = [
+    "final_summary", "global_privacy", "mean", "progress_cell", "round_record", "stop_federation_reason",
+    "update_facts",
+]  # fmt: skip
 
 
 def update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
@@ -60,3 +63,51 @@ def progress_cell(site: str, result: dict[str, Any]) -> str:
 
 def mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
+
+
+def round_record(
+    rnd: int,
+    sites: dict[str, dict[str, Any]],
+    scores: Mapping[str, Any],
+    rejected: int,
+    seconds: float,
+    history: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """One completed round's ``metrics.json`` entry: per-site results, the global model's Dice (``scores``:
+    ``dice``, ``per_site`` and optionally ``dice_per_class``), the rejected count, and the global model's privacy
+    over ``history`` and this round."""
+    record: dict[str, Any] = {
+        "round": rnd,
+        "sites": sites,
+        "global": {"dice": scores.get("dice"), "per_site": dict(scores.get("per_site") or {}), "rejected": rejected},
+        "seconds": round(seconds, 3),
+    }
+    if scores.get("dice_per_class"):
+        record["global"]["dice_per_class"] = scores["dice_per_class"]
+    privacy = global_privacy([*history, record])
+    if privacy:
+        record["global"]["privacy"] = privacy
+    return record
+
+
+def stop_federation_reason(site: str) -> str:
+    """Why a federation ends when ``site`` exhausts its budget under the ``stop_federation`` policy."""
+    return f"privacy budget of {site} exhausted (policy stop_federation)"
+
+
+def final_summary(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The ``final`` block of ``metrics.json``: last and best global Dice (rounds not yet scored are skipped for
+    the best), per site and per class, and the number of completed rounds."""
+    finals = [r["global"]["dice"] for r in history]
+    scored = [i for i, d in enumerate(finals) if d is not None]
+    best = max(scored, key=lambda i: finals[i]) if scored else None
+    final: dict[str, Any] = {
+        "global_dice": finals[-1] if finals else None,
+        "global_dice_per_site": history[-1]["global"]["per_site"] if history else {},
+        "best_global_dice": finals[best] if best is not None else None,
+        "best_round": history[best]["round"] if best is not None else None,
+        "rounds_completed": len(history),
+    }
+    if history and history[-1]["global"].get("dice_per_class"):
+        final["global_dice_per_class"] = history[-1]["global"]["dice_per_class"]
+    return final

@@ -16,62 +16,36 @@ is raised. A run resumed from the last checkpoint continues with identical resul
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.data.splits import check_patients_at_one_site
-from monai_fedpriv.data.stream import derive_seed
-from monai_fedpriv.errors import BundleError, DataError, FederationError
-from monai_fedpriv.fl.evaluation import DiceEvaluator, combine_scores, evaluator_from_bundle
+from monai_fedpriv.errors import DataError, FederationError
+from monai_fedpriv.fl.evaluation import DiceEvaluator
 from monai_fedpriv.fl.server.checkpoint import CHECKPOINT_VERSION, load_round_checkpoint
-from monai_fedpriv.fl.server.records import global_privacy, progress_cell
+from monai_fedpriv.fl.server.records import final_summary, progress_cell, round_record, stop_federation_reason
 from monai_fedpriv.fl.server.round import ServerRound
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator.faults import Fault, FaultInjector
-from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site, train_round
+from monai_fedpriv.fl.simulator.run_config import LocalWork, run_fingerprint
+from monai_fedpriv.fl.simulator.server_model import ServerModel
+from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
+from monai_fedpriv.fl.simulator.site_round import train_round
 from monai_fedpriv.fl.strategies import FedAvg, Strategy
 from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import GlobalModel
-from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, unwrap
-from monai_fedpriv.privacy.grad_sample import plain_copy
 from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
 from monai_fedpriv.utils.files import atomic_torch_save, write_json
 
 __all__ = ["FederatedSimulator", "LocalWork"]
 
 logger = logging.getLogger("monai_fedpriv.simulator")
-
-
-@dataclass(frozen=True)
-class LocalWork:
-    """Local work per round: ``epochs`` full passes or ``steps`` optimiser steps (exactly one must be set)."""
-
-    epochs: int | None = 1
-    steps: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.epochs is None) == (self.steps is None):
-            raise ValueError("set exactly one of local epochs or local steps.")
-        value = self.epochs if self.epochs is not None else self.steps
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"local work per round must be an int >= 1, got {value!r}.")
-
-    def describe(self) -> dict[str, int | None]:
-        return {"local_epochs": self.epochs, "local_steps": self.steps}
-
-
-def _describe(value: Any) -> Any:
-    """A JSON description of an override value (objects by type, so the fingerprint stays comparable)."""
-    return json.loads(json.dumps(value, default=lambda o: f"<{type(o).__module__}.{type(o).__qualname__}>"))
 
 
 class FederatedSimulator:
@@ -163,8 +137,8 @@ class FederatedSimulator:
         self.stopped: dict[str, Any] | None = None
         self._fingerprint: dict[str, Any] | None = None
         self.global_weights: dict[str, torch.Tensor] = {}
+        self.server_model: ServerModel | None = None
         self.evaluators: dict[str, DiceEvaluator] = {}
-        self._server_network: torch.nn.Module | None = None
         self._snapshots: dict[str, dict[str, Any]] = {}
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -179,31 +153,21 @@ class FederatedSimulator:
             num_workers=self.num_workers, secure_noise=self.secure_noise, overrides=self.overrides,
         )  # fmt: skip
 
-    def _build_server(self) -> None:
-        common = {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
-        with torch.random.fork_rng(devices=[]):  # the initial model is a function of the seed, not of global state
-            torch.manual_seed(derive_seed(self.seed, "init"))
-            parser = load_bundle(self.bundle, common)
-            network = parser.get_parsed_content("network")
-        self._server_network = network
-        self.global_weights = exchangeable_state(network)
-        for name, data in self.eval_sets.items():
-            self.evaluators[name] = evaluator_from_bundle(parser, data, self.device)
-
     def setup(self) -> None:
-        self._build_server()
+        self.server_model = ServerModel(self.bundle, self.eval_sets, self.seed, self.device, self.overrides)
+        self.evaluators = self.server_model.evaluators
         spec = self._site_spec()
         for name, data in self.train_sites.items():
             with torch.random.fork_rng(devices=[]):
                 site = build_site(self.bundle, name, data, spec, self.transport, self.filters_factory)
-            self.faults.attach(name, site.trainer, _round_in_training(site))
+            self.faults.attach(name, site.trainer, site.round_in_training)
             if site.setup.get("dp_network_changes"):
                 print(f"[{self.label}] {name}: network prepared for DP-SGD:", flush=True)
                 for change in site.setup["dp_network_changes"]:
                     print(f"  {change}", flush=True)
             self.sites[name] = site
         self._check_patient_unit()
-        self._match_server_to_sites()
+        self.global_weights = self.server_model.match_sites({n: site.network for n, site in self.sites.items()})
         self._fingerprint = self._describe_run()
         self.transport.publish(GlobalModel(0, self.global_weights))
         self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}
@@ -213,27 +177,6 @@ class FederatedSimulator:
         if any(site.setup.get("dp_privacy_unit") == "patient" for site in self.sites.values()):
             check_patients_at_one_site(self.train_sites)
 
-    def _match_server_to_sites(self) -> None:
-        """Give the server the sites' network structure when an override changed it at the sites.
-
-        DP-SGD prepares each site's network before training (``dp.json``: BatchNorm becomes InstanceNorm, which has
-        no running statistics), so the bundle's plain network no longer matches what the sites train and send.
-        The server then evaluates and aggregates a copy of the prepared network, starting from the server's own
-        initial weights wherever the names agree (the converted norms keep their affine weights).
-        """
-        assert self._server_network is not None
-        keys = {name: sorted(_site_network(site).state_dict()) for name, site in self.sites.items()}
-        first, site_keys = next(iter(keys.items()))
-        differing = [name for name, k in keys.items() if k != site_keys]
-        if differing:
-            raise BundleError(f"sites {differing} train a different network structure from {first}'s.")
-        if site_keys == sorted(self.global_weights):
-            return
-        server = plain_copy(_site_network(self.sites[first]))
-        self.global_weights = {k: self.global_weights.get(k, v) for k, v in exchangeable_state(server).items()}
-        load_exchangeable_state(server, self.global_weights)
-        self._server_network = server
-
     # -- checkpointing ------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """Every setting that must match for a checkpoint to be resumed (only the number of rounds may grow), as
@@ -241,24 +184,10 @@ class FederatedSimulator:
         return self._fingerprint if self._fingerprint is not None else self._describe_run()
 
     def _describe_run(self) -> dict[str, Any]:
-        root = Path(self.bundle.root)
-        digests = {}
-        for path in self.bundle.config_paths():
-            digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
-        return {
-            "bundle": str(root.resolve()),
-            "config_files": list(self.bundle.config_files),
-            "config_digests": digests,
-            "overrides": _describe({**self.bundle.overrides, **self.overrides}),
-            "sites": {k: [str(c.get("image")) for c in v] for k, v in self.train_sites.items()},
-            "local_work": self.local_work.describe(),
-            "momentum": self.momentum,
-            "strategy": self.strategy.config(),
-            "screen": self.server.screen.to_dict(),
-            "min_sites": self.server.min_sites,
-            "seed": self.seed,
-            "secure_noise": self.secure_noise,
-        }
+        return run_fingerprint(
+            self.bundle, self.overrides, self.train_sites, self.local_work, self.momentum, self.strategy,
+            self.server, self.seed, self.secure_noise,
+        )  # fmt: skip
 
     @property
     def checkpoint_path(self) -> Path:
@@ -367,7 +296,7 @@ class FederatedSimulator:
             if failure:
                 failures[name] = failure
             if any(b.policy == "stop_federation" for b in site.exhausted_budgets()):
-                stop_reason = f"privacy budget of {name} exhausted (policy stop_federation)"
+                stop_reason = stop_federation_reason(name)
         updates = self.transport.collect()
         reference = dict(self.global_weights)
         outcome = self.server(
@@ -380,23 +309,14 @@ class FederatedSimulator:
             return {"round": rnd, "sites": site_results, "failed": outcome.failed}
         assert outcome.weights is not None
         self.global_weights = outcome.weights
-        assert self._server_network is not None
-        load_exchangeable_state(self._server_network, self.global_weights)
         glob = self.evaluate_global()
         for name, res in site_results.items():
             if name in glob["per_set"]:
                 res["global_dice"] = glob["per_set"][name]
-        record: dict[str, Any] = {
-            "round": rnd,
-            "sites": site_results,
-            "global": {"dice": glob["dice"], "per_site": glob["per_set"], "rejected": len(outcome.rejected)},
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        if glob["per_class"]:
-            record["global"]["dice_per_class"] = glob["per_class"]
-        privacy = global_privacy([*self.history, record])
-        if privacy:
-            record["global"]["privacy"] = privacy
+        scores = {"dice": glob["dice"], "per_site": glob["per_set"], "dice_per_class": glob["per_class"]}
+        record = round_record(
+            rnd, site_results, scores, len(outcome.rejected), time.perf_counter() - t0, self.history
+        )
         if stop_reason:
             logger.warning(f"{stop_reason}: stopping after round {rnd}.")
             record["federation_stopped"] = stop_reason
@@ -414,33 +334,19 @@ class FederatedSimulator:
 
     def evaluate_global(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Dice of the global model (or of ``weights``) on every evaluation set and their case-weighted mean."""
-        assert self._server_network is not None
-        if weights is not None:
-            load_exchangeable_state(self._server_network, weights)
-        per_set = {name: ev(self._server_network) for name, ev in self.evaluators.items()}
-        combined = combine_scores(per_set)
-        return {"dice": combined["dice"], "per_set": {k: v["dice"] for k, v in per_set.items()},
-                "per_class": combined["dice_per_class"]}  # fmt: skip
+        assert self.server_model is not None
+        return self.server_model.evaluate(self.global_weights if weights is None else weights)
 
     def metrics(self) -> dict[str, Any]:
-        finals = [r["global"]["dice"] for r in self.history]
-        best = max(range(len(finals)), key=lambda i: finals[i]) if finals else None
         out: dict[str, Any] = {
             "label": self.label,
             "config": {**self.fingerprint(), "rounds": self.rounds, "sites": list(self.train_sites)},
             "rounds": self.history,
-            "final": {
-                "global_dice": finals[-1] if finals else None,
-                "global_dice_per_site": self.history[-1]["global"]["per_site"] if self.history else {},
-                "best_global_dice": finals[best] if best is not None else None,
-                "best_round": self.history[best]["round"] if best is not None else None,
-                "rounds_completed": len(self.history),
-            },
+            "final": final_summary(self.history),
         }
-        if self.history and self.history[-1]["global"].get("dice_per_class"):
-            out["final"]["global_dice_per_class"] = self.history[-1]["global"]["dice_per_class"]
-        if self.evaluators:
-            out["metric"] = next(iter(self.evaluators.values())).describe()
+        metric = self.server_model.metric() if self.server_model is not None else None
+        if metric is not None:
+            out["metric"] = metric
         setup = {name: site.setup for name, site in self.sites.items() if site.setup}
         if setup:
             out["setup"] = setup
@@ -454,13 +360,3 @@ class FederatedSimulator:
         metrics = self.metrics()
         write_json(metrics, self.output_dir / "metrics.json")
         return metrics
-
-
-def _site_network(site: SiteRuntime) -> torch.nn.Module:
-    """The plain network a site trains (under any privacy wrapper)."""
-    return unwrap(site.sync.network if site.sync.network is not None else site.trainer.network)
-
-
-def _round_in_training(site: SiteRuntime) -> Callable[[], int]:
-    """The round ``site`` is training (1-based): one more than the rounds it has completed."""
-    return lambda: site.sync.round + 1
