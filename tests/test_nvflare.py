@@ -121,6 +121,21 @@ def test_a_resuming_job_shares_the_fingerprint_and_state_folder_of_the_job_it_co
     assert other.state_root() != first.state_root()
 
 
+def test_a_job_reexported_with_an_edited_config_does_not_resume_the_earlier_state(bundle, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.delenv("MONAI_FEDPRIV_STATE_ROOT", raising=False)
+    copy = tmp_path / "tiny_bundle"
+    shutil.copytree(bundle, copy)
+    first = export(copy, tmp_path / "job", 2)
+    config = json.loads((copy / "configs" / "tiny.json").read_text())
+    (copy / "configs" / "tiny.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    edited = export(copy, tmp_path / "later", 4, "--resume")
+    assert set(first.config_digests) == {"train.json", "tiny.json"}
+    assert edited.config_digests["tiny.json"] != first.config_digests["tiny.json"]
+    assert edited.fingerprint() != first.fingerprint() and edited.state_root() != first.state_root()
+
+
 def test_job_settings_refuse_unknown_fields_and_fingerprint_ignores_rounds(tmp_path):
     settings = JobSettings(name="j", bundle="b", config_files=["train.json"], overrides={}, rounds=2, sites=["s"])
     settings.save(tmp_path / JOB_FILE)

@@ -34,6 +34,7 @@ def export_main(argv: list[str]) -> int:
     from monai_fedpriv.cli.plan import plan_run
     from monai_fedpriv.fl.nvflare.job import export_job
     from monai_fedpriv.fl.nvflare.settings import JobSettings
+    from monai_fedpriv.fl.simulator.run_config import config_digests
 
     plan = plan_run(args, log=lambda line: print(line, flush=True))
     settings = JobSettings(
@@ -58,6 +59,7 @@ def export_main(argv: list[str]) -> int:
         partition=plan.split.describe(),
         data_summary=plan.extra.get("data"),
         resume=args.resume,
+        config_digests=config_digests(plan.bundle),
     )
     job = export_job(settings, args.bundle_dir, args.output)
     noise = "seeded from --seed (simulation only)" if args.seeded_noise else "from OS entropy"

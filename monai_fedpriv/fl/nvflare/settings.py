@@ -62,6 +62,8 @@ class JobSettings:
         partition, data_summary: what ``metrics.json`` and the report say about the split and the data.
         resume: continue after the last round completed by an earlier job of the same settings (its saved server
             and site state), instead of starting at round 1.
+        config_digests: digests of the config files the job ships, taken at export: part of the fingerprint, so a
+            job re-exported with an edited config does not resume the earlier one's state.
     """
 
     name: str
@@ -85,6 +87,7 @@ class JobSettings:
     partition: dict[str, Any] = field(default_factory=dict)
     data_summary: dict[str, Any] | None = None
     resume: bool = False
+    config_digests: dict[str, str | None] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- files
     def save(self, path: Path) -> None:

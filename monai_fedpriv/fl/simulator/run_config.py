@@ -14,7 +14,7 @@ from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.fl.server.round import ServerRound
 from monai_fedpriv.fl.strategies import Strategy
 
-__all__ = ["LocalWork", "run_fingerprint"]
+__all__ = ["LocalWork", "config_digests", "run_fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,14 @@ def _describe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda o: f"<{type(o).__module__}.{type(o).__qualname__}>"))
 
 
+def config_digests(bundle: BundleSpec) -> dict[str, str | None]:
+    """``{config file name: short SHA-256 of its bytes}`` for every config file the run merges (``None`` for a
+    missing file), so a run resumed with an edited config is refused."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None for p in bundle.config_paths()
+    }
+
+
 def run_fingerprint(
     bundle: BundleSpec,
     overrides: Mapping[str, Any],
@@ -53,14 +61,10 @@ def run_fingerprint(
 ) -> dict[str, Any]:
     """Every setting that must match for a checkpoint to be resumed: the bundle (its config files' digests
     included), overrides, each site's cases, local work, momentum, strategy, screening, seed and noise source."""
-    root = Path(bundle.root)
-    digests = {}
-    for path in bundle.config_paths():
-        digests[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
     return {
-        "bundle": str(root.resolve()),
+        "bundle": str(Path(bundle.root).resolve()),
         "config_files": list(bundle.config_files),
-        "config_digests": digests,
+        "config_digests": config_digests(bundle),
         "overrides": _describe({**bundle.overrides, **overrides}),
         "sites": {k: [str(c.get("image")) for c in v] for k, v in train_sites.items()},
         "local_work": local_work.describe(),
