@@ -26,25 +26,22 @@ Nothing data-dependent (norms, whether clipping happened) is written to ``meta``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.accounting import GaussianEvent
 from monai_fedpriv.privacy.budget import PrivacyBudget
-from monai_fedpriv.privacy.filters.base import UpdateFilter, copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.base import copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.budgeted import BudgetedRelease
 from monai_fedpriv.privacy.filters.vectors import check_positive, flatten, float_keys, input_mask
-from monai_fedpriv.privacy.noise import make_generator
 
 __all__ = ["GaussianUpdatePrivacy", "NEIGHBOURING"]
 
 NEIGHBOURING = ("replace", "add_remove_site")
 
 
-class GaussianUpdatePrivacy(UpdateFilter):
+class GaussianUpdatePrivacy(BudgetedRelease):
     """Clip the update to L2 norm ``clip_norm`` and add ``N(0, (noise_multiplier * clip_norm)^2)`` per coordinate.
 
     Args:
@@ -66,6 +63,7 @@ class GaussianUpdatePrivacy(UpdateFilter):
     """
 
     covers = frozenset({"delta"})
+    reservation = "gaussian"
 
     def __init__(
         self,
@@ -79,14 +77,8 @@ class GaussianUpdatePrivacy(UpdateFilter):
         self.noise_multiplier = float(check_positive("noise_multiplier", noise_multiplier))  # type: ignore[arg-type]
         if neighbouring not in NEIGHBOURING:
             raise PrivacyConfigError(f"neighbouring must be one of {NEIGHBOURING}, got {neighbouring!r}.")
-        if not isinstance(budget, PrivacyBudget):
-            raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
         self.neighbouring = neighbouring
-        budget.require_limit(type(self).__name__)
-        budget.reserve("gaussian", self.event)
-        self.budget = budget
-        self.generator = make_generator(generator)
-        self.rounds = 0
+        self._bind_budget(budget, generator)
 
     @property
     def noise_std(self) -> float:
@@ -145,7 +137,7 @@ class GaussianUpdatePrivacy(UpdateFilter):
         priv["dp"] = True
         priv.setdefault("filter_epsilon", None)  # (eps, delta) comes from the ledger's accountant
         priv.setdefault("filter_epsilon_total", None)
-        priv.update({k: v for k, v in self.budget.facts().items() if k in ("epsilon", "delta", "accountant")})
+        priv.update(self.ledger_facts())
         priv.setdefault("filters", []).append(
             {
                 "filter": "gaussian",
@@ -159,13 +151,3 @@ class GaussianUpdatePrivacy(UpdateFilter):
             }
         )
         return copy_update(update, delta=delta, masks=masks, meta=meta_with_privacy(update, priv))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "generator_state": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("rounds", "generator_state"):
-            if key not in state:
-                raise KeyError(f"GaussianUpdatePrivacy state lacks required key {key!r}.")
-        self.rounds = int(state["rounds"])
-        self.generator.set_state(state["generator_state"])

@@ -55,7 +55,8 @@ from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.accounting import PureEvent
 from monai_fedpriv.privacy.budget import PrivacyBudget
-from monai_fedpriv.privacy.filters.base import UpdateFilter, copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.base import copy_update, meta_with_privacy, privacy_meta
+from monai_fedpriv.privacy.filters.budgeted import BudgetedRelease
 from monai_fedpriv.privacy.filters.vectors import (
     check_fraction,
     check_positive,
@@ -66,7 +67,6 @@ from monai_fedpriv.privacy.filters.vectors import (
     steps_divisor,
     unflatten,
 )
-from monai_fedpriv.privacy.noise import make_generator
 
 __all__ = ["SparseVectorFilter", "lyu_budget_split"]
 
@@ -95,7 +95,7 @@ def lyu_budget_split(epsilon: float, count: int) -> tuple[float, float]:
     return eps - eps2, eps2
 
 
-class SparseVectorFilter(UpdateFilter):
+class SparseVectorFilter(BudgetedRelease):
     """Release at most ``c = round(fraction * size)`` noisy, clipped coordinates chosen by the sparse vector technique.
 
     See the module docstring for the exact variant and its proof. Each call is one round and spends
@@ -128,6 +128,7 @@ class SparseVectorFilter(UpdateFilter):
     """
 
     covers = frozenset({"delta"})
+    reservation = "svt"
 
     def __init__(
         self,
@@ -174,17 +175,11 @@ class SparseVectorFilter(UpdateFilter):
                 f"sensitivity must be >= 2 * clip = {2.0 * self.clip!r} (released values span [-clip, clip]), "
                 f"got {sensitivity!r}."
             )
-        if not isinstance(budget, PrivacyBudget):
-            raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
         if not isinstance(normalise_by_steps, bool):
             raise PrivacyConfigError(f"normalise_by_steps must be a bool, got {normalise_by_steps!r}.")
-        budget.require_limit(type(self).__name__)
-        budget.reserve("svt", self.event)
-        self.budget = budget
-        self.generator = make_generator(generator)
         self.normalise_by_steps = normalise_by_steps
-        self.rounds = 0
         self.epsilon_total = 0.0
+        self._bind_budget(budget, generator)
 
     @property
     def epsilon_per_round(self) -> float:
@@ -265,7 +260,7 @@ class SparseVectorFilter(UpdateFilter):
         priv["filter_epsilon"] = (priv.get("filter_epsilon") or 0.0) + spent
         priv["filter_epsilon_total"] = (priv.get("filter_epsilon_total") or 0.0) + self.epsilon_total
         priv["fraction_shared"] = released / size
-        priv.update({k: v for k, v in self.budget.facts().items() if k in ("epsilon", "delta", "accountant")})
+        priv.update(self.ledger_facts())
         priv.setdefault("filters", []).append(
             {
                 "filter": "svt",
@@ -288,16 +283,10 @@ class SparseVectorFilter(UpdateFilter):
         return copy_update(update, delta=delta, masks=masks, meta=meta_with_privacy(update, priv))
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rounds": self.rounds,
-            "epsilon_total": self.epsilon_total,
-            "generator_state": self.generator.get_state(),
-        }
+        return {**super().state_dict(), "epsilon_total": self.epsilon_total}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("rounds", "epsilon_total", "generator_state"):
-            if key not in state:
-                raise KeyError(f"SparseVectorFilter state lacks required key {key!r}.")
-        self.rounds = int(state["rounds"])
+        if "epsilon_total" not in state:
+            raise KeyError("SparseVectorFilter state lacks required key 'epsilon_total'.")
+        super().load_state_dict(state)
         self.epsilon_total = float(state["epsilon_total"])
-        self.generator.set_state(state["generator_state"])
