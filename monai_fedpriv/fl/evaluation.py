@@ -8,7 +8,7 @@ classes in ``metadata.json`` (``network_data_format.outputs.pred.channel_def``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,16 +91,27 @@ class DiceEvaluator:
         """``{"dice": mean over classes and cases, "dice_per_class": [...], "classes": [...], "n_cases": N}``."""
         was_training = network.training
         network.eval()
-        sigmoid = self.activation == "sigmoid"
-        metric = DiceMetric(include_background=sigmoid, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
-        try:
+
+        def masks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in self.loader:
                 logits = self.inferer(batch["image"].to(self.device), network)
-                pred, label = self.predict_masks(logits, batch["label"].to(self.device))
-                metric(y_pred=pred, y=label)
-            per_class, counted = metric.aggregate()
+                yield self.predict_masks(logits, batch["label"].to(self.device))
+
+        try:
+            return self.score(masks(), n_cases=len(self.dataset))
         finally:
             network.train(was_training)
+
+    def score(self, masks: Iterable[tuple[torch.Tensor, torch.Tensor]], n_cases: int | None = None) -> dict[str, Any]:
+        """The same result as calling the evaluator, from ``(prediction, label)`` masks already computed with
+        :meth:`predict_masks` (``n_cases`` defaults to the number of mask batches' cases)."""
+        sigmoid = self.activation == "sigmoid"
+        metric = DiceMetric(include_background=sigmoid, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
+        counted_cases = 0
+        for pred, label in masks:
+            metric(y_pred=pred, y=label)
+            counted_cases += int(pred.shape[0])
+        per_class, counted = metric.aggregate()
         # a class absent from every case (empty label) is not scored: NaN, not MONAI's 0 for "nothing counted"
         per_class = torch.where(torch.as_tensor(counted) > 0, torch.as_tensor(per_class), torch.nan)
         per_class_list = [float(v) for v in per_class.flatten()]
@@ -110,7 +121,7 @@ class DiceEvaluator:
             "dice": float(sum(finite) / len(finite)) if finite else float("nan"),
             "dice_per_class": per_class_list,
             "classes": names or [str(k + (0 if sigmoid else 1)) for k in range(len(per_class_list))],
-            "n_cases": len(self.dataset),
+            "n_cases": counted_cases if n_cases is None else n_cases,
         }
 
 

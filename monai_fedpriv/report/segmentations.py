@@ -63,19 +63,20 @@ def plot_example_segmentations(
     network = load_trained_weights(network, weights, example, norm=str(parser_get(parser, "dp#norm", "instance")))
     network.eval()
     inferer = parser.get_parsed_content("validate#inferer") if parser_get(parser, "validate#inferer") else None
+    # the bundle's evaluator for its masks and Dice, scored on the cases read and predicted here (not read again)
+    scorer = evaluator_from_bundle(parser, [rows[0][1]], "cpu")
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), dpi=100, squeeze=False)
     for i, (site, case) in enumerate(rows):
         item = transform(dict(case))
         image = torch.as_tensor(item["image"])[None].float()
         with torch.no_grad():
             logits = inferer(image, network) if inferer is not None else network(image)
-        scorer = evaluator_from_bundle(parser, [case], "cpu")
         pred_mask, label_mask = scorer.predict_masks(logits, torch.as_tensor(item["label"])[None])
         # one map to colour: softmax -> the class index; sigmoid regions -> how many regions cover a voxel (nested
         # regions such as BraTS' WT > TC > ET become 1, 2, 3)
         regions = scorer.activation == "sigmoid"
         pred, label = _to_map(pred_mask, regions), _to_map(label_mask, regions)
-        dice = scorer(network)["dice"]
+        dice = scorer.score([(pred_mask, label_mask)])["dice"]
         img = np.asarray(image[0, 0])
         n_classes = int(logits.shape[1]) + (1 if regions else 0)
         if img.ndim == 3:  # a volume: the axial slice with the most foreground
