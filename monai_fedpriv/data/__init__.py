@@ -1,6 +1,8 @@
 """Site data: image readers, consistency checks, MSD/BraTS data lists, federated site partitions, default data set."""
 
-from monai_fedpriv.data import task, transforms  # noqa: E402 - modules the task bundles import by name
+import importlib
+from typing import Any
+
 from monai_fedpriv.data.brain_tissue import (
     BRAIN_TISSUE_LABELS,
     build_brain_tissue_2d,
@@ -35,3 +37,11 @@ __all__ = [
     "task",
     "transforms",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``task`` and ``transforms`` (what the task bundles import by name, ``$from monai_fedpriv.data import task``)
+    load on first use: they pull in MONAI's transforms, which every other data import can do without."""
+    if name in ("task", "transforms"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
