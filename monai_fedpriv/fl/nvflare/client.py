@@ -84,7 +84,9 @@ def _job_archive() -> Path:
 class _Site:
     """The site of this process and how it scores models on its own validation cases."""
 
-    def __init__(self, settings: JobSettings, job_dir: Path, name: str, transport: NVFlareTransport) -> None:
+    def __init__(
+        self, settings: JobSettings, job_dir: Path, name: str, transport: NVFlareTransport, faults: FaultInjector
+    ) -> None:
         self.settings = settings
         self.name = name
         train, val = settings.site_data(name)
@@ -96,7 +98,6 @@ class _Site:
         )  # fmt: skip
         with torch.random.fork_rng(devices=[]):
             self.site: SiteRuntime = build_site(self.bundle, name, train, self.spec, transport)
-        faults = FaultInjector([parse_fault(f) for f in settings.faults])
         faults.attach(name, self.site.trainer, self.site.round_in_training)
         self.max_epochs = settings.rounds * (settings.local_epochs or 1)
         self.evaluator = self._evaluator(val)
@@ -124,7 +125,7 @@ def run_site(archive: Path) -> None:
     transport = NVFlareTransport(tamper=faults.tamper if faults.faults else None)
     transport.flare.init()
     name = transport.site_name()
-    site = _Site(settings, job_dir, name, transport)
+    site = _Site(settings, job_dir, name, transport, faults)
     store = SiteStateStore(settings.state_root() / name)
     snapshot = site.site.snapshot()
     replay: tuple[int, bytes, dict[str, Any]] | None = None

@@ -62,7 +62,7 @@ def weighted_delta(
         if all(u.masks is None for u in updates):  # dense updates: one weighted sum, a scalar denominator
             num = torch.zeros_like(ref, dtype=torch.float64)
             for u, w in zip(updates, weights, strict=True):
-                num.add_(u.delta[key].to(torch.float64), alpha=w)
+                num.add_(u.delta[key], alpha=w)  # accumulated in float64 without a float64 copy of the delta
             out[key] = (num / sum(weights)).to(ref.dtype)
             continue
         num = torch.zeros_like(ref, dtype=torch.float64)
