@@ -164,3 +164,16 @@ def test_momentum_policies(policy):
         assert steps_after == [2.0] * len(steps_after)
     else:  # state carried over (local) or re-loaded (aggregated) keeps counting
         assert all(a > 2.0 for a in steps_after), (steps_before, steps_after)
+
+
+def test_the_in_process_transport_hands_each_site_its_own_copy_of_the_global_model():
+    from monai_fedpriv.fl.transport.inprocess import InProcessTransport
+    from monai_fedpriv.fl.update import GlobalModel
+
+    transport = InProcessTransport()
+    transport.publish(GlobalModel(0, {"w": torch.zeros(3)}, {"m": torch.zeros(3)}))
+    first, second = transport.receive("a"), transport.receive("b")
+    first.weights["w"] += 1.0  # a site may keep (FederatedSync does) or change what it received
+    first.optimizer_state["m"] += 1.0
+    assert float(second.weights["w"].sum()) == 0.0 and float(transport.current.weights["w"].sum()) == 0.0
+    assert float(transport.receive("c").optimizer_state["m"].sum()) == 0.0

@@ -172,7 +172,7 @@ class FederatedSync:
             return
         assert self.network is not None and self.optimizer is not None
         load_exchangeable_state(self.network, glob.weights)
-        self._global = {k: v.detach().clone() for k, v in glob.weights.items()}
+        self._global = {k: v.detach() for k, v in glob.weights.items()}  # the transport hands over its own copy
         self._round_start_steps = self._steps
         self.round = glob.round
         if self.momentum == "restart":

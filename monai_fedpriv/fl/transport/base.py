@@ -32,7 +32,8 @@ class Transport(ABC):
 
     @abstractmethod
     def receive(self, site: str) -> GlobalModel:
-        """Return the current global model for ``site`` (blocking where the transport is remote)."""
+        """Return the current global model for ``site`` (blocking where the transport is remote); its tensors are
+        the caller's own (the transport keeps no reference it could change)."""
 
     @abstractmethod
     def send(self, update: ModelUpdate) -> None:
