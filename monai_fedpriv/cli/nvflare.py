@@ -127,16 +127,12 @@ def run_nvflare_main(argv: list[str]) -> int:
             f"the job ended after round {done} of {settings.rounds} ({status}); see {out}/nvflare_*.log. The completed "
             f"rounds and every site's state are intact: run-nvflare --resume continues."
         )
-    if not args.no_report:
-        from monai_fedpriv.bundle.loader import BundleSpec
-        from monai_fedpriv.cli.simulate import write_run_report
+    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.cli.simulate import finish_run
 
-        bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
-        val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
-        write_run_report(metrics, bundle, val, out)
-    final = metrics["final"]["global_dice"]
-    print(f"metrics: {out / 'metrics.json'}" + (f"; final global Dice {final:.4f}" if final is not None else ""))
-    return 0
+    bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+    val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
+    return finish_run(metrics, bundle, val, out, report=not args.no_report)
 
 
 def _run_poc(job_dir: Path, timeout: int | None, settings: Any, out: Path, progress: _Progress) -> str:

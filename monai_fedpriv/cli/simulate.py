@@ -14,7 +14,7 @@ from monai_fedpriv.cli.run_flags import add_run_flags
 if TYPE_CHECKING:
     from monai_fedpriv.cli.plan import RunPlan
 
-__all__ = ["build_simulate_parser", "simulate_main", "write_run_report"]
+__all__ = ["build_simulate_parser", "finish_run", "simulate_main", "write_run_report"]
 
 
 def build_simulate_parser() -> argparse.ArgumentParser:
@@ -64,11 +64,18 @@ def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
         },  # fmt: skip
         extra=plan.extra,
     )
-    if not args.no_report:
-        write_run_report(metrics, plan.bundle, plan.split.val, args.output)
+    return finish_run(metrics, plan.bundle, plan.split.val, args.output, report=not args.no_report)
+
+
+def finish_run(
+    metrics: dict, bundle: BundleSpec, val: dict[str, list[dict]], output: Path, report: bool = True
+) -> int:
+    """The end of a run, in-process or on NVIDIA FLARE: the report (unless ``report=False``) and one line naming
+    ``metrics.json`` and the final global Dice; returns the exit code."""
+    if report:
+        write_run_report(metrics, bundle, val, output)
     final = metrics["final"]["global_dice"]
-    print(f"metrics: {args.output / 'metrics.json'}; final global Dice {final:.4f}" if final is not None else
-          f"metrics: {args.output / 'metrics.json'}")  # fmt: skip
+    print(f"metrics: {output / 'metrics.json'}" + (f"; final global Dice {final:.4f}" if final is not None else ""))
     return 0
 
 
