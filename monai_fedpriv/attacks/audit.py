@@ -17,6 +17,7 @@ from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.privacy.accounting import GaussianEvent, PrivacyEvent, PrivacyLedger, PureEvent
 from monai_fedpriv.privacy.budget import PrivacyBudget
 from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
+from monai_fedpriv.privacy.filters.base import privacy_meta
 
 __all__ = [
     "DELTA",
@@ -133,7 +134,7 @@ def attack_image(
         update = ModelUpdate("victim", 1, {n: v.cpu() for n, v in delta.items()}, n_samples=1,
                              local_steps=tm.local_steps)  # fmt: skip
         filtered: ModelUpdate = share_filter(update)
-        share_meta = dict(filtered.meta.get("privacy", {}))
+        share_meta = privacy_meta(filtered)
         sent = filtered
     recon, stats = reconstruct(
         sent, network, tm, loss, mask=label[None].to(device) if tm.mask_known else None,

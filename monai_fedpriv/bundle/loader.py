@@ -24,7 +24,7 @@ from monai.bundle import ConfigParser
 from monai_fedpriv.errors import BundleError
 
 __all__ = ["REQUIRED_IDS", "SHARED_CONFIGS", "SLOT_DEFAULTS", "BundleSpec", "load_bundle", "parser_get",
-           "shared_config"]  # fmt: skip
+           "metadata_input", "shared_config", "shared_config_names"]  # fmt: skip
 
 #: the package's shared override files
 SHARED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -60,9 +60,13 @@ def shared_config(name: str) -> Path:
     """
     path = SHARED_CONFIGS / name
     if not path.is_file():
-        names = sorted(p.name for p in SHARED_CONFIGS.glob("*.json"))
-        raise BundleError(f"no shared override {name!r}; the package provides {names}.")
+        raise BundleError(f"no shared override {name!r}; the package provides {shared_config_names()}.")
     return path
+
+
+def shared_config_names() -> list[str]:
+    """The names of the package's shared override files, sorted."""
+    return sorted(p.name for p in SHARED_CONFIGS.glob("*.json"))
 
 
 #: config ids a bundle must define to be trained federatedly.
@@ -207,3 +211,16 @@ def _has_id(parser: ConfigParser, rid: str) -> bool:
 def parser_get(parser: ConfigParser, rid: str, default: Any = None) -> Any:
     """Raw (unparsed) config value at ``rid``, or ``default`` when absent."""
     return parser[rid] if _has_id(parser, rid) else default
+
+
+def metadata_input(parser: Any) -> tuple[list[int] | None, int | None]:
+    """``(spatial_shape, num_channels)`` of the network input declared in the bundle's metadata
+    (``network_data_format.inputs.image``); ``None`` for what it does not declare as integers."""
+    meta: Any = parser.get("_meta_") if hasattr(parser, "get") else None
+    try:
+        image = meta["network_data_format"]["inputs"]["image"]
+    except (KeyError, TypeError):
+        return None, None
+    shape, channels = image.get("spatial_shape"), image.get("num_channels")
+    valid = isinstance(shape, list) and bool(shape) and all(isinstance(v, int) for v in shape)
+    return ([int(v) for v in shape] if valid else None), (channels if isinstance(channels, int) else None)

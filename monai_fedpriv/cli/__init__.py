@@ -71,9 +71,9 @@ def configs_main(argv: list[str]) -> int:
     )
     p.add_argument("names", nargs="*", help="override file names (default: list them all)")
     args = p.parse_args(argv)
-    from monai_fedpriv.bundle.loader import SHARED_CONFIGS, shared_config
+    from monai_fedpriv.bundle.loader import shared_config, shared_config_names
 
-    names = args.names or sorted(f.name for f in SHARED_CONFIGS.glob("*.json"))
+    names = args.names or shared_config_names()
     for name in names:
         print(shared_config(name))
     return 0

@@ -8,15 +8,14 @@ from pathlib import Path
 
 from monai_fedpriv.cli.options import OptionError, check_number, refuse_given
 
-__all__ = ["PARTITIONS", "add_run_flags", "check_run_flags"]
-
-PARTITIONS = ("iid", "institution", "quantity", "skew-low", "skew-mid", "skew-high")
+__all__ = ["add_run_flags", "check_run_flags"]
 
 
 def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.ArgumentParser:
     """Add the flags that define a federated run to ``p``; ``deploy`` (``export-nvflare``) leaves out what only
     the in-process simulator does (``--resume``, ``--baselines``, ``--device``, reports) and adds the job's own
     flags (name, noise source, timeouts)."""
+    from monai_fedpriv.data.partition import SCHEMES
     from monai_fedpriv.fl.simulator.faults import FAULT_KINDS
     from monai_fedpriv.fl.strategies import STRATEGIES, WEIGHTINGS
 
@@ -28,7 +27,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     work.add_argument("--local-steps", type=int, default=None, help="local optimiser steps per round")
     p.add_argument(
         "--partition",
-        choices=PARTITIONS,
+        choices=SCHEMES,
         default=None,
         help="how cases are split onto sites (default: institution when the data name enough institutions, else iid)",
     )

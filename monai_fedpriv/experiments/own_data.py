@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, metadata_input, parser_get
 from monai_fedpriv.data.adapt import AdaptTarget, adapted_transforms, contiguous_label_mapping, inferer_config
 from monai_fedpriv.data.checks import check_datalist
 from monai_fedpriv.data.dataset_info import DatasetInfo, _header_shape, describe_and_list
@@ -117,17 +117,6 @@ def split_own_data(
     return SiteSplit(train, val, scheme, part.mean_ks, {k: len(v) for k, v in train.items()})
 
 
-def _metadata_shape(parser: Any) -> list[int] | None:
-    meta: Any = parser.get("_meta_") if hasattr(parser, "get") else None
-    try:
-        shape = meta["network_data_format"]["inputs"]["image"]["spatial_shape"]
-    except (KeyError, TypeError):
-        return None
-    if isinstance(shape, list) and shape and all(isinstance(s, int) for s in shape):
-        return [int(s) for s in shape]
-    return None
-
-
 def _literal(value: Any) -> bool:
     return not (isinstance(value, str) and value.startswith(("@", "$", "%")))
 
@@ -152,7 +141,7 @@ def adapt_bundle(bundle: BundleSpec, data: OwnData, privacy: bool = False) -> tu
     dims = None
     if isinstance(net, Mapping):
         dims = net.get("spatial_dims", net.get("dimensions"))
-    shape = _metadata_shape(parser)
+    shape = metadata_input(parser)[0]
     patch = parser_get(parser, "patch_size") or shape
     if dims is None and patch is not None:
         dims = len(patch)

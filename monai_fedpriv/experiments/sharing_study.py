@@ -81,7 +81,7 @@ class ShareSettings:
             "gaussian": {"gaussian_clip_norm": self.clip_norm, "gaussian_noise_multiplier": self.noise_multiplier},
         }[self.method]
         out: dict[str, Any] = {k: v for k, v in ids.items() if v is not None}
-        if self.method == "percentile" and "percentile_clip" in ids:
+        if self.method == "percentile":
             out["percentile_clip"] = self.clip  # None is a value here: no clipping
         return out
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, metadata_input, parser_get
 from monai_fedpriv.fl.evaluation import evaluator_from_bundle
 from monai_fedpriv.privacy.model_prep import load_trained_weights
 
@@ -18,12 +18,8 @@ __all__ = ["plot_example_segmentations"]
 
 def _example_input(parser: Any) -> torch.Tensor | None:
     """A zero input of the shape the bundle's metadata declares (``network_data_format.inputs.image``)."""
-    meta = parser.get("_meta_") or {}
-    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
-    shape, channels = image.get("spatial_shape"), image.get("num_channels")
-    if isinstance(shape, list) and shape and all(isinstance(v, int) for v in shape) and isinstance(channels, int):
-        return torch.zeros(1, channels, *shape)
-    return None
+    shape, channels = metadata_input(parser)
+    return torch.zeros(1, channels, *shape) if shape is not None and channels is not None else None
 
 
 def _to_map(mask: torch.Tensor, regions: bool) -> np.ndarray:
