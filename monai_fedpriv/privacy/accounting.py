@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +36,18 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from monai_fedpriv.errors import PrivacyConfigError
+from monai_fedpriv.privacy.events import (
+    ACCOUNTANTS,
+    GaussianEvent,
+    PrivacyEvent,
+    PureEvent,
+    SampledGaussianEvent,
+    _check_accountant,
+    _check_count,
+    _check_delta,
+    check_accountant_supports,
+    check_positive,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -51,78 +61,10 @@ __all__ = [
     "solve_noise_multiplier",
 ]
 
-ACCOUNTANTS = ("rdp", "prv")
 # Opacus' default orders, extended upwards so that pure-DP-heavy ledgers do not stop at the largest order.
 RDP_ORDERS: list[float] = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS] + [80.0, 96.0, 128.0, 256.0, 512.0]
 
 _KINDS = {"sampled_gaussian": "steps", "gaussian": "count", "pure": "count"}
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PrivacyConfigError(f"{name} must be an int >= 1, got {value!r}.")
-    return value
-
-
-def _check_delta(delta: float) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
-        raise PrivacyConfigError(f"delta must be in (0, 1), got {delta!r}.")
-    return float(delta)
-
-
-def _check_accountant(accountant: str) -> str:
-    if accountant not in ACCOUNTANTS:
-        raise PrivacyConfigError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
-    return accountant
-
-
-@dataclass(frozen=True)
-class SampledGaussianEvent:
-    """``steps`` DP-SGD steps: Poisson sampling with rate ``sample_rate``, Gaussian noise ``noise_multiplier * C``."""
-
-    sample_rate: float
-    noise_multiplier: float
-    steps: int = 1
-
-
-@dataclass(frozen=True)
-class GaussianEvent:
-    """``count`` releases of the un-subsampled Gaussian mechanism (L2 sensitivity 1, std ``noise_multiplier``)."""
-
-    noise_multiplier: float
-    count: int = 1
-
-
-@dataclass(frozen=True)
-class PureEvent:
-    """``count`` pure ``epsilon``-DP releases (Laplace mechanism, sparse vector technique)."""
-
-    epsilon: float
-    label: str = ""
-    count: int = 1
-
-
-PrivacyEvent = SampledGaussianEvent | GaussianEvent | PureEvent
-
-
-def check_accountant_supports(accountant: str, events: list[PrivacyEvent] | tuple[PrivacyEvent, ...]) -> None:
-    """Refuse, at construction, an accountant that cannot account for a mechanism a site will use.
-
-    Raises:
-        PrivacyConfigError: unknown accountant, or ``"prv"`` with a pure-DP mechanism (SVT, Laplace).
-    """
-    _check_accountant(accountant)
-    if accountant == "prv" and any(isinstance(e, PureEvent) for e in events):
-        raise PrivacyConfigError(
-            "the PRV accountant cannot account for pure epsilon-DP releases (the sparse vector technique); "
-            "use accountant 'rdp' (--accountant rdp, id privacy_accountant) for this mix of mechanisms."
-        )
 
 
 class PrivacyLedger:
@@ -162,22 +104,22 @@ class PrivacyLedger:
             noise_multiplier: noise std divided by the clipping norm (``sigma``), > 0.
             steps: number of optimizer steps (empty batches count: they still release noise).
         """
-        q = _check_positive("sample_rate", sample_rate)
+        q = check_positive("sample_rate", sample_rate)
         if q > 1.0:
             raise PrivacyConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
-        sigma = _check_positive("noise_multiplier", noise_multiplier)
+        sigma = check_positive("noise_multiplier", noise_multiplier)
         n = _check_count("steps", steps)
         self._append({"kind": "sampled_gaussian", "sample_rate": q, "noise_multiplier": sigma, "steps": n})
 
     def record_gaussian(self, noise_multiplier: float, count: int = 1) -> None:
         """Record ``count`` releases of the (un-subsampled) Gaussian mechanism with L2 sensitivity 1 and std sigma."""
-        sigma = _check_positive("noise_multiplier", noise_multiplier)
+        sigma = check_positive("noise_multiplier", noise_multiplier)
         n = _check_count("count", count)
         self._append({"kind": "gaussian", "noise_multiplier": sigma, "count": n})
 
     def record_pure(self, epsilon: float, label: str = "", count: int = 1) -> None:
         """Record ``count`` pure ``epsilon``-DP releases (Laplace mechanism, sparse vector technique, ...)."""
-        eps = _check_positive("epsilon", epsilon)
+        eps = check_positive("epsilon", epsilon)
         n = _check_count("count", count)
         self._append({"kind": "pure", "epsilon": eps, "label": str(label), "count": n})
 
@@ -351,8 +293,8 @@ def solve_noise_multiplier(
         >>> round(solve_noise_multiplier(3.58, sample_rate=0.01, steps=1000, delta=1e-5), 2)
         0.81
     """
-    eps = _check_positive("target_epsilon", target_epsilon)
-    q = _check_positive("sample_rate", sample_rate)
+    eps = check_positive("target_epsilon", target_epsilon)
+    q = check_positive("sample_rate", sample_rate)
     if q > 1.0:
         raise PrivacyConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
     n = _check_count("steps", steps)

@@ -11,6 +11,7 @@ import torch
 
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.privacy import events
 
 __all__ = [
     "check_fraction",
@@ -48,9 +49,7 @@ def check_fraction(fraction: float) -> float:
 def check_positive(name: str, value: Any, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise PrivacyConfigError(f"{name} must be a finite number > 0, got {value!r}.")
-    return float(value)
+    return events.check_positive(name, value)
 
 
 def float_keys(delta: Mapping[str, torch.Tensor]) -> list[str]:
