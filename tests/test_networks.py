@@ -165,7 +165,8 @@ def test_smp_unet_loads_local_weights_of_the_network_or_its_encoder(tmp_path, mo
     nested = tmp_path / "ddp_opacus.pt"  # DDP around Opacus: module._module.<key>
     torch.save({f"module._module.{k}": v for k, v in trained.state_dict().items()}, nested)
     again = smp_unet("resnet18", weights_path=nested)
-    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), again.state_dict().values()))
+    pairs = zip(trained.state_dict().values(), again.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     # an RGB encoder checkpoint (torchvision keys, classifier included) into a 1-channel U-Net: summed over RGB
     rgb = smp_unet("resnet18", in_channels=3).encoder.state_dict()
     rgb["fc.weight"], rgb["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
