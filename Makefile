@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements-ci.txt
 install: $(STAMP)
 
 demo: install
+	@if [ -e $(DEMO_DIR) ]; then echo "replacing the earlier demo in $(DEMO_DIR)"; rm -rf $(DEMO_DIR); fi
 	$(BIN)/monai-fedpriv simulate bundles/brain_tissue_2d --sites 3 --rounds 40 --local-epochs 1 \
 		--partition institution --baselines --output $(DEMO_DIR)
 	@echo "report: $(DEMO_DIR)/report.md"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,14 @@ BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundles" / "brain_tissue_2d"
 @pytest.fixture(autouse=True)
 def _few_threads():
     torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _own_ledger_store(tmp_path_factory, monkeypatch):
+    """Every test spends epsilon into a ledger store of its own (never the user's ~/.monai_fedpriv/ledgers), so
+    one test's runs never carry another's."""
+    monkeypatch.setenv("MONAI_FEDPRIV_LEDGER_DIR", str(tmp_path_factory.mktemp("ledgers")))
     yield
 
 
@@ -49,3 +58,18 @@ def assert_same_run(full: dict, resumed: dict, full_dir: Path, resumed_dir: Path
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [{**r, "seconds": 0} for r in full["rounds"]] == [{**r, "seconds": 0} for r in resumed["rounds"]]
+
+
+# the default bundle shrunk for jobs (NVIDIA FLARE tests): a 4-8 channel U-Net, batch 4
+TINY_JOB = {"network_def#channels": [4, 8], "network_def#strides": [2], "batch_size": 4, "learning_rate": 0.01}
+
+
+def write_tiny_bundle(root: Path, data_dir: Path) -> Path:
+    """A bundle folder at ``root``: the default bundle's train.json and metadata.json, plus ``tiny.json`` pointing at
+    ``data_dir`` with the :data:`TINY_JOB` settings (the package's shared overrides are found by name)."""
+    (root / "configs").mkdir(parents=True)
+    for f in ("train.json", "metadata.json"):
+        (root / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
+    (root / "configs" / "tiny.json").write_text(json.dumps({**TINY_JOB, "dataset_dir": str(data_dir)}))
+    return root
+

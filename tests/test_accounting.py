@@ -5,7 +5,8 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from monai_fedpriv.errors import PrivacyConfigError
-from monai_fedpriv.privacy.accounting import PrivacyLedger, solve_noise_multiplier
+from monai_fedpriv.privacy.accounting import PrivacyLedger
+from monai_fedpriv.privacy.calibration import solve_noise_multiplier
 
 HISTORY = [(0.01, 1.0, 300), (0.02, 1.5, 120), (0.01, 1.0, 80)]  # (q, sigma, steps)
 

@@ -18,16 +18,11 @@ import torch
 from monai_fedpriv.cli import main
 from monai_fedpriv.fl.nvflare.runner import open_job
 from monai_fedpriv.fl.nvflare.settings import JOB_FILE, JobSettings
-from tests.conftest import BUNDLE_DIR
+from tests.conftest import write_tiny_bundle
+from tests.test_work_claims import assert_hostile_sites_rejected
 
 pytest.importorskip("nvflare")
 
-TINY = {
-    "network_def#channels": [4, 8],
-    "network_def#strides": [2],
-    "batch_size": 4,
-    "learning_rate": 0.01,
-}
 CLI = str(Path(sys.executable).parent / "monai-fedpriv")
 
 
@@ -41,12 +36,7 @@ def _one_thread_per_process(monkeypatch):
 
 @pytest.fixture(scope="module")
 def bundle(tiny_data, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nvflare") / "tiny_bundle"
-    (root / "configs").mkdir(parents=True)
-    for f in ("train.json", "metadata.json"):
-        (root / "configs" / f).write_text((BUNDLE_DIR / "configs" / f).read_text())
-    (root / "configs" / "tiny.json").write_text(json.dumps({**TINY, "dataset_dir": str(tiny_data)}))
-    return root
+    return write_tiny_bundle(tmp_path_factory.mktemp("nvflare") / "tiny_bundle", tiny_data)
 
 
 def run_flags(bundle: Path, rounds: int, *extra: str) -> list[str]:
@@ -61,7 +51,9 @@ def export(bundle: Path, job: Path, rounds: int, *extra: str) -> JobSettings:
 
 def simulate(bundle: Path, out: Path, rounds: int, *extra: str) -> dict:
     extra = tuple(f for f in extra if f != "--seeded-noise")  # the simulator seeds its noise by default
-    assert main(["simulate", *run_flags(bundle, rounds, *extra), "--output", str(out), "--no-report"]) == 0
+    # the in-process reference of a job: the same data, so a ledger store of its own (or it carries the job's epsilon)
+    ledgers = ["--ledger-dir", str(out.with_name(out.name + "_ledgers"))]
+    assert main(["simulate", *run_flags(bundle, rounds, *extra), "--output", str(out), "--no-report", *ledgers]) == 0
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -131,8 +123,9 @@ def test_a_job_reexported_with_an_edited_config_does_not_resume_the_earlier_stat
     config = json.loads((copy / "configs" / "tiny.json").read_text())
     (copy / "configs" / "tiny.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
     edited = export(copy, tmp_path / "later", 4, "--resume")
-    assert set(first.config_digests) == {"train.json", "tiny.json"}
-    assert edited.config_digests["tiny.json"] != first.config_digests["tiny.json"]
+    assert set(first.config_digests) == {"configs/metadata.json", "configs/train.json", "configs/tiny.json",
+                                         "custom/fedpriv_client.py"}  # fmt: skip
+    assert edited.config_digests["configs/tiny.json"] != first.config_digests["configs/tiny.json"]
     assert edited.fingerprint() != first.fingerprint() and edited.state_root() != first.state_root()
 
 
@@ -286,3 +279,75 @@ def test_poc_job_resumes_after_a_killed_site_and_a_killed_server(bundle, tmp_pat
         assert eps <= budget
     dice = [r["global"]["dice"] for r in metrics["rounds"]]
     assert dice[-1] > dice[0]
+
+
+@pytest.mark.slow
+def test_simulator_job_rejects_malformed_bytes_and_an_overclaim_and_aggregates_the_others(bundle, tmp_path):
+    """Issue 16: one site answers with bytes whose header claims an overflowing shape, one claims 1e12 local steps;
+    the controller rejects both with the reason and aggregates the third, exactly as the in-process simulator."""
+    faults = ["--inject-fault", "site-2:bytes:1", "--inject-fault", "site-3:overclaim:1", "--min-sites", "1"]
+    export(bundle, tmp_path / "job", 2, *faults)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert_hostile_sites_rejected(metrics, asked_steps=4)
+    reference = simulate(bundle, tmp_path / "sim", 2, *faults)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    in_process = [r["sites"][s].get("rejected") for r in reference["rounds"] for s in ("site-2", "site-3")]
+    r1 = metrics["rounds"][0]["sites"]
+    assert in_process == [r1["site-2"]["rejected"], r1["site-3"]["rejected"], None, None]
+
+
+@pytest.mark.slow
+def test_a_second_job_on_the_same_data_starts_from_the_epsilon_the_first_spent(bundle, tmp_path, capsys):
+    """The sites' ledger store outlives jobs: a new job on the same cases carries what the first released, never
+    passes the budget; a rerun into a used run folder is refused and changes nothing."""
+    svt = ["--share", "svt", "--svt-epsilon", "1", "--svt-epsilon3", "1", "--epsilon-budget", "7", "--seeded-noise"]
+    store = ["--ledger-dir", str(tmp_path / "site_ledgers")]
+    export(bundle, tmp_path / "job", 2, *svt)
+    runs = {}
+    for name, extra in (("first", []), ("second", [])):
+        assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / name),
+                     "--no-report", *store, *extra]) == 0  # fmt: skip
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    first = [[s["privacy"]["epsilon"] for s in r["sites"].values()] for r in runs["first"]["rounds"]]
+    assert first == [[2.0] * 3, [4.0] * 3]
+    second = runs["second"]["rounds"]
+    assert [s["privacy"]["epsilon"] for s in second[0]["sites"].values()] == [6.0] * 3  # 4 carried + 2
+    assert all(s["privacy"]["epsilon"] <= 7.0 for r in second for s in r["sites"].values() if "privacy" in s)
+    assert all(s["privacy"]["carried_epsilon"] == 4.0 for s in second[0]["sites"].values())
+    before = {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "first")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "first").rglob("*") if p.is_file()} == before
+
+
+def test_only_the_sites_own_environment_starts_a_fresh_budget(tmp_path, monkeypatch):
+    """A job carries no fresh-budget switch: the site reads MONAI_FEDPRIV_FRESH_BUDGET and its store from its own
+    environment (run-nvflare --fresh-budget / --ledger-dir set them for the sites it starts)."""
+    from types import SimpleNamespace
+
+    from monai_fedpriv.cli.nvflare import _site_environment
+    from monai_fedpriv.fl.nvflare import client
+
+    seen = {}
+
+    def bind(store, run_id, cases, fresh, resumed):
+        seen.update(root=store.root, fresh=fresh, cases=cases, resumed=resumed)
+
+    site = SimpleNamespace(name="site-1", train=[{"image": "a.nii.gz"}],
+                           site=SimpleNamespace(bind_ledger_store=bind, setup={}))  # fmt: skip
+    store = client.SiteStateStore(tmp_path / "state")
+    monkeypatch.delenv("MONAI_FEDPRIV_FRESH_BUDGET", raising=False)
+    client._bind_ledger(site, store, resumed=False)
+    assert seen["fresh"] is False and seen["cases"] == site.train
+    with _site_environment(tmp_path / "ledgers", fresh=True):
+        client._bind_ledger(site, store, resumed=True)
+        assert seen == {"root": (tmp_path / "ledgers").resolve(), "fresh": True, "cases": site.train, "resumed": True}
+    assert "MONAI_FEDPRIV_FRESH_BUDGET" not in os.environ
+    assert store.run_id() == store.run_id() and (tmp_path / "state" / "run_id").is_file()
+    first = store.run_id()
+    store.clear()  # a new federation is a new run in the store
+    assert store.run_id() != first
+

@@ -124,9 +124,11 @@ def test_svt_state_and_ledger_survive_resume(tiny_cli_bundle, tmp_path):
     """Round 2 after --resume equals round 2 of an uninterrupted run: filter generator, epsilon total and ledger."""
     share = ["--share", "svt", "--svt-epsilon", "1e4", "--svt-epsilon3", "1e4", "--epsilon-budget", "1e6"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert _simulate(tiny_cli_bundle, straight, *share) == 0
+    # two runs on the same data: each keeps its ledger store, or the second would carry the first's epsilon
+    assert _simulate(tiny_cli_bundle, straight, *share, "--ledger-dir", str(tmp_path / "ledgers_straight")) == 0
     argv = ["simulate", str(tiny_cli_bundle), "--sites", "2", "--local-steps", "2", "--output", str(resumed)]
     argv += ["--config-files", "train.json", "fed.json", "tiny.json", "--partition", "iid", "--no-report", *share]
+    argv += ["--ledger-dir", str(tmp_path / "ledgers_resumed")]
     assert main([*argv, "--rounds", "1"]) == 0
     assert main([*argv, "--rounds", "2", "--resume"]) == 0
     a, _ = _site_rounds(straight)

@@ -3,7 +3,6 @@ pixel range, and a saved global model loaded into it (prepared as DP-SGD sites p
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +98,15 @@ def load_checkpoint(network: torch.nn.Module, path: str | Path, example_input: t
     allowed); a model trained under DP-SGD is loaded into the network prepared as its sites prepared it, which
     needs an input of the network's shape: ``example_input`` (a batch), or an image side for a batch of 2D zeros
     with the network's ``in_channels``."""
+    if not Path(path).is_file():
+        raise DataError(f"--checkpoint {path} does not exist or is not a file.")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise DataError(f"--checkpoint {path}: cannot be read as a PyTorch state dict ({err}).") from err
+    except Exception as err:  # noqa: BLE001 - whatever the loader trips on, the file is not a checkpoint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no detail"
+        raise DataError(
+            f"--checkpoint {path} is not a PyTorch checkpoint of model weights ({type(err).__name__}: {first[:120]})."
+        ) from err
     for key in ("network", "model", "state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -113,7 +117,10 @@ def load_checkpoint(network: torch.nn.Module, path: str | Path, example_input: t
         example = example_input
     else:
         example = torch.zeros(2, int(getattr(network, "in_channels", 1) or 1), example_input, example_input)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"--checkpoint {path}: expected a state dict of tensors (model weights), got other values.")
     try:
         return load_trained_weights(network, strip_prefixes(state), example)
-    except KeyError as err:
-        raise DataError(f"--checkpoint {path} does not fit the bundle's network: {err}") from err
+    except (KeyError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"--checkpoint {path} does not fit the bundle's network: {first[:300]}") from err

@@ -107,6 +107,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True)
     check_share_flags(args)
     check_number("--threads", args.threads, low=1, integer=True)
+    if args.device is not None:
+        from monai_fedpriv.cli.options import check_device
+
+        check_device(args.device)
 
 
 def run_attack(args: argparse.Namespace) -> dict[str, Any]:

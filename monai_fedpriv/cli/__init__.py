@@ -25,7 +25,8 @@ COMMANDS = {
     "run-nvflare": ("monai_fedpriv.cli.nvflare", "run_nvflare_main", "run an exported job in NVFlare's simulator "
                     "or POC mode; metrics.json + report"),
     "attack": ("monai_fedpriv.attacks.cli", "attack_main", "gradient-inversion audit of one site's update"),
-    "data": ("monai_fedpriv.cli", "data_main", "build the embedded default data set"),
+    "data": ("monai_fedpriv.cli", "data_main", "build the embedded default data set, or a synthetic MSD / BraTS "
+             "folder to try the task bundles"),
     "configs": ("monai_fedpriv.cli", "configs_main", "paths of the shared override files (fed, budget, dp, svt...) "
                 "for python -m monai.bundle run"),
 }  # fmt: skip
@@ -53,12 +54,29 @@ def user_error(exc: BaseException) -> BaseException | None:
 
 
 def data_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="monai-fedpriv data", description="Build the embedded default data set.")
-    p.add_argument("--output", type=Path, default=None, help="target folder (default $MONAI_FEDPRIV_DATA or cache)")
+    p = argparse.ArgumentParser(
+        prog="monai-fedpriv data",
+        description="Build the embedded default data set (and print its folder), or with --synthetic a small "
+        "SYNTHETIC data set (phantoms, not medical data) in a real layout, to try the task bundles without real "
+        "data: msd = an MSD Task03_Liver-like CT task (for bundles/liver_ct_2d), brats = a BraTS 2020-like release "
+        "with four MR modalities and two institutions (for bundles/brain_tumour_2d_flair and brain_tumour_3d).",
+    )
+    p.add_argument("--output", type=Path, default=None, help="target folder (default $MONAI_FEDPRIV_DATA or cache; "
+                   "required with --synthetic)")  # fmt: skip
+    p.add_argument("--synthetic", choices=("msd", "brats"), default=None, help="write a synthetic data set instead")
+    p.add_argument("--cases", type=int, default=None, help="synthetic cases (default 12)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the synthetic data (default 0)")
     args = p.parse_args(argv)
-    from monai_fedpriv.data.brain_tissue import ensure_default_data
+    if args.synthetic is None:
+        from monai_fedpriv.cli.options import refuse_given
+        from monai_fedpriv.data.brain_tissue import ensure_default_data
 
-    print(ensure_default_data(args.output))
+        refuse_given([("--cases", args.cases), ("--seed", args.seed)], "--synthetic")
+        print(ensure_default_data(args.output))
+        return 0
+    from monai_fedpriv.data.examples import write_example_dataset
+
+    print(write_example_dataset(args.synthetic, args.output, args.cases, args.seed))
     return 0
 
 

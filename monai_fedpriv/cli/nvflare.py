@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from monai_fedpriv.cli.options import OptionError
 from monai_fedpriv.cli.run_flags import add_run_flags
@@ -32,9 +35,8 @@ def export_main(argv: list[str]) -> int:
     if not _JOB_NAME.match(name):
         raise OptionError(f"--name {name!r}: a job name is letters, digits, '_', '.' and '-' (at most 64).")
     from monai_fedpriv.cli.plan import plan_run
-    from monai_fedpriv.fl.nvflare.job import export_job
+    from monai_fedpriv.fl.nvflare.job import export_job, exported_job_digest
     from monai_fedpriv.fl.nvflare.settings import JobSettings
-    from monai_fedpriv.fl.simulator.run_config import config_digests
 
     plan = plan_run(args, log=lambda line: print(line, flush=True))
     settings = JobSettings(
@@ -59,12 +61,12 @@ def export_main(argv: list[str]) -> int:
         partition=plan.split.describe(),
         data_summary=plan.extra.get("data"),
         resume=args.resume,
-        config_digests=config_digests(plan.bundle),
-    )
+    )  # config_digests: taken by export_job from the files the job ships
     job = export_job(settings, args.bundle_dir, args.output)
     noise = "seeded from --seed (simulation only)" if args.seeded_noise else "from OS entropy"
     print(f"job: {job} ({len(settings.sites)} sites {', '.join(settings.sites)}; {args.rounds} rounds; privacy "
           f"noise {noise})")  # fmt: skip
+    print(f"job digest: {exported_job_digest(job)} (a site that pins jobs lists it in $MONAI_FEDPRIV_ACCEPT_JOBS)")
     print(f"run it here: monai-fedpriv run-nvflare {job} --simulator --output DIR")
     return 0
 
@@ -84,16 +86,47 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=None, help="seconds to wait for the job (default: rounds x the "
                    "job's round timeout + 10 minutes)")  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    p.add_argument("--ledger-dir", type=Path, default=None, help="the sites' ledger store on this machine (sets "
+                   "$MONAI_FEDPRIV_LEDGER_DIR for them; default theirs, else ~/.monai_fedpriv/ledgers)")  # fmt: skip
+    p.add_argument("--fresh-budget", action="store_true", help="the sites start their budgets at zero although earlier "
+                   "runs spent epsilon on the same cases (sets MONAI_FEDPRIV_FRESH_BUDGET=1 for them)")  # fmt: skip
     return p
 
 
 def run_nvflare_main(argv: list[str]) -> int:
     args = build_run_parser().parse_args(argv)
-    from monai_fedpriv.errors import FederationError
+    from monai_fedpriv.cli.simulate import refuse_used_output
     from monai_fedpriv.fl.nvflare.runner import open_job
 
     settings, unpacked = open_job(args.job_dir)
     out = Path(args.output).resolve()
+    refuse_used_output(out, args.resume)
+    with _site_environment(args.ledger_dir, args.fresh_budget):
+        return _run_job(args, settings, unpacked, out)
+
+
+@contextlib.contextmanager
+def _site_environment(ledger_dir: Path | None, fresh: bool) -> Iterator[None]:
+    """What the sites this command starts on this machine read from their environment: where their ledger store
+    is and whether they start a fresh budget (a deployed site's operator sets these; a job cannot)."""
+    from monai_fedpriv.privacy.ledger_store import FRESH_ENV, LEDGER_ENV
+
+    saved = {k: os.environ.get(k) for k in (LEDGER_ENV, FRESH_ENV)}
+    if ledger_dir is not None:
+        os.environ[LEDGER_ENV] = str(Path(ledger_dir).expanduser().resolve())
+    if fresh:
+        os.environ[FRESH_ENV] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_job(args: argparse.Namespace, settings: Any, unpacked: Path, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     server_dir = out / "state" / "server"
     resume = args.resume and (server_dir / "checkpoint.pt").is_file()
@@ -116,23 +149,40 @@ def run_nvflare_main(argv: list[str]) -> int:
     else:
         status = _run_poc(job_dir, args.timeout, settings, out, progress)
     progress()
+    if not (server_dir / "metrics.json").is_file():
+        _raise_cause(out, settings, f"the job wrote no metrics ({status})", f"See {out}/nvflare_*.log.")
     metrics = _collect(out, settings, status, "simulator" if args.simulator else "poc", time.perf_counter() - started)
     stopped = metrics.get("stopped") or {}
     if "failed_round" in stopped:
-        raise FederationError(f"{stopped['reason'].rstrip('.')}. The job stopped; the last completed round and every "
-                              f"site's state are intact in {out}: fix the cause and run-nvflare --resume.")  # fmt: skip
+        _raise_cause(out, settings, stopped["reason"], f"The job stopped; the last completed round and every site's "
+                     f"state are intact in {out}: fix the cause and run-nvflare --resume.")  # fmt: skip
     done = metrics["final"]["rounds_completed"]
     if done < settings.rounds and not stopped:
-        raise FederationError(
-            f"the job ended after round {done} of {settings.rounds} ({status}); see {out}/nvflare_*.log. The completed "
-            f"rounds and every site's state are intact: run-nvflare --resume continues."
-        )
+        _raise_cause(out, settings, f"the job ended after round {done} of {settings.rounds} ({status})", f"See "
+                     f"{out}/nvflare_*.log. The completed rounds and every site's state are intact: run-nvflare "
+                     "--resume continues.")  # fmt: skip
     from monai_fedpriv.bundle.loader import BundleSpec
     from monai_fedpriv.cli.simulate import finish_run
 
     bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
     val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
     return finish_run(metrics, bundle, val, out, report=not args.no_report)
+
+
+def _raise_cause(out: Path, settings: Any, fallback: str, hint: str) -> NoReturn:
+    """Raise the one-line cause of a failed job found in its metrics and FLARE's logs (:mod:`~monai_fedpriv.fl.
+    nvflare.diagnose`): a ``BundleError`` (exit 2) when the job given was at fault (refused at a site, no client
+    script, unreadable), else a ``FederationError`` (exit 1) with ``hint``; ``fallback`` when nothing says why."""
+    from monai_fedpriv.errors import BundleError, FederationError
+    from monai_fedpriv.fl.nvflare.diagnose import failure_cause
+
+    cause = failure_cause(out, list(settings.sites))
+    if cause is not None and cause.input_error:
+        raise BundleError(cause.message)
+    reason = fallback.rstrip(".")
+    if cause is not None:  # what the logs add to what the run itself knows
+        reason = cause.message if cause.message.startswith(reason) else f"{reason}; {cause.message}"
+    raise FederationError(f"{reason.rstrip('.')}. {hint}")
 
 
 def _run_poc(job_dir: Path, timeout: int | None, settings: Any, out: Path, progress: _Progress) -> str:

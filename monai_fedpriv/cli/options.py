@@ -4,17 +4,21 @@ check every value before any data is loaded (one ``error:`` line naming the flag
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
+from monai_fedpriv.cli.overrides import parse_overrides
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.experiments.sharing_study import ShareSettings
 
 __all__ = [
+    "MAX_SEED",
     "OptionError",
+    "check_device",
+    "check_output_folder",
     "check_number",
     "check_share_flags",
     "refuse_given",
@@ -49,9 +53,51 @@ def check_number(
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {_bound(low)}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {_bound(high)}"
         raise OptionError(f"{flag} must be {' and '.join(x for x in (lo, hi) if x)}, got {value!r}.")
+
+
+def _bound(value: float) -> str:
+    """A range bound as written: whole numbers in full (``4294967295``), others short (``0.001``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+#: the largest run seed (NumPy's global generator takes seeds below 2**32)
+MAX_SEED = 2**32 - 1
+
+
+def check_output_folder(path: Path, flag: str = "--output") -> None:
+    """Refuse an output folder that is a file, or lies under one (one message naming the flag and the file)."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is" if folder == path else f"lies under {folder}, which is"
+                raise OptionError(f"{flag} {path} {where} a file, not a folder; name a folder.")
+            return
+
+
+def check_device(name: str, flag: str = "--device") -> None:
+    """Refuse a torch device this machine does not have (``cuda:7`` on one GPU, ``cuda`` without CUDA, a typo)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"{flag} {name!r} is not a torch device (e.g. cpu, cuda, cuda:0).") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"{flag} {name}: this machine has no CUDA device PyTorch can use; use --device cpu.")
+        if device.index is not None and device.index >= count:
+            have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            raise OptionError(f"{flag} {name}: this machine has {count} CUDA device(s) ({have}).")
+        return
+    try:
+        torch.zeros(1, device=device)
+    except Exception as exc:  # noqa: BLE001 - any backend's refusal is the flag's error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OptionError(f"{flag} {name}: PyTorch cannot use this device here ({first}).") from None
 
 
 def refuse_given(flags: Sequence[tuple[str, Any]], needs: str) -> None:
@@ -59,20 +105,6 @@ def refuse_given(flags: Sequence[tuple[str, Any]], needs: str) -> None:
     given = [flag for flag, value in flags if value is not None]
     if given:
         raise OptionError(f"{', '.join(given)} need {needs}.")
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a#b=1", "c=\\"x\\""]`` -> ``{"a#b": 1, "c": "x"}``; a value that is not JSON is taken as a string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise OptionError(f"--override expects ID=VALUE, got {item!r}.")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
 
 
 SHARE_OPTIONS = {
@@ -215,6 +247,10 @@ def check_privacy_config(bundle: BundleSpec, momentum: str = "restart") -> dict[
                        privacy_unit=settings.privacy_unit)  # fmt: skip
     filters = parser.get_parsed_content("fed_share_filters") if parser_get(parser, "fed_share_filters") else []
     summary["share_filters"] = [type(f).__name__ for f in filters]
+    if "privacy_unit" not in summary and budget.reserved:  # an update filter alone: one release per site update
+        from monai_fedpriv.handlers.privacy_budget import UPDATE_UNIT
+
+        summary["privacy_unit"] = UPDATE_UNIT["privacy_unit"]
     dp_covers = [_Declares(DPSGD.covers)] if parser_get(parser, "dp") is not None else []
     FilterChain([*dp_covers, *filters]).check_coverage(sent)
     if budget.limit is None and budget.reserved:

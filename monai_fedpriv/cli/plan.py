@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, parser_get
-from monai_fedpriv.cli.options import OptionError, check_privacy_config, parse_overrides, privacy_files_and_overrides
+from monai_fedpriv.cli.options import OptionError, check_privacy_config, privacy_files_and_overrides
+from monai_fedpriv.cli.overrides import check_overrides, parse_overrides
 from monai_fedpriv.cli.run_flags import check_run_flags
 from monai_fedpriv.experiments.federated import SiteSplit
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator import Fault, LocalWork
 
-__all__ = ["RunPlan", "plan_run"]
+__all__ = ["RunPlan", "check_items_per_patient", "plan_run"]
 
 
 @dataclass
@@ -51,6 +52,10 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
         faults = [parse_fault(f) for f in args.inject_fault]
         FaultInjector(faults).check_sites([f"site-{k + 1}" for k in range(args.sites)])
+        late = [str(f) for f in faults if f.round > args.rounds]
+        if late:
+            raise OptionError(f"--inject-fault {', '.join(late)}: beyond --rounds {args.rounds}, it would never "
+                              f"happen.")  # fmt: skip
         strategy_options = {
             "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
             "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
@@ -63,7 +68,7 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
     )
     config_files, overrides = privacy_files_and_overrides(args, list(args.config_files))
-    overrides.update(parse_overrides(args.override))
+    overrides.update(check_overrides(BundleSpec(args.bundle_dir, tuple(config_files)), parse_overrides(args.override)))
     parser = load_bundle(BundleSpec(args.bundle_dir, tuple(config_files), overrides))  # every id the run needs
     privacy = check_privacy_config(BundleSpec(args.bundle_dir, tuple(config_files), overrides), args.momentum)
     if privacy:
@@ -98,6 +103,30 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         split = split_sites(bundle_datalist(bundle), args.sites, args.partition or "institution", args.seed)
     log(f"partition {split.scheme}: train {split.sizes}, validation {split.describe()['val_sizes']}, mean KS "
         f"{split.mean_ks}")  # fmt: skip
-    if privacy and overrides.get("dp_privacy_unit", privacy.get("privacy_unit")) == "patient":
+    unit = overrides.get("dp_privacy_unit", privacy.get("privacy_unit"))
+    if privacy and unit == "patient":
         check_patients_at_one_site(split.train)  # before an exported job sends a split that under-counts a patient
+    if args.items_per_patient is not None:
+        check_items_per_patient(args.items_per_patient, unit, split, own is not None and own.info.spatial_dims == 3)
     return RunPlan(bundle, split, local_work, args.aggregator, strategy_options, screen, faults, extra)
+
+
+def check_items_per_patient(value: int, unit: str | None, split: SiteSplit, volumes: bool) -> None:
+    """Refuse ``--items-per-patient`` where it cannot change anything: without the patient unit, or above the
+    number of training items any patient has (3D volumes: one item, the volume, per patient)."""
+    if unit != "patient":
+        raise OptionError(f"--items-per-patient {value}: it is used by the patient privacy unit only (the unit here "
+                          f"is {unit!r}); add --privacy-unit patient or drop the flag.")  # fmt: skip
+    counts: dict[str, int] = {}
+    for cases in split.train.values():
+        for case in cases:
+            patient = str(case.get("patient", case.get("image")))
+            counts[patient] = counts.get(patient, 0) + 1
+    most = max(counts.values(), default=0)
+    if value > most:
+        why = (" (each patient is one 3D volume, and the network trains on one sampled patch or slice of it per "
+               "visit)" if volumes else "")  # fmt: skip
+        raise OptionError(
+            f"--items-per-patient {value}: no patient has more than {most} training item(s){why}, so an included "
+            f"patient always contributes all of them and the flag would change nothing; drop it."
+        )

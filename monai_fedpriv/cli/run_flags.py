@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monai_fedpriv.cli.options import OptionError, check_number, refuse_given
+from monai_fedpriv.cli.options import (
+    MAX_SEED,
+    OptionError,
+    check_device,
+    check_number,
+    check_output_folder,
+    refuse_given,
+)
 
 __all__ = ["add_run_flags", "check_run_flags"]
 
@@ -52,7 +59,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         help="patients per site held out for validation when the data set has no validation cases "
         "(default 0.2; at least one per site)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="run seed, an integer in [0, 2**32 - 1] (default 0)")
     if deploy:
         p.add_argument("--output", type=Path, required=True, help="the job folder to write (replaced if it exists)")
         p.add_argument("--name", default=None, help="job name (default: the job folder's name)")
@@ -111,8 +118,9 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         help=f"inject a fault to test the federation, KIND in {FAULT_KINDS} (repeatable)",
     )
     if deploy:
-        server.add_argument("--round-timeout", type=int, default=3600,
-                            help="seconds the server waits for a round's updates (default 3600)")  # fmt: skip
+        server.add_argument("--round-timeout", type=int, default=3600, metavar="SECONDS",
+                            help="seconds the server waits for a round's updates; a site that has not answered by "
+                            "then is rejected for the round with the reason (0: no limit; default 3600)")  # fmt: skip
         server.add_argument(
             "--wait-after-min",
             type=int,
@@ -120,6 +128,14 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
             help="seconds the server keeps waiting for slower sites once --min-sites answered (default 10)",
         )
     else:
+        server.add_argument(
+            "--round-timeout", type=int, default=0, metavar="SECONDS",
+            help="reject a site that has not sent its update SECONDS after it started the round, as NVIDIA FLARE's "
+            "server does after export-nvflare --round-timeout: the in-process sites train one after another, so each "
+            "gets SECONDS of wall time of its own; its engine is stopped at the first iteration boundary past them "
+            "(or its update refused if it was sent late), the site goes back to its state at the start of the round "
+            "with its privacy ledger kept as spent, and the round aggregates the others (0: no limit, the default)",
+        )  # fmt: skip
         p.add_argument("--baselines", action="store_true",
                        help="also train centralised and local-only models with the same total epochs")  # fmt: skip
     priv = p.add_argument_group("privacy (DP-SGD at every site, Ziller et al. Table 1 regimes)")
@@ -164,6 +180,17 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         default=None,
         help="rdp (default; valid for every mix) or prv (Gaussian mechanisms only)",
     )
+    if not deploy:  # a deployed site keeps its ledger store where its own operator says (docs/deployment.md)
+        budget.add_argument(
+            "--ledger-dir", type=Path, default=None,
+            help="where each site's spent epsilon is kept across runs, per data set (default "
+            "$MONAI_FEDPRIV_LEDGER_DIR or ~/.monai_fedpriv/ledgers); a new run on the same cases starts from it",
+        )  # fmt: skip
+        budget.add_argument(
+            "--fresh-budget", action="store_true",
+            help="start every site's budget at zero although earlier runs spent epsilon on the same cases (stated "
+            "in metrics.json and the report; the earlier spending stays recorded)",
+        )  # fmt: skip
     if deploy:
         budget.add_argument(
             "--seeded-noise",
@@ -223,6 +250,10 @@ def check_run_flags(args: argparse.Namespace) -> None:
     """Refuse bad values of the run flags (one message naming the flag)."""
     check_number("--sites", args.sites, low=1, integer=True)
     check_number("--rounds", args.rounds, low=1, integer=True)
+    check_number("--seed", args.seed, low=0, high=MAX_SEED, integer=True)
+    check_output_folder(args.output)
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
     check_number("--local-epochs", args.local_epochs, low=1, integer=True)
     check_number("--local-steps", args.local_steps, low=1, integer=True)
     check_number("--server-momentum", args.server_momentum, low=0, high=1, high_open=True)

@@ -14,7 +14,7 @@ from monai_fedpriv.cli.run_flags import add_run_flags
 if TYPE_CHECKING:
     from monai_fedpriv.cli.plan import RunPlan
 
-__all__ = ["build_simulate_parser", "finish_run", "simulate_main", "write_run_report"]
+__all__ = ["build_simulate_parser", "finish_run", "refuse_used_output", "simulate_main", "write_run_report"]
 
 
 def build_simulate_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_simulate_parser() -> argparse.ArgumentParser:
 
 def simulate_main(argv: list[str]) -> int:
     args = build_simulate_parser().parse_args(argv)
+    refuse_used_output(args.output, args.resume)
     import torch
 
     from monai_fedpriv.cli.plan import plan_run
@@ -41,8 +42,23 @@ def simulate_main(argv: list[str]) -> int:
         torch.set_num_threads(threads)  # a caller in the same process (a notebook, a test) keeps its own setting
 
 
+def refuse_used_output(output: Path, resume: bool) -> None:
+    """A new run never replaces an earlier one: its checkpoints, ``metrics.json`` and report stay as they are."""
+    from monai_fedpriv.cli.options import OptionError
+
+    if resume or not output.is_dir():
+        return
+    held = sorted(p.name for p in output.iterdir())
+    if held:
+        raise OptionError(
+            f"--output {output} already holds a run ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+            f"continue it with --resume, or choose a new --output. Nothing was changed."
+        )
+
+
 def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
     from monai_fedpriv.experiments import run_experiment
+    from monai_fedpriv.privacy.ledger_store import LedgerStore
 
     metrics = run_experiment(
         plan.bundle,
@@ -61,6 +77,9 @@ def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
             "min_sites": args.min_sites,
             "faults": plan.faults,
             "secure_noise": args.secure_noise,
+            "round_timeout": args.round_timeout,
+            "ledger_store": LedgerStore(args.ledger_dir) if args.ledger_dir else LedgerStore.default(),
+            "fresh_budget": args.fresh_budget,
         },  # fmt: skip
         extra=plan.extra,
     )

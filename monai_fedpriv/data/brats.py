@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from monai_fedpriv.data.checks import check_datalist
+from monai_fedpriv.data.checks import case_errors, check_datalist
 from monai_fedpriv.data.msd import read_institutions_csv
 from monai_fedpriv.errors import DataError
 
@@ -133,31 +133,39 @@ def load_brats_datalist(
     mapping_path = root / "name_mapping.csv"
     mapping = _read_name_mapping(mapping_path) if mapping_path.is_file() else {}
     cases = []
-    for folder, grade in _case_folders(root):
+    folders = _case_folders(root)
+    missing: list[str] = []  # every case folder lacking a file, named together
+    for folder, grade in folders:
         case_id = folder.name
-        paths = []
+        paths, absent = [], []
         for m in modalities:
             names = [m] + ([BRATS_2023_NAMES[m]] if m in BRATS_2023_NAMES and BRATS_2023_NAMES[m] != m else [])
             found = _find(folder, case_id, names)
             if found is None:
-                raise DataError(
-                    f"BraTS case folder {folder} has no {m!r} modality (expected {case_id}_{m}.nii.gz"
+                absent.append(
+                    f"no {m!r} modality (expected {case_id}_{m}.nii.gz"
                     + (f" or {case_id}-{names[1]}.nii.gz" if len(names) > 1 else "")
                     + ")"
                 )
-            paths.append(str(found))
+            else:
+                paths.append(str(found))
         case: dict = {"image": paths, "patient": case_id}
         seg = _find(folder, case_id, ["seg"])
         if seg is not None:
             case["label"] = str(seg)
         elif require_label:
-            raise DataError(f"BraTS case folder {folder} has no segmentation (expected {case_id}_seg.nii.gz)")
+            absent.append(f"no segmentation (expected {case_id}_seg.nii.gz)")
+        if absent:
+            missing.append(f"BraTS case folder {folder} has {'; '.join(absent)}")
+            continue
         case["institution"] = (
             explicit.get(case_id) or mapping.get(case_id) or brats_institution_from_id(case_id) or "unknown"
         )
         if grade is not None:
             case["grade"] = grade
         cases.append(case)
+    if missing:
+        raise case_errors(missing, len(folders))
     if not cases:
         raise DataError(f"BraTS root {root} holds no case folders")
     if check:

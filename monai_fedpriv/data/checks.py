@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,13 @@ import numpy as np
 from monai_fedpriv.data.io import read_image
 from monai_fedpriv.errors import DataError
 
-__all__ = ["check_case", "check_datalist"]
+__all__ = ["case_errors", "check_case", "check_datalist", "inference_inputs"]
+
+
+def case_errors(errors: Sequence[str], total: int) -> DataError:
+    """The one error that names every failed case: ``"N of M cases failed the checks:"`` and a line per failure."""
+    lines = "\n".join(f"  - {e}" for e in errors)
+    return DataError(f"{len(errors)} of {total} cases failed the checks:\n{lines}")
 
 
 def _image_paths(case: dict, image_key: str) -> list[Path]:
@@ -108,5 +115,42 @@ def check_datalist(
         except DataError as exc:
             errors.append(str(exc))
     if errors:
-        lines = "\n".join(f"  - {e}" for e in errors)
-        raise DataError(f"{len(errors)} of {len(cases)} cases failed the checks:\n{lines}")
+        raise case_errors(errors, len(cases))
+
+
+def inference_inputs(
+    input_dir: str | Path, spatial_dims: int, bundle: str, exit_on_error: bool = False
+) -> list[dict[str, str]]:
+    """The NIfTI images in ``input_dir`` to segment, each checked (from its header) to have the ``spatial_dims``
+    dimensions the bundle's network takes, so that a 3D volume given to a 2D bundle is refused naming the file and
+    its shape instead of failing inside a convolution.
+
+    Args:
+        input_dir: the folder of images (every ``*.nii*`` file, sorted).
+        spatial_dims: the dimensions of one input image (one channel, no channel axis), e.g. 2 for H x W slices.
+        bundle: the bundle's name, for the message.
+        exit_on_error: print the error as one ``error:`` line and exit with code 2 (for ``python -m monai.bundle
+            run``, whose runner would otherwise bury the message under its tracebacks); otherwise raise.
+
+    Raises:
+        DataError: naming every image of another dimension, with its shape.
+    """
+    from monai_fedpriv.data.dataset_info import _header_shape
+
+    files = sorted(p for p in Path(input_dir).glob("*.nii*") if p.is_file())
+    bad = []
+    for path in files:
+        shape = _header_shape(str(path))
+        if len(shape) != spatial_dims:
+            bad.append(f"image {path} has shape {shape} ({len(shape)}D)")
+    if not bad:
+        return [{"image": str(p)} for p in files]
+    error = DataError(
+        f"{'; '.join(bad)}, but bundle {bundle} segments {spatial_dims}D images of one channel (shape "
+        f"{' x '.join('HWD'[:spatial_dims])}); give it {spatial_dims}D images, or segment volumes with a bundle that "
+        f"predicts them slice by slice (bundles/liver_ct_2d, bundles/brain_tumour_2d_flair)."
+    )
+    if exit_on_error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    raise error

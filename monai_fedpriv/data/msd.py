@@ -16,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from monai_fedpriv.data.checks import check_datalist
+from monai_fedpriv.data.checks import case_errors, check_datalist
 from monai_fedpriv.data.io import image_stem
 from monai_fedpriv.errors import DataError
 
@@ -137,6 +137,7 @@ def load_msd_datalist(
     csv_path = Path(institutions_csv) if institutions_csv is not None else root / "institutions.csv"
     institutions = read_institutions_csv(csv_path) if institutions_csv is not None or csv_path.is_file() else {}
     cases = []
+    missing: list[str] = []  # every listed file that does not exist, named together
     for i, item in enumerate(items):
         where = f"{json_path} {section}[{i}]"
         if isinstance(item, str):
@@ -149,18 +150,32 @@ def load_msd_datalist(
             raise DataError(f"{where}: item has no 'label' key (keys: {sorted(item)})")
         case = dict(item)
         image = item["image"]
+        absent: list[str] = []
+
+        def resolve(rel: str, where: str = where, absent: list[str] = absent) -> str:
+            try:
+                return _resolve(root, rel, where)
+            except DataError as exc:
+                absent.append(str(exc).removeprefix(f"{where}: "))
+                return ""
+
         if isinstance(image, list):
-            case["image"] = [_resolve(root, p, where) for p in image]
+            case["image"] = [resolve(p) for p in image]
             first = image[0] if image else ""
         else:
-            case["image"] = _resolve(root, image, where)
+            case["image"] = resolve(image)
             first = image
         if "label" in item:
-            case["label"] = _resolve(root, item["label"], where)
+            case["label"] = resolve(item["label"])
+        if absent:
+            missing.append(f"{where}: {'; '.join(absent)}")
+            continue
         case["patient"] = str(item.get("patient") or image_stem(first))
         inst = item.get("institution") or item.get("site")
         case["institution"] = str(inst or institutions.get(case["patient"], "unknown"))
         cases.append(case)
+    if missing:
+        raise case_errors(missing, len(items))
     if check:
         check_datalist(cases, list(read_msd_labels(root)))
     return cases

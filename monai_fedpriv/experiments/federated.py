@@ -14,7 +14,7 @@ from typing import Any
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.partition import Partition, partition_cases
-from monai_fedpriv.errors import BundleError, DataError
+from monai_fedpriv.errors import BundleError, DataError, FederationError
 from monai_fedpriv.fl.simulator import FederatedSimulator, LocalWork
 from monai_fedpriv.fl.strategies import FedAvg, Strategy
 from monai_fedpriv.utils.files import write_json
@@ -110,7 +110,8 @@ def run_experiment(
 
     Args:
         federation: simulator options of the federated run only (``screen``, ``min_sites``, ``faults``,
-            ``secure_noise``); the baselines train one model each and are not screened or faulted.
+            ``secure_noise``, ``round_timeout``); the baselines train one model each and are not screened, faulted
+            or timed out.
         extra: more top-level entries for ``metrics.json`` (e.g. which data were used).
 
     Returns:
@@ -138,13 +139,14 @@ def run_experiment(
         momentum=momentum,
         filters_factory=filters_factory,
         label="federated",
+        partition=split.scheme,
         on_round=lambda m: write_json(with_context(m), output_dir / "metrics.json"),
         **dict(federation or {}),
         **common,
     )
     try:
         metrics = with_context(_run(fed, resume))
-    except BaseException:  # a stopped federation still leaves its metrics (with the reason) in the contract file
+    except FederationError:  # a stopped federation still leaves its metrics (with the reason) in the contract file
         if (output_dir / "federated" / "metrics.json").is_file():
             latest = json.loads((output_dir / "federated" / "metrics.json").read_text())
             write_json(with_context(latest), output_dir / "metrics.json")

@@ -32,10 +32,13 @@ from monai_fedpriv.data.splits import site_train_val_split
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.experiments.federated import SiteSplit, split_sites
 
-__all__ = ["CACHE_BYTES", "OwnData", "adapt_bundle", "load_own_data", "split_own_data"]
+__all__ = ["ADAPT_IDS", "CACHE_BYTES", "OwnData", "adapt_bundle", "load_own_data", "split_own_data"]
 
 #: the pre-processed training volumes cached in memory at most (the rest is loaded per visit)
 CACHE_BYTES = 2 * 1024**3
+
+#: optional ids :func:`adapt_bundle` reads from a bundle that may not define them (valid ``--override`` ids)
+ADAPT_IDS = ("patch_size", "data_spacing", "samples_per_volume", "ct_window")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 
 from monai_fedpriv.errors import UpdateError
+from monai_fedpriv.fl.wire import inflate
 
 __all__ = ["decode_positions", "encode_positions"]
 
@@ -33,18 +34,45 @@ def _rice_encode(mask: np.ndarray) -> bytes:
     return struct.pack("<BI", k, len(unary_bytes)) + unary_bytes + np.packbits(rem, bitorder="little").tobytes()
 
 
+_CHUNK = 2**17  # unary bytes decoded at a time: temporaries stay small whatever the block holds
+
+
 def _rice_decode(block: bytes, count: int, numel: int, key: str) -> np.ndarray:
+    """The flat mask from a Golomb-Rice gap block, decoded chunk by chunk into the one ``numel`` mask: the block
+    must hold exactly ``count`` gaps that stay inside the tensor, and no byte more."""
+    bad = f"corrupt gap block for tensor {key!r}"
     if len(block) < 5:
-        raise UpdateError(f"corrupt gap block for tensor {key!r}.")
+        raise UpdateError(f"{bad}: {len(block)} bytes.")
     k, n_unary = struct.unpack_from("<BI", block, 0)
-    unary = np.unpackbits(np.frombuffer(block, dtype=np.uint8, count=n_unary, offset=5), bitorder="little")
-    ends = np.flatnonzero(unary == 0)[:count]
-    rem_bits = np.unpackbits(np.frombuffer(block, dtype=np.uint8, offset=5 + n_unary), bitorder="little")
-    if ends.size != count or k > 31 or rem_bits.size < count * k:
-        raise UpdateError(f"corrupt gap block for tensor {key!r}.")
-    quot = np.diff(ends, prepend=-1) - 1
-    rem = rem_bits[: count * k].reshape(count, k).astype(np.int64) @ (1 << np.arange(k - 1, -1, -1, dtype=np.int64))
-    return np.cumsum((quot.astype(np.int64) << k) + rem + 1) - 1
+    if k > 31 or n_unary > len(block) - 5 or len(block) - 5 - n_unary != (count * k + 7) // 8:
+        raise UpdateError(f"{bad}: k = {k}, {n_unary} unary bytes do not fit {count} gaps in {len(block)} bytes.")
+    unary = np.frombuffer(block, dtype=np.uint8, count=n_unary, offset=5)
+    rem_bytes = np.frombuffer(block, dtype=np.uint8, offset=5 + n_unary)
+    weights = 1 << np.arange(k - 1, -1, -1, dtype=np.int64)
+    mask = np.zeros(numel, dtype=bool)
+    done, last_end, last_idx = 0, -1, -1
+    for start in range(0, n_unary, _CHUNK):
+        if done == count:
+            break
+        bits = np.unpackbits(unary[start : start + _CHUNK], bitorder="little")
+        ends = np.flatnonzero(bits == 0)[: count - done] + 8 * start
+        if ends.size == 0:
+            continue
+        gaps = (np.diff(ends, prepend=last_end) - 1) << k
+        if k:
+            b0, b1 = done * k, (done + ends.size) * k
+            rem_bits = np.unpackbits(rem_bytes[b0 // 8 : (b1 + 7) // 8], bitorder="little")[b0 % 8 : b0 % 8 + b1 - b0]
+            gaps += rem_bits.reshape(-1, k).astype(np.int64) @ weights
+        if int(gaps.max()) >= numel:  # checked before the sum: no overflow
+            raise UpdateError(f"{bad}: a gap passes the {numel} elements of the tensor.")
+        idx = np.cumsum(gaps + 1) + last_idx
+        if int(idx[-1]) >= numel:
+            raise UpdateError(f"{bad}: an index passes the {numel} elements of the tensor.")
+        mask[idx] = True
+        done, last_end, last_idx = done + ends.size, int(ends[-1]), int(idx[-1])
+    if done != count or n_unary != (last_end + 8) // 8:
+        raise UpdateError(f"{bad}: {done} of {count} gaps in {n_unary} unary bytes.")
+    return mask
 
 
 def encode_positions(mask: np.ndarray) -> tuple[str, bytes]:
@@ -62,24 +90,31 @@ def encode_positions(mask: np.ndarray) -> tuple[str, bytes]:
 
 
 def decode_positions(encoding: str, block: bytes, numel: int, count: int, key: str) -> np.ndarray:
-    """The flat boolean mask of ``numel`` coordinates (``count`` of them shared) from its position block."""
-    if encoding in ("indices", "gaps_rice"):
-        if encoding == "indices":
-            idx = np.frombuffer(block, dtype="<i4").astype(np.int64)
-        else:
-            idx = _rice_decode(block, count, numel, key)
-        if idx.size and (idx.min() < 0 or idx.max() >= numel or np.any(np.diff(idx) <= 0)):
+    """The flat boolean mask of ``numel`` coordinates (``count`` of them shared) from its position block.
+
+    Nothing larger than the mask is ever produced: int32 indices must be exactly ``count`` and strictly increasing
+    inside the tensor, a bitmap exactly the tensor's, a deflated bitmap inflates to at most that (bounded
+    ``zlib.decompressobj``), a gap block is decoded chunk by chunk.
+
+    Raises:
+        UpdateError: naming the tensor, on any block that does not decode to ``count`` coordinates of the tensor.
+    """
+    if encoding == "indices":
+        if len(block) != 4 * count:
+            raise UpdateError(f"index block of tensor {key!r} has {len(block)} bytes, expected {4 * count}.")
+        idx = np.frombuffer(block, dtype="<i4")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= numel or bool(np.any(idx[1:] <= idx[:-1]))):
             raise UpdateError(f"corrupt index block for tensor {key!r}.")
         mask = np.zeros(numel, dtype=bool)
         mask[idx] = True
         return mask
+    if encoding == "gaps_rice":
+        return _rice_decode(block, count, numel, key)
+    if encoding not in ("bitmap", "bitmap_deflate"):
+        raise UpdateError(f"unknown position encoding {encoding!r} for tensor {key!r}.")
+    size = (numel + 7) // 8
     if encoding == "bitmap_deflate":
-        try:
-            block = zlib.decompress(block)
-        except zlib.error as exc:
-            raise UpdateError(f"corrupt compressed bitmap for tensor {key!r}: {exc}") from exc
-    if encoding in ("bitmap", "bitmap_deflate"):
-        if len(block) != (numel + 7) // 8:
-            raise UpdateError(f"bitmap of tensor {key!r} has {len(block)} bytes, expected {(numel + 7) // 8}.")
-        return np.unpackbits(np.frombuffer(block, dtype=np.uint8), count=numel, bitorder="little").astype(bool)
-    raise UpdateError(f"unknown position encoding {encoding!r} for tensor {key!r}.")
+        block = inflate(block, size, f"compressed bitmap of tensor {key!r}")
+    if len(block) != size:
+        raise UpdateError(f"bitmap of tensor {key!r} has {len(block)} bytes, expected {size}.")
+    return np.unpackbits(np.frombuffer(block, dtype=np.uint8), count=numel, bitorder="little").view(bool)

@@ -10,7 +10,7 @@ coordinate that was shared. Coordinates outside the mask must be ignored by the 
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,13 @@ import torch
 
 from monai_fedpriv.errors import UpdateError
 
-__all__ = ["ModelUpdate", "GlobalModel", "check_update", "tensor_bytes"]
+__all__ = [
+    "MAX_COUNT", "ModelUpdate", "GlobalModel", "check_fields", "check_update", "int_problem", "shown",
+    "site_problem", "tensor_bytes",
+]  # fmt: skip
+
+MAX_COUNT = 2**53  # the largest integer a JSON header carries exactly
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 @dataclass
@@ -80,8 +86,9 @@ def check_update(update: ModelUpdate, reference: Mapping[str, torch.Tensor]) -> 
 
     Raises:
         UpdateError: naming the site and key, on missing/unexpected keys, shape mismatch, non-finite values,
-            bad masks or non-positive work counts.
+            bad masks, or a field of the wrong type (:func:`check_fields`).
     """
+    check_fields(update)
     who = f"update from {update.site!r} (round {update.round})"
     missing = sorted(set(reference) - set(update.delta))
     extra = sorted(set(update.delta) - set(reference))
@@ -112,10 +119,51 @@ def check_update(update: ModelUpdate, reference: Mapping[str, torch.Tensor]) -> 
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise UpdateError(f"{who}: optimiser state {flat_key!r} contains NaN or Inf values.")
-    if update.local_steps < 0 or update.n_samples < 0:
-        raise UpdateError(
-            f"{who}: n_samples and local_steps must be >= 0, got {update.n_samples}, {update.local_steps}."
-        )
-    for name in ("n_samples", "local_steps"):
-        if isinstance(getattr(update, name), float) and not math.isfinite(getattr(update, name)):
-            raise UpdateError(f"{who}: {name} is not finite.")
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile value can be arbitrarily long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def int_problem(name: str, value: Any, minimum: int = 0) -> str | None:
+    """Why ``value`` is not an acceptable integer field ``name`` (an ``int``, not a ``bool``, in
+    ``[minimum, 2**53]``), or ``None`` when it is."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} field is {shown(value)} (a {type(value).__name__}), expected an int"
+    if not minimum <= value <= MAX_COUNT:
+        return f"{name} field is {shown(value)}, expected an int from {minimum} to 2**53"
+    return None
+
+
+def site_problem(value: Any) -> str | None:
+    """Why ``value`` is not an acceptable site name (1 to 64 letters, digits and ``_.@-``), or ``None``."""
+    if isinstance(value, str) and SITE_NAME.fullmatch(value):
+        return None
+    return (
+        f"site field is {shown(value)} (a {type(value).__name__}), expected a name of 1 to 64 letters, digits and "
+        f"'_.@-'"
+    )
+
+
+def check_fields(update: ModelUpdate) -> None:
+    """Check the typed fields of an update: ``site`` a safe name, ``round`` an int >= 1, ``n_samples`` and
+    ``local_steps`` ints >= 0 (never ``bool``, ``float``, NaN or text), ``meta`` a dict.
+
+    Raises:
+        UpdateError: naming the site (when its name is valid) and the field, e.g.
+            ``update from 'site-2': round field is '1' (a str), expected an int``.
+    """
+    problem = site_problem(update.site)
+    who = "update" if problem else f"update from {update.site!r}"
+    problem = (
+        problem
+        or int_problem("round", update.round, minimum=1)
+        or int_problem("n_samples", update.n_samples)
+        or int_problem("local_steps", update.local_steps)
+    )
+    if problem is None and not isinstance(update.meta, dict):
+        problem = f"meta field is a {type(update.meta).__name__}, expected a dict"
+    if problem is not None:
+        raise UpdateError(f"{who}: {problem}.")

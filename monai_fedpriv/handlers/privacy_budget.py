@@ -31,9 +31,16 @@ from monai_fedpriv.privacy.budget import PrivacyBudget
 from monai_fedpriv.privacy.filters.base import meta_with_privacy, privacy_meta
 from monai_fedpriv.privacy.noise import noise_source
 
-__all__ = ["PrivacyBudgetHandler"]
+__all__ = ["UPDATE_UNIT", "PrivacyBudgetHandler"]
 
 logger = logging.getLogger("monai_fedpriv.privacy")
+
+#: the unit of a release by an update filter alone (SVT, Gaussian): the site's whole update, so its whole data set
+UPDATE_UNIT = {
+    "privacy_unit": "update",
+    "unit_note": "epsilon is per site update: each release protects the site's whole update, so its whole data set "
+    "at once, every patient together, not one slice or patient within it",
+}
 
 
 def epoch_logger() -> logging.Logger:
@@ -64,6 +71,22 @@ class PrivacyBudgetHandler:
         self.noise_source = noise_source(noise_seed)
         self.site = str(site)
         self.log_epochs = bool(log_epochs)
+        self.store: Any = None  # a LedgerBinding once the site's ledger store is bound (bind_store)
+
+    def bind_store(
+        self, store: Any, site: str, run_id: str, cases: list[dict[str, Any]], fresh: bool = False,
+        resumed: bool = False,
+    ) -> dict[str, Any]:
+        """Carry what earlier runs spent on ``cases`` and record every release of this budget in ``store`` (a
+        :class:`~monai_fedpriv.privacy.ledger_store.LedgerStore`), so the epsilon spent outlives the run; returns
+        the store's facts for ``metrics.json``."""
+        self.store = store.bind(self.budget, site, run_id, cases, fresh=fresh, resumed=resumed)
+        return self.store.facts()
+
+    def save_ledger(self) -> None:
+        """Record the ledger in the bound store now (no-op without one)."""
+        if self.store is not None:
+            self.store.save()
 
     # ---------------------------------------------------------------- Ignite handler
     def attach(self, engine: Engine) -> None:
@@ -134,6 +157,8 @@ class PrivacyBudgetHandler:
         facts["noise_source"] = self.noise_source
         if self.budget.stop_reason:
             facts["stop_reason"] = self.budget.stop_reason
+        if self.store is not None:
+            facts["carried_epsilon"] = self.store.carried_epsilon
         return facts
 
     def __call__(self, arg: Engine | ModelUpdate) -> Any:
@@ -145,6 +170,10 @@ class PrivacyBudgetHandler:
     def filter(self, update: ModelUpdate) -> ModelUpdate:
         """A new update whose ``meta["privacy"]`` holds the site's cumulative epsilon after every release so far."""
         privacy = {**privacy_meta(update), **self.privacy_facts()}
+        if privacy.get("dp") and "privacy_unit" not in privacy:  # no DP-SGD unit: the update filter's release is it
+            privacy.update(UPDATE_UNIT)
+        if self.store is not None:  # the update is about to leave the site: its release outlives the run
+            self.store.save()
         return dataclasses.replace(update, meta=meta_with_privacy(update, privacy))
 
     # ---------------------------------------------------------------- checkpointing

@@ -12,9 +12,9 @@ from monai_fedpriv.privacy.accounting import (
     PrivacyLedger,
     PureEvent,
     SampledGaussianEvent,
-    solve_noise_multiplier,
 )
 from monai_fedpriv.privacy.budget import BUDGET_POLICIES, PrivacyBudget
+from monai_fedpriv.privacy.calibration import solve_noise_multiplier
 from monai_fedpriv.privacy.dp_sgd import (
     DPSGD,
     GRAD_SAMPLE_MODES,

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.privacy.events import (
@@ -58,7 +57,6 @@ __all__ = [
     "PureEvent",
     "SampledGaussianEvent",
     "check_accountant_supports",
-    "solve_noise_multiplier",
 ]
 
 # Opacus' default orders, extended upwards so that pure-DP-heavy ledgers do not stop at the largest order.
@@ -83,6 +81,7 @@ class PrivacyLedger:
 
     def __init__(self) -> None:
         self._events: list[dict[str, Any]] = []
+        self._carried: list[dict[str, Any]] = []  # spent on the same data by earlier runs (a ledger store's)
         self.revision = 0  # bumped on every change: lets callers cache what they computed from the events
 
     # ---------------------------------------------------------------- recording
@@ -138,7 +137,20 @@ class PrivacyLedger:
         """An independent ledger with the same events (for trial accounting)."""
         out = PrivacyLedger()
         out._events = copy.deepcopy(self._events)
+        out._carried = copy.deepcopy(self._carried)
         return out
+
+    def carry(self, events: list[dict[str, Any]]) -> None:
+        """Compose every epsilon with ``events`` released on the same data by earlier runs (validated like a
+        checkpoint's events). They are kept apart from this run's events: :attr:`events` and :attr:`steps` stay
+        the run's own, :meth:`epsilon` covers both."""
+        self._carried = _validated(events)
+        self.revision += 1
+
+    @property
+    def carried(self) -> list[dict[str, Any]]:
+        """A copy of the events carried from earlier runs on the same data."""
+        return copy.deepcopy(self._carried)
 
     def epsilon_with(
         self, events: list[PrivacyEvent] | tuple[PrivacyEvent, ...], delta: float, accountant: str = "rdp"
@@ -172,9 +184,9 @@ class PrivacyLedger:
             and last["sample_rate"] == sample_rate
             and last["noise_multiplier"] == noise_multiplier
         ):
-            head, steps = events[:-1], int(last["steps"])
+            head, steps = [*self._carried, *events[:-1]], int(last["steps"])
         else:
-            head, steps = events, 0
+            head, steps = [*self._carried, *events], 0
         return tuple(tuple(sorted(e.items())) for e in head), steps
 
     @property
@@ -185,7 +197,7 @@ class PrivacyLedger:
     def _gaussian_history(self) -> list[tuple[float, float, int]]:
         """Gaussian events as Opacus' ``(noise_multiplier, sample_rate, steps)`` history (q = 1 if not sampled)."""
         out = []
-        for e in self._events:
+        for e in [*self._carried, *self._events]:
             if e["kind"] == "sampled_gaussian":
                 out.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
             elif e["kind"] == "gaussian":
@@ -210,9 +222,9 @@ class PrivacyLedger:
         """
         delta = _check_delta(delta)
         _check_accountant(accountant)
-        if not self._events:
+        if not self._events and not self._carried:
             return 0.0
-        pure = [(e["epsilon"], e["count"]) for e in self._events if e["kind"] == "pure"]
+        pure = [(e["epsilon"], e["count"]) for e in [*self._carried, *self._events] if e["kind"] == "pure"]
         history = self._gaussian_history()
         if accountant == "prv":
             if pure:
@@ -244,24 +256,15 @@ class PrivacyLedger:
     # ---------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
         """Events as plain JSON-serialisable data."""
-        return {"version": 1, "events": self.events}
+        return {"version": 1, "events": self.events, "carried": self.carried}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Replace the ledger's events by those of ``state_dict`` (validated: a corrupt ledger fails closed)."""
+        """Replace the ledger's events (and carried events) by those of ``state_dict`` (validated: a corrupt ledger
+        fails closed)."""
         if not isinstance(state_dict, dict) or "events" not in state_dict:
             raise PrivacyConfigError(f"ledger state_dict must be a dict with key 'events', got {state_dict!r:.200}.")
-        fresh = PrivacyLedger()
-        for e in state_dict["events"]:
-            kind = e.get("kind") if isinstance(e, dict) else None
-            if kind == "sampled_gaussian":
-                fresh.record_sampled_gaussian(e["sample_rate"], e["noise_multiplier"], e["steps"])
-            elif kind == "gaussian":
-                fresh.record_gaussian(e["noise_multiplier"], e["count"])
-            elif kind == "pure":
-                fresh.record_pure(e["epsilon"], e.get("label", ""), e["count"])
-            else:
-                raise PrivacyConfigError(f"unknown ledger event {e!r}.")
-        self._events = fresh._events
+        self._events = _validated(state_dict["events"])
+        self._carried = _validated(state_dict.get("carried", []))
         self.revision += 1
 
     def __repr__(self) -> str:
@@ -277,38 +280,23 @@ def _unit_rdp(sample_rate: float, noise_multiplier: float, orders: tuple[float, 
     return rdp
 
 
-def solve_noise_multiplier(
-    target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
-) -> float:
-    """Smallest noise multiplier (to 0.01 in epsilon) such that ``steps`` DP-SGD steps spend at most the target.
-
-    Args:
-        target_epsilon: epsilon budget, > 0.
-        sample_rate: Poisson sampling rate ``q`` in (0, 1].
-        steps: number of DP-SGD steps, >= 1.
-        delta: target delta in (0, 1).
-        accountant: ``"rdp"`` or ``"prv"``.
-
-    Example:
-        >>> round(solve_noise_multiplier(3.58, sample_rate=0.01, steps=1000, delta=1e-5), 2)
-        0.81
-    """
-    eps = check_positive("target_epsilon", target_epsilon)
-    q = check_positive("sample_rate", sample_rate)
-    if q > 1.0:
-        raise PrivacyConfigError(f"sample_rate must be in (0, 1], got {sample_rate!r}.")
-    n = _check_count("steps", steps)
-    delta = _check_delta(delta)
-    _check_accountant(accountant)
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        warnings.simplefilter("ignore")
+def _validated(events: Any) -> list[dict[str, Any]]:
+    """``events`` (plain dicts from a checkpoint or a ledger store) re-recorded into a fresh ledger, so every value
+    passes the same checks as a live release; anything else is refused."""
+    if not isinstance(events, list):
+        raise PrivacyConfigError(f"ledger events must be a list, got {type(events).__name__}.")
+    fresh = PrivacyLedger()
+    for e in events:
+        kind = e.get("kind") if isinstance(e, dict) else None
         try:
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=eps, target_delta=delta, sample_rate=q, steps=n, accountant=accountant
-                )
-            )
-        except ValueError as err:
-            raise PrivacyConfigError(
-                f"no noise multiplier reaches epsilon={eps} at delta={delta} for q={q}, steps={n}: {err}"
-            ) from err
+            if kind == "sampled_gaussian":
+                fresh.record_sampled_gaussian(e["sample_rate"], e["noise_multiplier"], e["steps"])
+            elif kind == "gaussian":
+                fresh.record_gaussian(e["noise_multiplier"], e["count"])
+            elif kind == "pure":
+                fresh.record_pure(e["epsilon"], e.get("label", ""), e["count"])
+            else:
+                raise PrivacyConfigError(f"unknown ledger event {e!r:.200}.")
+        except KeyError as exc:
+            raise PrivacyConfigError(f"ledger event {e!r:.200} lacks {exc}.") from None
+    return fresh._events

@@ -85,8 +85,9 @@ class PrivacyBudget:
         self._epsilon_memo: tuple[int, dict[tuple[PrivacyEvent, ...], float]] = (-1, {})
 
     # ---------------------------------------------------------------- configuration
-    def reserve(self, name: str, event: PrivacyEvent) -> None:
-        """Reserve room for a release made once at the end of every round (an update filter's).
+    def reserve(self, name: str, event: PrivacyEvent, hint: str | None = None) -> None:
+        """Reserve room for a release made once at the end of every round (an update filter's); ``hint`` says how
+        the filter's own settings lower its cost (in a refusal).
 
         Raises:
             PrivacyConfigError: the accountant cannot account for the event, or one round of the reserved releases
@@ -97,10 +98,11 @@ class PrivacyBudget:
         if self.limit is not None:
             cost = PrivacyLedger().epsilon_with(list(reserved.values()), self.delta, self.accountant)
             if cost > self.limit:
+                how = hint or "lower the filters' epsilon"
                 raise PrivacyConfigError(
                     f"one round of the update releases {sorted(reserved)} costs epsilon {cost:.4g} at delta "
                     f"{self.delta:g}, more than the whole budget {self.limit:g}; raise the budget (--epsilon-budget, "
-                    f"id privacy_epsilon_budget) or lower the filters' epsilon (e.g. --svt-epsilon, --svt-epsilon3)."
+                    f"id privacy_epsilon_budget) or {how}."
                 )
         self.reserved = reserved
         self._steps_cache = None

@@ -16,7 +16,8 @@ import json
 import sys
 
 from monai_fedpriv.errors import PrivacyConfigError
-from monai_fedpriv.privacy.accounting import ACCOUNTANTS, PrivacyLedger, solve_noise_multiplier
+from monai_fedpriv.privacy.accounting import ACCOUNTANTS, PrivacyLedger
+from monai_fedpriv.privacy.calibration import solve_noise_multiplier
 
 __all__ = ["build_parser", "privacy_main"]
 

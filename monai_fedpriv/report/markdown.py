@@ -175,9 +175,13 @@ def privacy_section(metrics: dict[str, Any]) -> list[str]:
     source = metrics.get("noise_source") or next((p.get("noise_source") for _, p in last.values()), None)
     if source:
         lines += [f"Noise source: **{source}**.", ""]
-    notes = sorted({p["unit_note"] for _, p in last.values() if p.get("unit_note")})
-    for note in notes:
-        lines += [f"Privacy unit: {note}.", ""]
+    units = {  # every entry that states a unit (a stopped site's last entry may only report its spending)
+        (res["privacy"].get("privacy_unit"), res["privacy"]["unit_note"])
+        for r in rounds for res in r["sites"].values()
+        if isinstance(res.get("privacy"), dict) and res["privacy"].get("unit_note")
+    }  # fmt: skip
+    for unit, note in sorted(units, key=str):
+        lines += [f"Privacy unit: **{unit}** ({note}).", ""]
     if glob:
         lines.append(
             f"Global model: **epsilon = {_f(glob['epsilon'], 2)}** at delta = {glob.get('delta')} (the maximum over "

@@ -30,14 +30,16 @@ import torch
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
 from monai_fedpriv.errors import ResumeError
 from monai_fedpriv.fl.evaluation import DiceEvaluator, evaluator_from_bundle
+from monai_fedpriv.fl.nvflare.integrity import JobIntegrityError, refuse_job, verify_job
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.nvflare.transport import NVFlareTransport, Task
 from monai_fedpriv.fl.simulator.faults import FaultInjector, parse_fault
 from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
 from monai_fedpriv.fl.simulator.site_round import train_round
-from monai_fedpriv.fl.weights import load_exchangeable_state
+from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
 from monai_fedpriv.privacy.grad_sample import plain_copy
-from monai_fedpriv.utils.files import atomic_torch_save
+from monai_fedpriv.privacy.ledger_store import FRESH_ENV, LedgerStore, new_run_id
+from monai_fedpriv.utils.files import atomic_torch_save, atomic_write_text
 
 __all__ = ["SiteStateStore", "main", "run_site"]
 
@@ -55,6 +57,15 @@ class SiteStateStore:
     def clear(self) -> None:
         for path in self.root.glob("round_*.pt"):
             path.unlink(missing_ok=True)
+        (self.root / "run_id").unlink(missing_ok=True)
+
+    def run_id(self) -> str:
+        """This federation's identity in the site's ledger store: kept across the jobs that resume it, new after
+        :meth:`clear`."""
+        path = self.root / "run_id"
+        if not path.is_file():
+            atomic_write_text(new_run_id(), path)
+        return path.read_text().strip()
 
     def save(self, rnd: int, state: dict[str, Any], release: bytes | None, meta: dict[str, Any]) -> None:
         """Save the state after round ``rnd`` with the bytes and meta of its answer, in one atomic write."""
@@ -90,6 +101,7 @@ class _Site:
         self.settings = settings
         self.name = name
         train, val = settings.site_data(name)
+        self.train = train
         self.bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
         self.spec = SiteSpec(
             rounds=settings.rounds, epochs=settings.local_epochs, steps=settings.local_steps, seed=settings.seed,
@@ -120,12 +132,19 @@ class _Site:
 
 def run_site(archive: Path) -> None:
     """The site's task loop (see the module docstring)."""
+    try:  # before anything of the job is parsed or built: an edited or unaccepted job runs none of its configs
+        verify_job(archive, Path(sys.argv[0]))
+    except JobIntegrityError as exc:
+        refuse_job(str(exc))
+        return
     settings, job_dir = open_job_archive(archive)
     faults = FaultInjector([parse_fault(f) for f in settings.faults])
-    transport = NVFlareTransport(tamper=faults.tamper if faults.faults else None)
+    transport = NVFlareTransport(tamper=faults.tamper if faults.faults else None,
+                                 tamper_bytes=faults.tamper_bytes if faults.faults else None)  # fmt: skip
     transport.flare.init()
     name = transport.site_name()
     site = _Site(settings, job_dir, name, transport, faults)
+    transport.expect(exchangeable_state(site.site.network))  # a global model of another shape is refused unread
     store = SiteStateStore(settings.state_root() / name)
     snapshot = site.site.snapshot()
     replay: tuple[int, bytes, dict[str, Any]] | None = None
@@ -141,6 +160,8 @@ def run_site(archive: Path) -> None:
             restored = _restore(site, store, task.model.round)
             if restored is not None:
                 snapshot, replay = restored
+            _bind_ledger(site, store, resumed=restored is not None)
+            snapshot = site.site.snapshot()
         if task.name == "validate":
             transport.reply_bytes(None, {"validate": True, "global": site.score_global(task)})
             continue
@@ -155,6 +176,21 @@ def run_site(archive: Path) -> None:
         store.save(rnd, snapshot, blob, meta)  # saved before anything leaves the site
         transport.reply_bytes(blob, meta)
     site.site.release_engine()
+    site.site.save_ledgers()
+
+
+def _bind_ledger(site: _Site, store: SiteStateStore, resumed: bool) -> None:
+    """The site's budget carries what earlier jobs spent on its cases, from the ledger store its own operator chose
+    (``$MONAI_FEDPRIV_LEDGER_DIR``, else ``~/.monai_fedpriv/ledgers``); only the site's own environment
+    (``MONAI_FEDPRIV_FRESH_BUDGET=1``) can start a fresh budget, never the job."""
+    fresh = os.environ.get(FRESH_ENV, "").strip().lower() in ("1", "true", "yes")
+    facts = site.site.bind_ledger_store(LedgerStore.default(), store.run_id(), site.train, fresh=fresh,
+                                        resumed=resumed)  # fmt: skip
+    if facts is not None:
+        site.site.setup["ledger_store"] = facts
+        if facts["carried_epsilon"] > 0:
+            logger.warning(f"{site.name}: earlier runs on its data spent epsilon {facts['carried_epsilon']:.4f} "
+                           f"(ledger store {facts['dir']}); its budget counts it")  # fmt: skip
 
 
 def _train(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -25,15 +25,17 @@ from nvflare.app_common.workflows.model_controller import ModelController
 
 from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.errors import ResumeError, UpdateError
-from monai_fedpriv.fl.codec import decode_update, encode_global
+from monai_fedpriv.fl.codec import Expected, decode_update, encode_global
 from monai_fedpriv.fl.evaluation import combine_scores
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.server import ScreenSettings, ServerRound
 from monai_fedpriv.fl.server.records import final_summary, round_record, stop_federation_reason
+from monai_fedpriv.fl.server.work import bundle_work, work_bounds
 from monai_fedpriv.fl.simulator.server_model import initial_network
 from monai_fedpriv.fl.strategies import build_strategy
 from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.weights import exchangeable_state
+from monai_fedpriv.fl.wire import MOMENTS
 from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
 from monai_fedpriv.utils.files import atomic_torch_save, json_safe, write_json
 
@@ -146,9 +148,13 @@ class FedPrivController(ModelController):
             return False
         updates, failures, expected, sites, wire = [], {}, [], {}, {}
         order = {name: k for k, name in enumerate(settings.sites)}
+        moments = MOMENTS if settings.momentum == "aggregate" else 0
         for res in sorted(results, key=lambda r: order.get(str((r.meta or {}).get("client_name")), len(order))):
             meta = dict(res.meta or {})
             name = str(meta.get("client_name"))
+            if name not in targets or name in sites:
+                self.warning(f"round {rnd}: ignored an answer from {name!r}, which was not asked or already answered")
+                continue
             sites[name] = dict(meta.get("result") or {})
             if meta.get("setup"):
                 state.setdefault("setup", {})[name] = meta["setup"]
@@ -160,15 +166,16 @@ class FedPrivController(ModelController):
             elif isinstance(blob, (bytes, bytearray)):
                 expected.append(name)
                 wire[name] = len(blob)
+                # untrusted bytes: decoded against the model, the site asked and the round, so nothing larger than
+                # the model is allocated; whatever they do is this site's rejection, never the end of the round
+                expect = Expected.of(state["weights"], site=name, round=rnd, moments=moments)
                 try:
-                    update = decode_update(bytes(blob))
-                except UpdateError as exc:
-                    failures[name] = f"undecodable update: {exc}"
+                    update = decode_update(bytes(blob), expect)
+                except Exception as exc:  # noqa: BLE001
+                    failures[name] = f"undecodable update: {exc if isinstance(exc, UpdateError) else repr(exc)}"
                 else:
-                    if update.site == name:
-                        updates.append(update)
-                    else:  # the bytes must come from the site that answered
-                        failures[name] = f"update claims to come from {update.site!r}, not from {name!r}"
+                    updates.append(update)
+                    state.setdefault("declared_samples", {}).setdefault(name, update.n_samples)
             if sites[name].get("stopped"):
                 state["active"] = [s for s in state["active"] if s != name]
         errored = set(getattr(self, "_current_failed_clients", set()) or set())
@@ -180,7 +187,8 @@ class FedPrivController(ModelController):
                     else f"no answer within the round's timeout ({settings.round_timeout} s)"
                 )
                 expected.append(name)
-        outcome = server(rnd, state["weights"], updates, expected, failures, wire_bytes=wire)
+        bounds = work_bounds(settings, *self._bundle_work(settings), state.get("declared_samples", {}))
+        outcome = server(rnd, state["weights"], updates, expected, failures, wire_bytes=wire, work_bounds=bounds)
         for name, entry in outcome.sites.items():
             sites.setdefault(name, {}).update(entry)
         if outcome.failed:
@@ -206,6 +214,14 @@ class FedPrivController(ModelController):
         self._write_metrics(settings, state, state_dir)
         self.info(f"round {rnd}: aggregated {outcome.accepted}, rejected {sorted(outcome.rejected)}")
         return True
+
+    def _bundle_work(self, settings: JobSettings) -> tuple[int, bool]:
+        """The bundle's training batch size and whether it trains with DP-SGD (read once, for the work bounds)."""
+        if getattr(self, "_work", None) is None:
+            _, job_dir = self._settings()
+            bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+            self._work = bundle_work(bundle, settings.seed)
+        return self._work
 
     def _note_global_dice(self, state: dict, site: str, scored: dict) -> None:
         """A site's score of the last completed round's global model goes into that round's record."""

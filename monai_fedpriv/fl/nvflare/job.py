@@ -12,19 +12,25 @@ The job has one app for the server and every site (``deploy_map: @ALL``):
 Because ``custom/`` holds code (the client script), FLARE treats the job as BYOC ("bring your own code"): sites skip
 their ``class_allow_list`` for it, and the submitter needs the ``byoc`` right (project admins and leads have it).
 The ``monai_fedpriv`` classes are imported from the package installed at every site; nothing else is shipped.
+
+The settings record the digests of every shipped config and of the client script, which each site checks before it
+builds anything; :func:`exported_job_digest` is the one digest a site operator can pin (:mod:`.integrity`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from monai_fedpriv.fl.nvflare.integrity import CLIENT_SCRIPT, job_digest, shipped_digests
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, write_job_archive
 
-__all__ = ["CLIENT_SCRIPT", "export_job"]
+__all__ = ["CLIENT_SCRIPT", "export_job", "exported_job_digest", "job_config_digests"]
 
-CLIENT_SCRIPT = "fedpriv_client.py"
 _SCRIPT = '''"""Site entry point of a monai_fedpriv NVIDIA FLARE job (written by monai-fedpriv export-nvflare)."""
 
 from monai_fedpriv.fl.nvflare.client import main
@@ -34,11 +40,32 @@ if __name__ == "__main__":
 '''
 
 
+def job_config_digests(settings: JobSettings, bundle_dir: Path) -> dict[str, str | None]:
+    """What ``settings.config_digests`` holds for a job of ``bundle_dir``: the shipped configs and client script
+    (:func:`~monai_fedpriv.fl.nvflare.integrity.shipped_digests`) and the package's shared override files the run
+    merges (``package/<name>``)."""
+    from monai_fedpriv.bundle.loader import BundleSpec
+
+    configs = Path(bundle_dir) / "configs"
+    out: dict[str, str | None] = dict(shipped_digests(configs, _SCRIPT.encode()))
+    for path in BundleSpec(Path(bundle_dir), tuple(settings.config_files), {}).config_paths():
+        if path.parent.resolve() != configs.resolve():
+            out[f"package/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return out
+
+
+def exported_job_digest(job_dir: Path) -> str:
+    """The job digest of an exported job folder (what a site lists in ``$MONAI_FEDPRIV_ACCEPT_JOBS``)."""
+    custom = Path(job_dir) / "app" / "custom"
+    return job_digest(custom / JOB_ARCHIVE, custom / CLIENT_SCRIPT)
+
+
 def export_job(settings: JobSettings, bundle_dir: Path, job_dir: Path, task_request_interval: float = 0.5) -> Path:
     """Write the job folder ``job_dir`` (replaced if it exists) and return it.
 
     Args:
-        settings: the run (``settings.bundle`` is the bundle folder's name inside the job).
+        settings: the run (``settings.bundle`` is the bundle folder's name inside the job); its ``config_digests``
+            are taken here, from the files the job ships.
         bundle_dir: the bundle whose ``configs/`` are shipped.
         job_dir: where the job folder goes.
         task_request_interval: how often idle sites ask the server for work, seconds (FLARE's default 2 s makes
@@ -54,9 +81,10 @@ def export_job(settings: JobSettings, bundle_dir: Path, job_dir: Path, task_requ
 
     configs = Path(bundle_dir) / "configs"
     job_dir = Path(job_dir).resolve()
+    settings = dataclasses.replace(settings, config_digests=job_config_digests(settings, bundle_dir))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / CLIENT_SCRIPT).write_text(_SCRIPT)
+        (work / CLIENT_SCRIPT).write_bytes(_SCRIPT.encode())
         write_job_archive(settings, configs, work / JOB_ARCHIVE)
         job = FedJob(name=settings.name, min_clients=1)
         job.set_app_packages(["monai_fedpriv"])
@@ -72,8 +100,6 @@ def export_job(settings: JobSettings, bundle_dir: Path, job_dir: Path, task_requ
         )
         cwd = Path.cwd()
         try:
-            import os
-
             os.chdir(work)
             job.to_clients(runner)
             job.add_file_to_clients(str(work / JOB_ARCHIVE))

@@ -62,8 +62,11 @@ class JobSettings:
         partition, data_summary: what ``metrics.json`` and the report say about the split and the data.
         resume: continue after the last round completed by an earlier job of the same settings (its saved server
             and site state), instead of starting at round 1.
-        config_digests: digests of the config files the job ships, taken at export: part of the fingerprint, so a
-            job re-exported with an edited config does not resume the earlier one's state.
+        config_digests: SHA-256 digests taken at export of every file the job ships under the bundle's ``configs/``
+            (``configs/<path>``), of the client script (``custom/fedpriv_client.py``) and of the package's shared
+            override files it merges (``package/<name>``): every site checks the shipped ones before it builds
+            anything (:mod:`.integrity`), and all are part of the fingerprint, so a job re-exported with an edited
+            config does not resume the earlier one's state.
     """
 
     name: str
@@ -98,14 +101,28 @@ class JobSettings:
         path = Path(path)
         if not path.is_file():
             raise BundleError(f"job settings {path} not found; export the job with monai-fedpriv export-nvflare.")
+        return cls.from_bytes(path.read_bytes(), f"job settings {path}")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> JobSettings:
+        """Settings from the bytes of a ``fedpriv_job.json``; ``where`` names it in the one-line error.
+
+        Raises:
+            BundleError: not JSON, not an object, unknown or missing fields.
+        """
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise BundleError(f"job settings {path} are not valid JSON: {exc}") from exc
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where} is not a JSON object.")
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
-            raise BundleError(f"job settings {path} have unknown fields {unknown}.")
-        return cls(**raw)
+            raise BundleError(f"{where} has unknown fields {unknown}.")
+        try:
+            return cls(**raw)
+        except TypeError as exc:
+            raise BundleError(f"{where} lacks required fields: {exc}") from exc
 
     def fingerprint(self) -> str:
         """A digest of everything that defines the run but its name, the number of rounds, injected faults and
@@ -172,7 +189,9 @@ def open_job_archive(path: str | Path) -> tuple[JobSettings, Path]:
     except zipfile.BadZipFile as exc:
         raise BundleError(f"job archive {path} is not a zip file: {exc}") from exc
     folder = Path(unpacked.name)
-    settings = JobSettings.load(folder / JOB_FILE)
+    if not (folder / JOB_FILE).is_file():
+        raise BundleError(f"job archive {path} lacks {JOB_FILE}; export the job again.")
+    settings = JobSettings.from_bytes((folder / JOB_FILE).read_bytes(), f"{JOB_FILE} in {path}")
     if not (folder / settings.bundle / "configs").is_dir():
         raise BundleError(f"job archive {path} lacks the bundle's configs ({settings.bundle}/configs).")
     _UNPACKED[path] = unpacked

@@ -10,11 +10,13 @@ update is sent, and answers the task.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from monai_fedpriv.fl.codec import decode_global, encode_update
+import torch
+
+from monai_fedpriv.fl.codec import Expected, decode_global, encode_update
 from monai_fedpriv.fl.transport.base import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 
@@ -46,17 +48,33 @@ class Task:
 class NVFlareTransport(Transport):
     """Client API transport of one site (import it only inside an NVFlare client process).
 
+    The server's global models are decoded as untrusted bytes against :attr:`expected` (the structure of the site's
+    own model, set by :meth:`expect`, else pinned from the first global model received), so a later answer never
+    allocates more than that model.
+
     Args:
         tamper: ``update -> update`` applied after the site's filters (``--inject-fault``, testing only).
+        tamper_bytes: ``(update, encoded bytes) -> bytes`` applied to the encoding, after ``tamper`` (the ``bytes``
+            fault, testing only): what the answer carries.
     """
 
     yields_control = True
 
-    def __init__(self, tamper: Callable[[ModelUpdate], ModelUpdate] | None = None) -> None:
+    def __init__(
+        self,
+        tamper: Callable[[ModelUpdate], ModelUpdate] | None = None,
+        tamper_bytes: Callable[[ModelUpdate, bytes], bytes] | None = None,
+    ) -> None:
         self.flare = require_nvflare()
         self.tamper = tamper
+        self.tamper_bytes = tamper_bytes
         self.current: GlobalModel | None = None
         self.pending: dict[str, tuple[bytes, ModelUpdate]] = {}
+        self.expected: Expected | None = None
+
+    def expect(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Decode every later global model against ``weights`` (the site's own model): its keys, shapes, dtypes."""
+        self.expected = Expected.of(weights)
 
     def site_name(self) -> str:
         return str(self.flare.get_site_name())
@@ -72,7 +90,9 @@ class NVFlareTransport(Transport):
         if not isinstance(blob, (bytes, bytearray)):
             keys = sorted(model.params or {})
             raise ValueError(f"the server's task carries no encoded global model (params {keys}).")
-        self.current = decode_global(bytes(blob))
+        self.current = decode_global(bytes(blob), self.expected)
+        if self.expected is None:
+            self.expect(self.current.weights)
         return Task(str(self.flare.get_task_name()), self.current, dict(model.meta or {}))
 
     # -- what FederatedSync calls -------------------------------------------------------------------------------
@@ -90,9 +110,13 @@ class NVFlareTransport(Transport):
     def send(self, update: ModelUpdate) -> None:
         if update.site in self.pending:
             raise RuntimeError(f"{update.site} sent two updates in round {update.round}.")
+        sender = update.site
         if self.tamper is not None:
             update = self.tamper(update)
-        self.pending[update.site] = (encode_update(update), update)
+        data = encode_update(update)
+        if self.tamper_bytes is not None:  # after the filters and the encoding, never a privacy path
+            data = self.tamper_bytes(update, data)
+        self.pending[sender] = (data, update)
 
     def has_update(self, site: str) -> bool:
         return site in self.pending

@@ -19,7 +19,7 @@ import torch
 from monai_fedpriv.errors import ResumeError
 from monai_fedpriv.utils.files import json_safe
 
-__all__ = ["CHECKPOINT_VERSION", "fingerprint_changes", "load_round_checkpoint"]
+__all__ = ["ADDED_SETTINGS", "CHECKPOINT_VERSION", "fingerprint_changes", "load_round_checkpoint"]
 
 CHECKPOINT_VERSION = 2
 
@@ -40,22 +40,64 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+#: settings that checkpoints of earlier versions did not record: compared only when both fingerprints hold them
+ADDED_SETTINGS = ("partition",)
+
+
+def _site_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The change of the sites' data lists (``{site: [image, ...]}``) in the flags' terms: ``--sites`` when the
+    sites differ, ``--partition`` when the scheme does, else how many cases each site gained and lost."""
+    old, new = dict(saved.get("sites") or {}), dict(current.get("sites") or {})
+    if list(old) != list(new):
+        if len(old) != len(new):
+            return [f"--sites: {len(old)} -> {len(new)}"]
+        return [f"sites: {', '.join(old)} -> {', '.join(new)}"]
+    if old == new:
+        return []
+    scheme_old, scheme_new = saved.get("partition"), current.get("partition")
+    if scheme_old is not None and scheme_new is not None and scheme_old != scheme_new:
+        return []  # said by the --partition line
+    cells = []
+    for site in old:
+        added = len(set(map(str, new[site])) - set(map(str, old[site])))
+        removed = len(set(map(str, old[site])) - set(map(str, new[site])))
+        if added or removed or old[site] != new[site]:
+            cells.append(f"{site}: {added} added, {removed} removed" if added or removed else f"{site}: reordered")
+    return [f"the sites' data lists changed (data, --data, --partition or --seed): {'; '.join(cells)}"]
+
+
 def fingerprint_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Every leaf setting that differs between two fingerprints, as ``"path: old -> new"`` lines."""
-    old, new = _leaves(json_safe(dict(saved))), _leaves(json_safe(dict(current)))
-    lines = []
+    """Every leaf setting that differs between two fingerprints, as ``"path: old -> new"`` lines; the sites' data
+    lists as one line in the flags' terms (``--sites: 3 -> 4``, ``--partition: iid -> skew-high``)."""
+    saved, current = dict(json_safe(dict(saved))), dict(json_safe(dict(current)))
+    for key in ADDED_SETTINGS:
+        if key not in saved or key not in current:
+            saved.pop(key, None)
+            current.pop(key, None)
+    lines = _site_changes(saved, current)
+    old = _leaves({k: v for k, v in saved.items() if k != "sites"})
+    new = _leaves({k: v for k, v in current.items() if k != "sites"})
     for key in sorted(set(old) | set(new)):
         if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            lines.append(f"{key}: {_short(old.get(key, '<unset>'))} -> {_short(new.get(key, '<unset>'))}")
+            if key == "partition":  # a flag's values, as the flag takes them
+                lines.append(f"--partition: {old[key]} -> {new[key]}")
+            else:
+                lines.append(f"{key}: {_short(old.get(key, '<unset>'))} -> {_short(new.get(key, '<unset>'))}")
     return lines
 
 
-def load_round_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+def load_round_checkpoint(path: Path, fingerprint: Mapping[str, Any], rounds: int | None = None) -> dict[str, Any]:
     """Load a round checkpoint and check that it belongs to this run.
+
+    Args:
+        path: the checkpoint.
+        fingerprint: the run's settings (:func:`~monai_fedpriv.fl.simulator.run_config.run_fingerprint`).
+        rounds: the run's ``--rounds``, refused when below the rounds the checkpoint has completed.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ResumeError: another checkpoint version, an unreadable file, or a changed configuration (every change named).
+        ResumeError: another checkpoint version, an unreadable file, a changed configuration (every change named),
+            or fewer ``rounds`` than were completed.
     """
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}.")
@@ -75,5 +117,11 @@ def load_round_checkpoint(path: Path, fingerprint: Mapping[str, Any]) -> dict[st
         raise ResumeError(
             f"--resume: the run in {path.parent.parent} was started with other settings; only --rounds may grow. "
             f"Changed:\n{lines}\nRestore these settings, or start a new run in another --output."
+        )
+    done = int(state.get("round", 0))
+    if rounds is not None and rounds < done:
+        raise ResumeError(
+            f"--resume: the run in {path.parent.parent} already has {done} rounds; --rounds must be >= {done} "
+            f"(got {rounds})."
         )
     return state

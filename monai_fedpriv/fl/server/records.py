@@ -48,7 +48,7 @@ def global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def progress_cell(site: str, result: dict[str, Any]) -> str:
     if "rejected" in result:
-        return f"{site} REJECTED ({str(result['rejected'])[:60]})"
+        return f"{site} REJECTED ({result['rejected']})"  # the whole reason: a cut one can mislead
     if "stopped" in result and "loss" not in result:
         reason = "privacy budget" if str(result["stopped"]).startswith("privacy budget") else result["stopped"]
         return f"{site} stopped ({reason})"

@@ -9,12 +9,14 @@ Example::
 
     server = ServerRound(FedAvg(), ScreenSettings(norm_factor=100.0))
     outcome = server(3, global_weights, updates, expected=["site-1", "site-2", "site-3"],
-                     failures={"site-2": "training raised RuntimeError: ..."}, publish=transport.publish)
+                     failures={"site-2": "training raised RuntimeError: ..."}, publish=transport.publish,
+                     work_bounds={"site-1": WorkBound(max_steps=12, n_samples=40)})
     outcome.failed, outcome.rejected
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +24,12 @@ from typing import Any
 
 import torch
 
+from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.server.records import update_facts
 from monai_fedpriv.fl.server.screening import ScreenSettings, screen_updates
+from monai_fedpriv.fl.server.work import WorkBound
 from monai_fedpriv.fl.strategies.base import Strategy
-from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
+from monai_fedpriv.fl.update import GlobalModel, ModelUpdate, check_fields
 
 __all__ = ["RoundOutcome", "ServerRound", "default_min_sites"]
 
@@ -91,6 +95,7 @@ class ServerRound:
         failures: Mapping[str, str] | None = None,
         publish: Callable[[GlobalModel], None] | None = None,
         wire_bytes: Mapping[str, int] | None = None,
+        work_bounds: Mapping[str, WorkBound] | None = None,
     ) -> RoundOutcome:
         """Run the server side of round ``rnd``.
 
@@ -103,30 +108,48 @@ class ServerRound:
             failures: ``{site: reason}`` for expected sites that failed before sending (training raised, timed out).
             publish: called with the new :class:`GlobalModel` when the round aggregates.
             wire_bytes: bytes each site's update took on the wire, for the record.
+            work_bounds: ``{site: WorkBound}``: the local steps the server asked of each site and the samples it
+                declared when it joined; an update claiming more is rejected before aggregation.
+
+        Raises:
+            ValueError: a caller's mistake (an update from a site that was not asked, two from one site, a ``site``
+                that is not a string); nothing a site sent raises: a field of the wrong type, another round or an
+                excessive claim is that site's rejection.
         """
         failures = dict(failures or {})
+        if any(not isinstance(u.site, str) for u in updates):
+            raise ValueError(f"round {rnd}: updates must name their site as a string (the transport decodes them).")
         unexpected = sorted({u.site for u in updates} - set(expected))
         if unexpected:
             raise ValueError(f"round {rnd}: updates from sites that were not asked to train: {unexpected}.")
         senders = [u.site for u in updates]
         if len(set(senders)) != len(senders):
             raise ValueError(f"round {rnd}: several updates from one site: {sorted(senders)}.")
-        for u in updates:  # computed against another round's model: never aggregated with this round's
-            if u.round != rnd:
+        for u in updates:
+            try:
+                check_fields(u)  # typed first: a round "1" is not compared with 1
+            except UpdateError as exc:
+                failures[u.site] = str(exc)
+                continue
+            if u.round != rnd:  # computed against another round's model: never aggregated with this round's
                 failures[u.site] = f"update is for round {u.round}, not round {rnd}"
         on_round = [u for u in updates if u.site not in failures]
-        accepted, rejected = screen_updates(global_weights, on_round, self.screen)
+        accepted, rejected = screen_updates(global_weights, on_round, self.screen, work_bounds)
+        accepted, claimed = _weighted_as_asked(accepted, work_bounds or {})
         rejected = {**failures, **rejected}
         sites: dict[str, dict[str, Any]] = {}
         by_site = {u.site: u for u in updates}
         for site, reason in rejected.items():
             logger.warning(f"round {rnd}: {site} rejected: {reason}")
             entry: dict[str, Any] = {"rejected": reason}
-            if site in by_site and "privacy" in by_site[site].meta:  # a refused release still spent its epsilon
-                entry["privacy"] = by_site[site].meta["privacy"]
+            meta = by_site[site].meta if site in by_site else None
+            if isinstance(meta, dict) and "privacy" in meta:  # a refused release still spent its epsilon
+                entry["privacy"] = meta["privacy"]
             sites[site] = entry
         for u in accepted:
             sites[u.site] = update_facts(u, (wire_bytes or {}).get(u.site))
+            if u.site in claimed:  # weighted as the steps asked for; what the site claimed, for the record
+                sites[u.site]["local_steps_claimed"] = claimed[u.site]
         outcome = RoundOutcome(rnd, [u.site for u in accepted], rejected, None, sites=sites)
         if not expected and not rejected:  # every site of the round stopped (privacy budget): nothing to aggregate
             outcome.weights = dict(global_weights)
@@ -148,3 +171,19 @@ class ServerRound:
         if publish is not None:
             publish(GlobalModel(rnd, outcome.weights, outcome.optimizer_state))
         return outcome
+
+
+def _weighted_as_asked(
+    updates: list[ModelUpdate], bounds: Mapping[str, WorkBound]
+) -> tuple[list[ModelUpdate], dict[str, int]]:
+    """Updates whose step claim passes the steps the server asked for, weighted as those steps (a plausible claim,
+    e.g. DP-SGD's noise-only steps, never outweighs an honest site that did all the work asked); ``{site: claim}``
+    of those it changed."""
+    out, claimed = [], {}
+    for u in updates:
+        bound = bounds.get(u.site)
+        if bound is not None and bound.weight_steps is not None and u.local_steps > bound.weight_steps:
+            claimed[u.site] = u.local_steps
+            u = dataclasses.replace(u, local_steps=bound.weight_steps)
+        out.append(u)
+    return out, claimed

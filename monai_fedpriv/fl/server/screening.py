@@ -1,8 +1,9 @@
 """Screen the updates of a round before they reach the strategy: malformed or suspicious updates are rejected with a
 reason instead of stopping the federation.
 
-An update is rejected when :func:`~monai_fedpriv.fl.update.check_update` fails (missing or extra keys, wrong shapes,
-NaN/Inf in the delta or the optimiser moments, bad masks), when its L2 norm passes an absolute bound
+An update is rejected when :func:`~monai_fedpriv.fl.update.check_update` fails (a field of the wrong type, missing or
+extra keys, wrong shapes, NaN/Inf in the delta or the optimiser moments, bad masks), when it claims more work than the
+server asked of its site (:mod:`monai_fedpriv.fl.server.work`), when its L2 norm passes an absolute bound
 (``max_update_norm``), or when its norm is ``norm_factor`` times the median norm of the *other* non-empty updates of
 the round (leave-one-out, so two sites are enough to tell which one is off). Norms are taken over the shared
 floating-point coordinates.
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from monai_fedpriv.errors import UpdateError
+from monai_fedpriv.fl.server.work import WorkBound, claim_problem
 from monai_fedpriv.fl.update import ModelUpdate, check_update
 
 __all__ = ["ScreenSettings", "screen_updates", "update_l2_norm"]
@@ -66,14 +68,19 @@ def update_l2_norm(update: ModelUpdate) -> float:
 
 
 def screen_updates(
-    reference: Mapping[str, torch.Tensor], updates: Sequence[ModelUpdate], settings: ScreenSettings = ScreenSettings()
+    reference: Mapping[str, torch.Tensor],
+    updates: Sequence[ModelUpdate],
+    settings: ScreenSettings = ScreenSettings(),
+    work_bounds: Mapping[str, WorkBound] | None = None,
 ) -> tuple[list[ModelUpdate], dict[str, str]]:
-    """Split a round's updates into accepted ones and ``{site: reason}`` rejections.
+    """Split a round's updates into accepted ones and ``{site: reason}`` rejections; never raises for what a site
+    sent (a field of the wrong type is that site's rejection).
 
     Args:
         reference: the global weights the updates were computed against.
         updates: what arrived this round.
         settings: the norm bounds.
+        work_bounds: ``{site: WorkBound}``, the most each site may claim (sites without one are not bounded).
 
     Returns:
         ``(accepted, rejected)``; accepted updates keep their arrival order.
@@ -85,6 +92,10 @@ def screen_updates(
             check_update(update, reference)
         except UpdateError as exc:
             rejected[update.site] = str(exc)
+            continue
+        problem = claim_problem(update, (work_bounds or {}).get(update.site))
+        if problem is not None:
+            rejected[update.site] = f"update from {update.site!r} (round {update.round}) {problem}"
             continue
         valid.append(update)
     norms = {u.site: update_l2_norm(u) for u in valid}

@@ -7,17 +7,26 @@
 * ``scale``: the update's delta is multiplied by 1e6;
 * ``keys``: a key of the update is renamed (the server sees one missing and one unknown key);
 * ``stall``: the site's trainer sleeps :data:`STALL_SECONDS` at the start of that round (a slow site: exercises
-  round timeouts and, in deployment tests, leaves time to kill a process mid-round). Results are unchanged.
+  round timeouts and, in deployment tests, leaves time to kill a process mid-round). Results are unchanged;
+* ``overclaim``: the update claims ``local_steps = 10**12`` with its honest delta (a site trying to take over a
+  step-weighted average; the server bounds work claims);
+* ``bytes``: the site sends malformed bytes instead of its encoded update: a valid prefix and header whose one tensor
+  claims the shape ``[2**40, 2**40]`` (an element count that overflows int64) and no values, which the decoder
+  before issue 16 let out of the round as a ``RuntimeError``.
 
-``nan``, ``scale`` and ``keys`` act on what crosses the wire, after the site's filters (a buggy or malicious site),
-so they exercise the server's screening; ``crash`` exercises the recovery of a site whose training failed.
+``nan``, ``scale``, ``keys`` and ``overclaim`` act on the update the site sends, ``bytes`` on its encoding, both after
+the site's filters (a buggy or malicious site, never a privacy path), so they exercise the server's decoding and
+screening; ``crash`` exercises the recovery of a site whose training failed.
 A ``crash`` or ``stall`` happens once per process: a site process started again (a resumed job) repeats it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,11 +34,13 @@ from ignite.engine import Engine, Events
 
 from monai_fedpriv.errors import InjectedFault
 from monai_fedpriv.fl.update import ModelUpdate
+from monai_fedpriv.fl.wire import CODEC_VERSION, MAGIC
 
 __all__ = ["FAULT_KINDS", "STALL_SECONDS", "Fault", "FaultInjector", "parse_fault"]
 
-FAULT_KINDS = ("nan", "crash", "scale", "keys", "stall")
+FAULT_KINDS = ("nan", "crash", "scale", "keys", "stall", "overclaim", "bytes")
 STALL_SECONDS = 10.0
+OVERCLAIM_STEPS = 10**12
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,8 @@ def parse_fault(text: str) -> Fault:
 
 
 class FaultInjector:
-    """Applies a run's faults: ``tamper`` for what crosses the wire, ``attach`` for trainer crashes."""
+    """Applies a run's faults: ``tamper`` for the update a site sends, ``tamper_bytes`` for its encoding, ``attach``
+    for trainer crashes and stalls."""
 
     def __init__(self, faults: Iterable[Fault] = ()) -> None:
         self.faults = list(faults)
@@ -79,9 +91,11 @@ class FaultInjector:
 
     def tamper(self, update: ModelUpdate) -> ModelUpdate:
         """The update as a faulty site would send it (unchanged when no fault is due)."""
-        fault = self._find(update.site, update.round, ("nan", "scale", "keys"))
+        fault = self._find(update.site, update.round, ("nan", "scale", "keys", "overclaim"))
         if fault is None:
             return update
+        if fault.kind == "overclaim":
+            return dataclasses.replace(update, local_steps=OVERCLAIM_STEPS)
         delta = {k: v.clone() for k, v in update.delta.items()}
         if fault.kind == "nan":
             key = next(k for k, v in delta.items() if v.is_floating_point())
@@ -95,6 +109,21 @@ class FaultInjector:
         if fault.kind == "keys" and masks is not None:
             masks = {(k + ".injected" if k == next(iter(update.delta)) else k): m for k, m in masks.items()}
         return dataclasses.replace(update, delta=delta, masks=masks)
+
+    def tamper_bytes(self, update: ModelUpdate, data: bytes) -> bytes:
+        """The bytes a faulty site sends for the encoded ``update`` (``data`` unchanged when no ``bytes`` fault is
+        due): a header whose one tensor has an overflowing shape and no values."""
+        if self._find(update.site, update.round, ("bytes",)) is None:
+            return data
+        key = next(iter(update.delta), "weight")
+        header = {
+            "site": update.site, "round": update.round, "n_samples": update.n_samples, "local_steps": 1,
+            "sparse": False, "optimizer_state": None, "meta": {},
+            "tensors": [{"key": key, "shape": [2**40, 2**40], "dtype": "float32", "encoding": "dense",
+                         "pos_bytes": 0, "val_bytes": 0}],
+        }  # fmt: skip
+        head = zlib.compress(json.dumps(header).encode("utf-8"))
+        return struct.pack("<4sBI", MAGIC, CODEC_VERSION, len(head)) + head
 
     def attach(self, site: str, engine: Engine, current_round: Callable[[], int]) -> None:
         """Make ``site``'s trainer raise (``crash``) or sleep (``stall``) at the start of each round with such a fault.

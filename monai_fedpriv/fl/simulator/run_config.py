@@ -58,9 +58,12 @@ def run_fingerprint(
     server: ServerRound,
     seed: int,
     secure_noise: bool,
+    partition: str | None = None,
 ) -> dict[str, Any]:
     """Every setting that must match for a checkpoint to be resumed: the bundle (its config files' digests
-    included), overrides, each site's cases, local work, momentum, strategy, screening, seed and noise source."""
+    included), overrides, each site's cases (and the ``partition`` scheme that made them, when known), local work,
+    momentum, strategy, screening, seed and noise source."""
+    extra = {} if partition is None else {"partition": partition}
     return {
         "bundle": str(Path(bundle.root).resolve()),
         "config_files": list(bundle.config_files),
@@ -74,4 +77,5 @@ def run_fingerprint(
         "min_sites": server.min_sites,
         "seed": seed,
         "secure_noise": secure_noise,
+        **extra,
     }

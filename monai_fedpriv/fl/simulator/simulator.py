@@ -32,7 +32,9 @@ from monai_fedpriv.fl.server.checkpoint import CHECKPOINT_VERSION, load_round_ch
 from monai_fedpriv.fl.server.records import final_summary, progress_cell, round_record, stop_federation_reason
 from monai_fedpriv.fl.server.round import ServerRound
 from monai_fedpriv.fl.server.screening import ScreenSettings
+from monai_fedpriv.fl.server.work import WorkBound, bound_for
 from monai_fedpriv.fl.simulator.faults import Fault, FaultInjector
+from monai_fedpriv.fl.simulator.ledgers import SiteLedgers
 from monai_fedpriv.fl.simulator.run_config import LocalWork, run_fingerprint
 from monai_fedpriv.fl.simulator.server_model import ServerModel
 from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
@@ -73,6 +75,13 @@ class FederatedSimulator:
         faults: faults to inject (:mod:`.faults`).
         secure_noise: draw every site's privacy noise from OS entropy instead of the run seed.
         on_round: called with the metrics dict after every completed round (e.g. to keep a report current).
+        partition: the scheme that split the cases onto the sites (``--partition``), part of the fingerprint.
+        round_timeout: seconds of wall time each site has to send its round's update (``None`` or 0: no limit); a
+            site past it is rejected for the round as under NVIDIA FLARE (:func:`.site_round.train_round`).
+        ledger_store: a :class:`~monai_fedpriv.privacy.ledger_store.LedgerStore`: each site's budget carries what
+            earlier runs spent on its cases and records its releases there (``None``: this run's ledger only).
+        fresh_budget: start every site's budget at zero even if the store holds earlier spending (stated in
+            ``metrics.json``).
 
     Example::
 
@@ -103,6 +112,10 @@ class FederatedSimulator:
         faults: Sequence[Fault] = (),
         secure_noise: bool = False,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        partition: str | None = None,
+        round_timeout: float | None = None,
+        ledger_store: Any = None,
+        fresh_budget: bool = False,
     ) -> None:
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds should be an int >= 1, got {rounds!r}.")
@@ -131,7 +144,13 @@ class FederatedSimulator:
         self.faults.check_sites(list(self.train_sites))
         self.secure_noise = bool(secure_noise)
         self.on_round = on_round
-        self.transport = InProcessTransport(tamper=self.faults.tamper if self.faults.faults else None)
+        self.partition = partition
+        self.round_timeout = round_timeout or None
+        self.ledgers = SiteLedgers(ledger_store, fresh_budget)
+        self.transport = InProcessTransport(
+            tamper=self.faults.tamper if self.faults.faults else None,
+            tamper_bytes=self.faults.tamper_bytes if self.faults.faults else None,
+        )
         self.sites: dict[str, SiteRuntime] = {}
         self.history: list[dict[str, Any]] = []
         self.stopped: dict[str, Any] | None = None
@@ -184,10 +203,13 @@ class FederatedSimulator:
         return self._fingerprint if self._fingerprint is not None else self._describe_run()
 
     def _describe_run(self) -> dict[str, Any]:
-        return run_fingerprint(
+        described = run_fingerprint(
             self.bundle, self.overrides, self.train_sites, self.local_work, self.momentum, self.strategy,
-            self.server, self.seed, self.secure_noise,
+            self.server, self.seed, self.secure_noise, self.partition,
         )  # fmt: skip
+        if self.ledgers.describe() is not None:
+            described["ledger_store"] = self.ledgers.describe()
+        return described
 
     @property
     def checkpoint_path(self) -> Path:
@@ -203,18 +225,20 @@ class FederatedSimulator:
             "optimizer_state": self.transport.current.optimizer_state if self.transport.current else None,
             "sites": self._snapshots,
             "history": self.history,
+            "run_id": self.ledgers.run_id,
         }
         atomic_torch_save(state, self.checkpoint_path)
         atomic_torch_save(self.global_weights, self.output_dir / "models" / "model.pt")
 
     def _load_checkpoint(self) -> int:
-        state = load_round_checkpoint(self.checkpoint_path, self.fingerprint())
+        state = load_round_checkpoint(self.checkpoint_path, self.fingerprint(), self.rounds)
         self.global_weights = state["global_weights"]
         self.strategy.load_state_dict(state["strategy"])
         for name, site in self.sites.items():
             site.load_state_dict(state["sites"][name], self.max_epochs)
         self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}
         self.history = list(state["history"])
+        self.ledgers.run_id = str(state.get("run_id") or self.ledgers.run_id)
         ended = [r for r in self.history if r.get("federation_stopped")]
         if ended:  # a run that ended for a site's budget (stop_federation) says so again after a resume
             self.stopped = {"round": ended[-1]["round"], "reason": ended[-1]["federation_stopped"]}
@@ -233,6 +257,9 @@ class FederatedSimulator:
         if not self.sites:
             self.setup()
         start = self._load_checkpoint() if resume else 0
+        log = (lambda line: print(f"[{self.label}] {line}", flush=True)) if self.progress else None
+        self.ledgers.bind(self.sites, self.train_sites, resumed=resume, log=log)
+        self._snapshots = {name: site.snapshot() for name, site in self.sites.items()}
         if start >= self.rounds and self.progress:
             logger.info(f"checkpoint already at round {start} of {self.rounds}: nothing to do.")
         try:
@@ -263,6 +290,7 @@ class FederatedSimulator:
         finally:
             for site in self.sites.values():
                 site.release_engine()
+            self.ledgers.save(self.sites)
         return self.write_metrics()
 
     def _note_all_stopped(self, rnd: int) -> None:
@@ -288,8 +316,9 @@ class FederatedSimulator:
         for name in selected:
             site = self.sites[name]
             result, answers, failure = train_round(
-                site, rnd, self.transport, self._snapshots[name], self.max_epochs, self.evaluators.get(name)
-            )
+                site, rnd, self.transport, self._snapshots[name], self.max_epochs, self.evaluators.get(name),
+                timeout=self.round_timeout,
+            )  # fmt: skip
             site_results[name] = result
             if answers:
                 expected.append(name)
@@ -298,10 +327,11 @@ class FederatedSimulator:
             if any(b.policy == "stop_federation" for b in site.exhausted_budgets()):
                 stop_reason = stop_federation_reason(name)
         updates = self.transport.collect()
+        failures.update(self.transport.take_rejected())  # bytes that did not decode: that site's rejection
         reference = dict(self.global_weights)
         outcome = self.server(
             rnd, reference, updates, expected, failures, publish=self.transport.publish,
-            wire_bytes=self.transport.wire_bytes,
+            wire_bytes=self.transport.wire_bytes, work_bounds=self._work_bounds(selected),
         )  # fmt: skip
         for name, entry in outcome.sites.items():
             site_results.setdefault(name, {}).update(entry)
@@ -332,6 +362,16 @@ class FederatedSimulator:
             )
         return record
 
+    def _work_bounds(self, names: Sequence[str]) -> dict[str, WorkBound]:
+        """The most each site may claim in a round: the steps the server asks of it and the size of the training
+        data it was built with."""
+        epochs, steps = self.local_work.epochs, self.local_work.steps
+        return {
+            name: bound_for(len(self.train_sites[name]), self.sites[name].batch_size, epochs, steps,
+                            self.sites[name].dp_sgd)
+            for name in names
+        }  # fmt: skip
+
     def evaluate_global(self, weights: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Dice of the global model (or of ``weights``) on every evaluation set and their case-weighted mean."""
         assert self.server_model is not None
@@ -354,6 +394,8 @@ class FederatedSimulator:
             out["noise_source"] = NOISE_SECURE if self.secure_noise else NOISE_SEEDED
         if self.stopped is not None:
             out["stopped"] = dict(self.stopped)
+        if self.ledgers.summary() is not None:
+            out["ledger_store"] = self.ledgers.summary()
         return out
 
     def write_metrics(self) -> dict[str, Any]:

@@ -33,6 +33,12 @@ class Budgeted(Protocol):
 
     def privacy_facts(self) -> dict[str, Any]: ...
 
+    def bind_store(
+        self, store: Any, site: str, run_id: str, cases: list[dict[str, Any]], fresh: bool, resumed: bool
+    ) -> dict[str, Any]: ...
+
+    def save_ledger(self) -> None: ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -114,6 +120,22 @@ class SiteRuntime:
         facts = [b.privacy_facts() for b in self.budgets]
         return max(facts, key=lambda f: f.get("epsilon") or 0.0) if facts else None
 
+    def bind_ledger_store(
+        self, store: Any, run_id: str, cases: list[dict[str, Any]], fresh: bool = False, resumed: bool = False
+    ) -> dict[str, Any] | None:
+        """Bind the site's budget to a :class:`~monai_fedpriv.privacy.ledger_store.LedgerStore`: it carries what
+        earlier runs spent on ``cases`` and records every release; returns the store's facts for ``metrics.json``
+        (``None`` for a site without a budget)."""
+        facts = None
+        for budget in self.budgets:
+            facts = budget.bind_store(store, self.name, run_id, cases, fresh=fresh, resumed=resumed)
+        return facts
+
+    def save_ledgers(self) -> None:
+        """Record the site's ledger in its store now (the end of a run)."""
+        for budget in self.budgets:
+            budget.save_ledger()
+
     # -- running ------------------------------------------------------------------------------------------------
     @property
     def network(self) -> Any:
@@ -121,6 +143,11 @@ class SiteRuntime:
         from monai_fedpriv.fl.weights import unwrap
 
         return unwrap(self.sync.network if self.sync.network is not None else self.trainer.network)
+
+    @property
+    def dp_sgd(self) -> bool:
+        """Whether the site trains with DP-SGD (``dp.json``): its rounds may hold noise-only steps of empty draws."""
+        return parser_get(self.parser, "dp") is not None
 
     def round_in_training(self) -> int:
         """The round the site is training (1-based): one more than the rounds it has completed."""

@@ -28,6 +28,8 @@ class BudgetedRelease(UpdateFilter):
 
     #: the name of the filter's per-round release in the budget's reservations.
     reservation: ClassVar[str]
+    #: how the filter's own settings lower one release's cost (the budget's refusal says it).
+    budget_hint: ClassVar[str] = "lower the filter's epsilon"
 
     budget: PrivacyBudget
     generator: torch.Generator
@@ -44,7 +46,7 @@ class BudgetedRelease(UpdateFilter):
         if not isinstance(budget, PrivacyBudget):
             raise PrivacyConfigError(f"budget must be the site's PrivacyBudget, got {type(budget).__name__}.")
         budget.require_limit(type(self).__name__)
-        budget.reserve(self.reservation, self.event)
+        budget.reserve(self.reservation, self.event, self.budget_hint)
         self.budget = budget
         self.generator = make_generator(generator)
         self.rounds = 0

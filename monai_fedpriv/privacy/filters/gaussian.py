@@ -64,6 +64,7 @@ class GaussianUpdatePrivacy(BudgetedRelease):
 
     covers = frozenset({"delta"})
     reservation = "gaussian"
+    budget_hint = "raise the Gaussian filter's noise multiplier (--gaussian-noise, id gaussian_noise_multiplier)"
 
     def __init__(
         self,

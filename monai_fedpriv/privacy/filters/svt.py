@@ -129,6 +129,7 @@ class SparseVectorFilter(BudgetedRelease):
 
     covers = frozenset({"delta"})
     reservation = "svt"
+    budget_hint = "lower the SVT filter's epsilon (--svt-epsilon, --svt-epsilon3)"
 
     def __init__(
         self,
