@@ -303,3 +303,13 @@ def test_a_3d_image_into_the_2d_bundles_inference_is_one_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: image {inputs / source.name} has shape (16, 16, 6) (3D)")
     assert "bundle brain_tissue_2d segments 2D images" in last and "Traceback" not in proc.stderr
+
+
+def test_the_inference_input_check_raises_inside_other_programs(tmp_path):
+    """Only MONAI's own runner gets the one line and exit code 2; a config parsed in a notebook or workflow raises."""
+    from monai_fedpriv.data.checks import inference_inputs
+    from monai_fedpriv.errors import DataError
+
+    volume = write_msd_task(tmp_path / "msd", 1, shape=(16, 16, 6), seed=3)
+    with pytest.raises(DataError, match=r"has shape \(16, 16, 6\) \(3D\), but bundle b segments 2D"):
+        inference_inputs(volume / "imagesTr", spatial_dims=2, bundle="b", exit_on_error=True)

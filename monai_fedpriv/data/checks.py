@@ -129,8 +129,9 @@ def inference_inputs(
         input_dir: the folder of images (every ``*.nii*`` file, sorted).
         spatial_dims: the dimensions of one input image (one channel, no channel axis), e.g. 2 for H x W slices.
         bundle: the bundle's name, for the message.
-        exit_on_error: print the error as one ``error:`` line and exit with code 2 (for ``python -m monai.bundle
-            run``, whose runner would otherwise bury the message under its tracebacks); otherwise raise.
+        exit_on_error: when this process is MONAI's own runner (``python -m monai.bundle run``, which would bury the
+            message under its tracebacks), print the error as one ``error:`` line and exit with code 2; a config
+            parsed inside any other program (a notebook, a workflow, the tests) still gets the ``DataError``.
 
     Raises:
         DataError: naming every image of another dimension, with its shape.
@@ -150,7 +151,13 @@ def inference_inputs(
         f"{' x '.join('HWD'[:spatial_dims])}); give it {spatial_dims}D images, or segment volumes with a bundle that "
         f"predicts them slice by slice (bundles/liver_ct_2d, bundles/brain_tumour_2d_flair)."
     )
-    if exit_on_error:
+    if exit_on_error and _run_by_monai_bundle():
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
     raise error
+
+
+def _run_by_monai_bundle() -> bool:
+    """Whether this process is ``python -m monai.bundle ...`` (its ``__main__`` is MONAI's bundle runner)."""
+    main = sys.modules.get("__main__")
+    return getattr(main, "__spec__", None) is not None and main.__spec__.name == "monai.bundle.__main__"  # type: ignore[union-attr]
