@@ -424,3 +424,24 @@ def test_decoding_inputs_under_1_mb_stays_under_twice_the_model_size(tmp_path, d
     assert all(v.startswith("refused") for k, v in result["outcome"].items() if k != "valid_sparse"), result
     assert result["growth"]["valid_sparse"] > result["model_bytes"]  # the measure sees a decode of the whole model
     assert all(0 <= g < 2 * result["model_bytes"] for g in result["growth"].values()), result
+
+
+def test_an_unterminated_string_of_escaped_quotes_does_not_stall_the_decoder():
+    """A header of one quote and 2 million escaped quotes (a few KB compressed) once took the depth pre-scan
+    quadratic time (hours at the header cap); it is linear now. The alarm turns a regression into a failure, not
+    a hang."""
+    import signal
+
+    from monai_fedpriv.fl.decoding import json_depth
+
+    text = b'"' + b'\\"' * 2_000_000
+    head = zlib.compress(text, 9)
+    data = struct.pack("<4sBI", b"MFPU", 1, len(head)) + head
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("json_depth is super-linear again")))
+    signal.alarm(30)
+    try:
+        assert json_depth(text) == 0
+        with pytest.raises(UpdateError):
+            decode_update(data)
+    finally:
+        signal.alarm(0)

@@ -149,3 +149,28 @@ def test_a_rerun_into_a_used_output_is_refused_and_changes_nothing(tiny_cli_bund
     assert "already holds a run" in err and "--resume" in err and "new --output" in err
     assert len(err.strip().splitlines()) == 1
     assert _checksums(out) == before
+
+
+def test_a_resume_never_counts_less_than_its_checkpoint_carried(tmp_path):
+    """A store emptied or moved between a run and its resume: the checkpoint's carried events still count."""
+    store = LedgerStore(tmp_path / "store")
+    _spend(store, "run1", "site-1", CASES_A, 5.0)
+    budget = PrivacyBudget(limit=100.0)
+    store.bind(budget, "site-1", "run2", CASES_A)
+    budget.release(PureEvent(1.0, "svt"), "test")
+    checkpoint = budget.state_dict()
+    restored = PrivacyBudget(limit=100.0)
+    restored.load_state_dict(checkpoint)
+    LedgerStore(tmp_path / "empty").bind(restored, "site-1", "run2", CASES_A, resumed=True)
+    assert restored.epsilon() == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("events", [None, "abc", {}, [{"kind": "pure", "count": 1}], [{"kind": "gaussian"}]])
+def test_a_damaged_record_is_refused_never_counted_as_zero(tmp_path, events):
+    store = LedgerStore(tmp_path)
+    _spend(store, "run1", "site-1", CASES_A, 4.0)
+    record = json.loads((tmp_path / "run1__site-1.json").read_text())
+    record["events"] = events
+    (tmp_path / "run1__site-1.json").write_text(json.dumps(record))
+    with pytest.raises(PrivacyConfigError, match="run1__site-1.json"):
+        store.bind(PrivacyBudget(limit=10.0), "site-1", "run2", CASES_A)

@@ -124,7 +124,7 @@ def test_a_job_reexported_with_an_edited_config_does_not_resume_the_earlier_stat
     (copy / "configs" / "tiny.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
     edited = export(copy, tmp_path / "later", 4, "--resume")
     assert set(first.config_digests) == {"configs/metadata.json", "configs/train.json", "configs/tiny.json",
-                                         "custom/fedpriv_client.py"}  # fmt: skip
+                                         "custom/fedpriv_client.py", "settings/fedpriv_job.json"}  # fmt: skip
     assert edited.config_digests["configs/tiny.json"] != first.config_digests["configs/tiny.json"]
     assert edited.fingerprint() != first.fingerprint() and edited.state_root() != first.state_root()
 

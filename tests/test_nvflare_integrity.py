@@ -72,6 +72,16 @@ def set_json(name: str, **changes):
     return edit
 
 
+def resealed(digests: dict, job: Path) -> dict:
+    """``digests`` with the settings digest an editor who rewrites digests would also recompute."""
+    import dataclasses
+
+    from monai_fedpriv.fl.nvflare.integrity import SETTINGS_KEY, settings_digest
+
+    out = {k: v for k, v in digests.items() if k != SETTINGS_KEY}
+    return {**out, SETTINGS_KEY: settings_digest(dataclasses.replace(open_job(job)[0], config_digests=out))}
+
+
 def refusal(job: Path) -> str:
     with pytest.raises(JobIntegrityError) as info:
         verify_job(archive(job), script(job))
@@ -85,7 +95,7 @@ def test_export_records_every_shipped_file_and_prints_the_job_digest(job, tmp_pa
     import hashlib
 
     settings, unpacked = open_job(job)
-    shipped = {k: v for k, v in settings.config_digests.items() if not k.startswith("package/")}
+    shipped = {k: v for k, v in settings.config_digests.items() if not k.startswith(("package/", "settings/"))}
     assert set(shipped) == {"configs/metadata.json", "configs/train.json", "configs/tiny.json",
                             "custom/fedpriv_client.py"}  # fmt: skip
     configs = unpacked / "tiny_bundle" / "configs"
@@ -144,13 +154,13 @@ def test_unreadable_settings_and_configs_are_refused_naming_the_file(job, tmp_pa
 
     bad = b'{"learning_rate": '
     careless = copy_job(job, tmp_path / "careless")
-    digests = {**open_job(job)[0].config_digests, "configs/tiny.json": hashlib.sha256(bad).hexdigest()}
+    digests = resealed({**open_job(job)[0].config_digests, "configs/tiny.json": hashlib.sha256(bad).hexdigest()}, job)
     rewrite_archive(careless, lambda m: set_json("fedpriv_job.json", config_digests=digests)(
         {**m, "tiny_bundle/configs/tiny.json": bad}))  # fmt: skip
     assert "job integrity: configs/tiny.json is not valid JSON" in refusal(careless)
 
     blank = copy_job(job, tmp_path / "blank")  # settings stripped of their digests
-    rewrite_archive(blank, set_json("fedpriv_job.json", config_digests={}))
+    rewrite_archive(blank, set_json("fedpriv_job.json", config_digests=resealed({}, job)))
     assert "records no digests" in refusal(blank)
 
     (tmp_path / "zip").mkdir()
@@ -173,7 +183,8 @@ def test_a_site_that_pins_jobs_runs_only_the_listed_ones(job, tmp_path):
     edited = copy_job(job, tmp_path / "edited")
     tiny = json.dumps({**json.loads(zipfile.ZipFile(archive(job)).read("tiny_bundle/configs/tiny.json")),
                        "learning_rate": 0.5}).encode()  # fmt: skip
-    digests = {**open_job(job)[0].config_digests, "configs/tiny.json": hashlib.sha256(tiny).hexdigest()}
+    digests = resealed({**open_job(job)[0].config_digests, "configs/tiny.json": hashlib.sha256(tiny).hexdigest()},
+                       job)
     rewrite_archive(edited, lambda m: set_json("fedpriv_job.json", config_digests=digests)(
         {**m, "tiny_bundle/configs/tiny.json": tiny}))  # fmt: skip
     verify_job(archive(edited), script(edited), accept="")
@@ -312,3 +323,55 @@ def test_run_nvflare_says_in_one_line_that_the_client_script_is_missing(job, tmp
     assert code == 2 and err.count("\n") == 0, err
     assert err == ("error: site-1 and site-2 could not start the job's client script (fedpriv_client.py: No such file "
                    "or directory); does the job folder lack app/custom/fedpriv_client.py?")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- review gaps
+def test_a_package_shadowed_in_custom_is_refused_and_the_script_ignores_its_folder(job, tmp_path):
+    shadow = copy_job(job, tmp_path / "shadow")
+    evil = script(shadow).parent / "monai_fedpriv" / "fl" / "nvflare" / "client.py"
+    evil.parent.mkdir(parents=True)
+    evil.write_text("def main():\n    print('not checked')\n")
+    assert refusal(shadow) == ("job integrity: custom/monai_fedpriv/fl/nvflare/client.py is not one of the job's "
+                               "files (custom/ holds only fedpriv_client.py and fedpriv_job.zip); refusing to run "
+                               "an edited job.")  # fmt: skip
+    text = script(job).read_text()
+    assert text.index("sys.path[:]") < text.index("from monai_fedpriv")
+
+
+def test_flares_own_config_rewrite_at_submission_keeps_the_job_digest(job, tmp_path):
+    """FLARE adds components to config/config_fed_client.json when a job is submitted, so the job digest covers what
+    the author ships (archive and client script), not FLARE's config/ (covered by FLARE's own job signature)."""
+    accept = tmp_path / "accepted_jobs.txt"
+    accept.write_text(job_digest(archive(job), script(job)) + "\n")
+    submitted = copy_job(job, tmp_path / "submitted")
+    config = submitted / "app" / "config" / "config_fed_client.json"
+    layout = json.loads(config.read_text())
+    layout["components"] = [{"id": "auto_log_streamer", "path": "nvflare.app_common.logging.job_log_streamer."
+                             "JobLogStreamer", "args": {"log_file_name": "error_log.txt"}}]  # fmt: skip
+    config.write_text(json.dumps(layout, indent=4))
+    (config.parent / "client_api_config.json").write_text("{}")
+    verify_job(archive(submitted), script(submitted), accept=str(accept))
+
+
+def test_an_edited_override_in_the_settings_is_refused(job, tmp_path):
+    edited = copy_job(job, tmp_path / "edited")
+    overrides = {**open_job(job)[0].overrides, "train#trainer#max_epochs": "$print('x') or 1"}
+    rewrite_archive(edited, set_json("fedpriv_job.json", overrides=overrides))
+    message = refusal(edited)
+    assert message.startswith("job integrity: fedpriv_job.json has settings digest ")
+    assert message.endswith("; refusing to run edited settings.")
+
+
+def test_flares_own_signature_files_are_neither_strays_nor_part_of_the_job_digest(tmp_path):
+    """A job submitted through FLARE's admin API arrives with .__nvfl_sig.json in every folder: an honest job."""
+    from monai_fedpriv.fl.nvflare.integrity import app_files
+
+    app = tmp_path / "app"
+    (app / "custom").mkdir(parents=True)
+    (app / "custom" / "fedpriv_client.py").write_text("print('x')\n")
+    before = app_files(app)
+    (app / "custom" / ".__nvfl_sig.json").write_text("{}")
+    (app / ".__nvfl_submitter.crt").write_text("cert")
+    assert app_files(app) == before
+    (app / "custom" / "monai_fedpriv.py").write_text("# shadow\n")
+    assert "custom/monai_fedpriv.py" in app_files(app)

@@ -313,3 +313,22 @@ def test_the_inference_input_check_raises_inside_other_programs(tmp_path):
     volume = write_msd_task(tmp_path / "msd", 1, shape=(16, 16, 6), seed=3)
     with pytest.raises(DataError, match=r"has shape \(16, 16, 6\) \(3D\), but bundle b segments 2D"):
         inference_inputs(volume / "imagesTr", spatial_dims=2, bundle="b", exit_on_error=True)
+
+
+def test_overrides_take_monai_name_and_args_pairs_where_the_bundle_holds_a_name():
+    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.cli.overrides import check_overrides
+
+    spec = BundleSpec(BUNDLE_DIR, ("train.json",), {})
+    values = {"network_def#norm": ["INSTANCE", {"affine": True}], "network_def#kernel_size": [3, 3]}
+    assert check_overrides(spec, values) == values
+
+
+@pytest.mark.parametrize("key", ["train#nothing", "train#dataloaderr#batch_size", "network#x"])
+def test_override_typos_inside_the_bundles_own_ids_are_refused(key):
+    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.cli.options import OptionError
+    from monai_fedpriv.cli.overrides import check_overrides
+
+    with pytest.raises(OptionError, match="would change nothing"):
+        check_overrides(BundleSpec(BUNDLE_DIR, ("train.json",), {}), {key: 1})

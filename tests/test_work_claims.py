@@ -167,3 +167,65 @@ def test_a_site_decodes_the_server_s_models_against_its_own():
         transport.pull()  # a larger model than the site's is refused from its header
     transport.expect({"w": torch.zeros(4)})
     assert set(transport.expected.tensors) == {"w"}
+
+
+# --- the NVIDIA FLARE controller's answers: site-controlled meta is checked, never crashes the round ------------------
+
+
+def test_read_answer_turns_malformed_meta_into_a_one_line_rejection():
+    from monai_fedpriv.fl.nvflare.answers import MalformedAnswer, read_answer
+
+    cases = {
+        "malformed answer: result field is a str, expected an object": {"result": "x"},
+        "malformed answer: global n_cases is a str, expected a count": {
+            "global": {"global_dice": 0.5, "n_cases": "many"}
+        },
+        "malformed answer: result privacy epsilon is a str, expected a finite number": {
+            "result": {"privacy": {"epsilon": "x"}}
+        },
+        "malformed answer: result privacy is a str, expected an object": {"result": {"privacy": "x"}, "failed": "boom"},
+        "malformed answer: global global_dice is inf, expected a finite number": {
+            "global": {"global_dice": float("inf")}
+        },
+        "malformed answer: setup field is a list, expected an object": {"setup": [1]},
+        "malformed answer: meta is a str, expected an object": "x",
+    }
+    for message, meta in cases.items():
+        with pytest.raises(MalformedAnswer) as err:
+            read_answer(meta)
+        assert str(err.value) == message
+    with pytest.raises(MalformedAnswer, match="result field takes .* bytes, more than 65536"):
+        read_answer({"result": {"x": "a" * 70000}})
+    ok = read_answer({"result": {"loss": 0.5, "privacy": {"epsilon": 1.5, "delta": 1e-5}},
+                      "global": {"global_dice": 0.7, "n_cases": 3}, "failed": "trainer\nraised"})  # fmt: skip
+    assert ok.result["privacy"]["epsilon"] == 1.5 and ok.scored["n_cases"] == 3 and ok.failed == "trainer raised"
+    assert read_answer({}).result == {} and read_answer({}).scored == {} and read_answer({}).failed is None
+
+
+def test_records_ignore_a_privacy_entry_whose_epsilon_is_not_a_finite_number():
+    from monai_fedpriv.fl.server.records import global_privacy, progress_cell, update_facts
+
+    bad = upd("a", 1.0)
+    bad.meta["privacy"] = {"epsilon": "x"}
+    assert "privacy" not in update_facts(bad, None)
+    history = [{"sites": {"a": {"privacy": {"epsilon": "x"}}, "b": {"privacy": {"epsilon": 2.0}},
+                          "c": {"privacy": {"epsilon": float("nan")}}, "d": {"privacy": "x"}}}]  # fmt: skip
+    assert global_privacy(history)["per_site"] == {"b": 2.0}
+    assert progress_cell("a", {"loss": 0.5, "privacy": "x"}) == "a loss 0.500"
+
+
+def test_a_first_update_weighs_at_most_the_median_other_site_and_declares_that_much():
+    """A FLARE site that has not declared its samples yet (its first accepted update sets the bound) cannot take the
+    aggregate with that update: it is weighed as the median of the other accepted sites at most."""
+    settings = JobSettings("j", "b", ["train.json"], {}, 2, ["a", "b", "c"], local_epochs=1)
+    bounds = work_bounds(settings, 4, False, declared={})
+    assert bounds["a"] == WorkBound(None, None)  # nothing declared: no bound of its own under local epochs
+    assert work_bounds(settings, 4, False, declared={"a": 12})["a"] == WorkBound(3, 12, 3)
+    ups = [upd("a", 1.0, steps=3, samples=12), upd("b", 1.0, steps=2, samples=8), upd("c", 7.0, steps=10**12,
+                                                                                       samples=2**53)]  # fmt: skip
+    for weighting in ("steps", "samples"):
+        out = ServerRound(FedAvg(weighting), min_sites=1)(1, REF, ups, ["a", "b", "c"], work_bounds=bounds)
+        assert out.accepted == ["a", "b", "c"]
+        assert out.sites["c"]["local_steps"] == 2 and out.sites["c"]["n_samples"] == 10  # medians of a and b
+        assert out.sites["c"]["local_steps_claimed"] == 10**12
+        assert float(out.weights["w"][0]) < 4.0  # one site of three at most an equal share, never the aggregate

@@ -84,6 +84,8 @@ def _kind(value: Any) -> str | None:
 def _same_kind(expected: str, value: Any) -> bool:
     if value is None or _is_expression(value):
         return True
+    if isinstance(value, (list, dict)) and expected == "a string":
+        return True  # MONAI takes a (name, args) pair, or a component, where a bundle holds a name
     if expected == "a string":
         return isinstance(value, str)
     if expected == "an object (a component)" and isinstance(value, str):
@@ -115,11 +117,13 @@ def check_overrides(bundle: BundleSpec, overrides: Mapping[str, Any]) -> dict[st
         if current is _ABSENT:
             current = shared.get(key, _ABSENT)
         if current is _ABSENT:
-            parent = key.rpartition("#")[0]
-            if parent and isinstance(parser_get(parser, parent), dict):
+            parent_id = key.rpartition("#")[0]
+            parent = parser_get(parser, parent_id) if parent_id else None
+            if isinstance(parent, dict) and "_target_" in parent:
                 continue  # a new argument of a component the bundle defines
-            if key.split("#")[0] in known:
-                continue
+            first = key.split("#")[0]
+            if first in known and parser_get(parser, first, _ABSENT) is _ABSENT:
+                continue  # inside an id only the package's shared overrides define
             ids = [k for k in parser.get().keys() if not k.startswith("_")] + sorted(known)
             close = difflib.get_close_matches(key, sorted(set(ids)), n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""

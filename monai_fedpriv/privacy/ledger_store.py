@@ -129,8 +129,13 @@ class LedgerStore:
             record = self._read(path)
             cases_path = path.with_name(path.name[: -len(".json")] + ".cases.json")
             cases = self._read(cases_path) if cases_path.is_file() else None
-            if not isinstance(record, dict) or not isinstance(cases, list):
+            events = record.get("events") if isinstance(record, dict) else None
+            if not isinstance(cases, list) or not isinstance(events, list):
                 raise PrivacyConfigError(f"ledger store record {path} (or its .cases.json) is malformed.")
+            try:  # every event as a live release would be checked: a damaged record never counts as zero
+                PrivacyLedger().load_state_dict({"events": record["events"]})
+            except PrivacyConfigError as exc:
+                raise PrivacyConfigError(f"ledger store record {path} holds a malformed event: {exc}") from None
             out.append({**record, "cases": cases, "path": str(path)})
         return out
 
@@ -189,11 +194,17 @@ class LedgerBinding:
         self.store, self.budget, self.site, self.run_id, self.cases = store, budget, site, run_id, cases
         self.fresh = bool(fresh)
         earlier = [] if self.fresh else store.earlier(cases, run_id)
-        carried = [e for record in earlier for e in record.get("events", [])]
+        carried = [e for record in earlier for e in record["events"]]
         check_accountant_supports(budget.accountant, [_event_object(e) for e in carried])
         if resumed:
+            # never less than the checkpoint knew: its carried events (a store emptied or moved since) and its own
+            restored = budget.ledger.carried
+            if _spent(restored, budget) > _spent(carried, budget):
+                carried = restored
             own = store.own(run_id, site)
-            if own is not None and _spent(own.get("events", []), budget) > _spent(budget.ledger.events, budget):
+            if own is not None and isinstance(own.get("events"), list) and _spent(own["events"], budget) > _spent(
+                budget.ledger.events, budget
+            ):
                 budget.ledger.load_state_dict({"events": own["events"], "carried": []})
         budget.ledger.carry(carried)
         self.earlier_runs = sorted({str(r.get("run_id")) for r in earlier})

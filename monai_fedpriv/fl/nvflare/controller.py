@@ -27,13 +27,14 @@ from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.errors import ResumeError, UpdateError
 from monai_fedpriv.fl.codec import Expected, decode_update, encode_global
 from monai_fedpriv.fl.evaluation import combine_scores
+from monai_fedpriv.fl.nvflare.answers import MalformedAnswer, Rejected, privacy_problem, read_answer
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
 from monai_fedpriv.fl.server import ScreenSettings, ServerRound
 from monai_fedpriv.fl.server.records import final_summary, round_record, stop_federation_reason
 from monai_fedpriv.fl.server.work import bundle_work, work_bounds
 from monai_fedpriv.fl.simulator.server_model import initial_network
 from monai_fedpriv.fl.strategies import build_strategy
-from monai_fedpriv.fl.update import GlobalModel
+from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.weights import exchangeable_state
 from monai_fedpriv.fl.wire import MOMENTS
 from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
@@ -42,6 +43,14 @@ from monai_fedpriv.utils.files import atomic_torch_save, json_safe, write_json
 __all__ = ["FedPrivController", "initial_weights"]
 
 CHECKPOINT_VERSION = 1
+
+
+def _client_name(res: Any) -> str:
+    """The site an answer comes from (as NVFlare names it; anything unreadable names no site)."""
+    try:
+        return str(dict(res.meta or {}).get("client_name"))
+    except Exception:  # noqa: BLE001
+        return "None"
 
 
 def initial_weights(bundle: BundleSpec, seed: int) -> dict[str, torch.Tensor]:
@@ -146,38 +155,30 @@ class FedPrivController(ModelController):
         results = self._broadcast(rnd, targets, server, settings, state)
         if self.abort_signal is not None and self.abort_signal.triggered:
             return False
-        updates, failures, expected, sites, wire = [], {}, [], {}, {}
+        updates: list[ModelUpdate] = []
+        failures: dict[str, str] = {}
+        expected: list[str] = []
+        sites: dict[str, dict[str, Any]] = {}
+        wire: dict[str, int] = {}
         order = {name: k for k, name in enumerate(settings.sites)}
         moments = MOMENTS if settings.momentum == "aggregate" else 0
-        for res in sorted(results, key=lambda r: order.get(str((r.meta or {}).get("client_name")), len(order))):
-            meta = dict(res.meta or {})
-            name = str(meta.get("client_name"))
+        for res in sorted(results, key=lambda r: order.get(_client_name(r), len(order))):
+            name = _client_name(res)
             if name not in targets or name in sites:
                 self.warning(f"round {rnd}: ignored an answer from {name!r}, which was not asked or already answered")
                 continue
-            sites[name] = dict(meta.get("result") or {})
-            if meta.get("setup"):
-                state.setdefault("setup", {})[name] = meta["setup"]
-            self._note_global_dice(state, name, meta.get("global") or {})
-            blob = (res.params or {}).get("update")
-            if meta.get("failed"):
-                failures[name] = str(meta["failed"])
-                expected.append(name)
-            elif isinstance(blob, (bytes, bytearray)):
-                expected.append(name)
-                wire[name] = len(blob)
-                # untrusted bytes: decoded against the model, the site asked and the round, so nothing larger than
-                # the model is allocated; whatever they do is this site's rejection, never the end of the round
-                expect = Expected.of(state["weights"], site=name, round=rnd, moments=moments)
-                try:
-                    update = decode_update(bytes(blob), expect)
-                except Exception as exc:  # noqa: BLE001
-                    failures[name] = f"undecodable update: {exc if isinstance(exc, UpdateError) else repr(exc)}"
-                else:
-                    updates.append(update)
-                    state.setdefault("declared_samples", {}).setdefault(name, update.n_samples)
-            if sites[name].get("stopped"):
-                state["active"] = [s for s in state["active"] if s != name]
+            sites[name] = {}
+            # everything in an answer is site-controlled: whatever is wrong with it is this site's rejection, never
+            # the end of the round
+            try:
+                self._read_answer(rnd, name, res, state, moments, sites, updates, failures, expected, wire)
+            except Exception as exc:  # noqa: BLE001
+                failures[name] = str(exc) if isinstance(exc, Rejected) else f"malformed answer: {exc!r}"[:500]
+                sites[name] = {}
+                updates[:] = [u for u in updates if u.site != name]
+                wire.pop(name, None)
+                if name not in expected:
+                    expected.append(name)
         errored = set(getattr(self, "_current_failed_clients", set()) or set())
         for name in targets:
             if name not in sites:
@@ -191,6 +192,8 @@ class FedPrivController(ModelController):
         outcome = server(rnd, state["weights"], updates, expected, failures, wire_bytes=wire, work_bounds=bounds)
         for name, entry in outcome.sites.items():
             sites.setdefault(name, {}).update(entry)
+        for name in outcome.accepted:  # recorded only after the round screened (and weighed) it: see work_bounds
+            state.setdefault("declared_samples", {}).setdefault(name, int(outcome.sites[name]["n_samples"]))
         if outcome.failed:
             state["stopped"] = {"round": rnd, "reason": outcome.failed, "failed_round": {"round": rnd, "sites": sites}}
             self._write_metrics(settings, state, state_dir)
@@ -199,8 +202,8 @@ class FedPrivController(ModelController):
         state["weights"], state["optimizer_state"] = outcome.weights, outcome.optimizer_state
         # scored when the sites answer the next task (they hold the validation data)
         record = round_record(rnd, sites, {}, len(outcome.rejected), time.perf_counter() - t0, state["history"])
-        stop = [n for n, e in sites.items() if (e.get("privacy") or {}).get("policy") == "stop_federation"
-                and (e.get("privacy") or {}).get("exhausted")]  # fmt: skip
+        stop = [n for n, e in sites.items() if isinstance(e.get("privacy"), dict)
+                and e["privacy"].get("policy") == "stop_federation" and e["privacy"].get("exhausted")]  # fmt: skip
         if stop:
             record["federation_stopped"] = stop_federation_reason(stop[0])
             state["stopped"] = {"round": rnd, "reason": record["federation_stopped"]}
@@ -214,6 +217,41 @@ class FedPrivController(ModelController):
         self._write_metrics(settings, state, state_dir)
         self.info(f"round {rnd}: aggregated {outcome.accepted}, rejected {sorted(outcome.rejected)}")
         return True
+
+    def _read_answer(
+        self, rnd: int, name: str, res: Any, state: dict, moments: int, sites: dict, updates: list, failures: dict,
+        expected: list, wire: dict,
+    ) -> None:  # fmt: skip
+        """Take one site's answer into the round (raises :class:`MalformedAnswer` or anything else for a malformed
+        one, which the caller turns into that site's rejection)."""
+        answer = read_answer(dict(res.meta or {}))
+        blob = (res.params or {}).get("update")
+        update = None
+        if not answer.failed and isinstance(blob, (bytes, bytearray)):
+            # untrusted bytes: decoded against the model, the site asked and the round, so nothing larger than the
+            # model is allocated
+            expect = Expected.of(state["weights"], site=name, round=rnd, moments=moments)
+            try:
+                update = decode_update(bytes(blob), expect)
+            except Exception as exc:  # noqa: BLE001
+                detail = exc if isinstance(exc, UpdateError) else repr(exc)
+                raise Rejected(f"undecodable update: {detail}") from None
+            if "privacy" in update.meta and (problem := privacy_problem(update.meta["privacy"])):
+                raise MalformedAnswer(f"update {problem}")
+        # checked: now it may change the server's state
+        sites[name] = answer.result
+        if answer.setup:
+            state.setdefault("setup", {})[name] = answer.setup
+        self._note_global_dice(state, name, answer.scored)
+        if answer.failed:
+            failures[name] = answer.failed
+            expected.append(name)
+        elif update is not None and isinstance(blob, (bytes, bytearray)):
+            expected.append(name)
+            wire[name] = len(blob)
+            updates.append(update)
+        if answer.result.get("stopped"):
+            state["active"] = [s for s in state["active"] if s != name]
 
     def _bundle_work(self, settings: JobSettings) -> tuple[int, bool]:
         """The bundle's training batch size and whether it trains with DP-SGD (read once, for the work bounds)."""

@@ -5,13 +5,17 @@ editor wrote at every site. At export the job's settings record the SHA-256 of e
 bundle's ``configs/`` (keys ``configs/<path>``) and of the client script (``custom/fedpriv_client.py``), next to
 the digests of the package's shared override files it merges (``package/<name>``, part of the resume fingerprint
 only: they are the site's own installed code). Before it builds anything, a site recomputes them from the archive
-and the script it runs (:func:`verify_job`): a changed, missing or extra file, or a config that is not JSON, is
-refused with one line naming the file.
+and the script it runs (:func:`verify_job`): a changed, missing or extra file, a file in ``custom/`` other than the
+script and the archive (a shadow of the package), a config that is not JSON, or settings whose own digest
+(``settings/fedpriv_job.json``) no longer matches, is refused with one line naming the file. The script removes its
+own folder from ``sys.path`` before it imports the package, so the site's installed code is what runs.
 
 A hostile editor could also rewrite the digests in the settings, so the site operator can pin jobs: export prints
-one job digest (:func:`job_digest`, over every member of the archive, the settings included, and the client
-script), and a site whose environment sets ``$MONAI_FEDPRIV_ACCEPT_JOBS`` (a file of accepted job digests, one per
-line, ``#`` comments allowed) refuses any job not listed.
+one job digest (:func:`job_digest`, over every file the job's author ships in the app folder: the archive with the
+settings and the client script; not FLARE's ``config/``, which FLARE itself rewrites at submission and covers with its
+own job signature in provisioned mode), and a site whose environment sets
+``$MONAI_FEDPRIV_ACCEPT_JOBS`` (a file of accepted job digests, one per line, ``#`` comments allowed) refuses any
+job not listed.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from monai_fedpriv.errors import BundleError
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JOB_FILE, JobSettings
 
 __all__ = [
-    "ACCEPT_ENV", "CLIENT_SCRIPT", "JobIntegrityError", "job_digest", "refuse_job", "shipped_digests", "verify_job",
+    "ACCEPT_ENV", "CLIENT_SCRIPT", "JobIntegrityError", "job_digest", "refuse_job",
+    "settings_digest", "shipped_digests", "verify_job",
 ]  # fmt: skip
 
 logger = logging.getLogger("monai_fedpriv.nvflare.integrity")
@@ -36,6 +41,12 @@ ACCEPT_ENV = "MONAI_FEDPRIV_ACCEPT_JOBS"
 CLIENT_SCRIPT = "fedpriv_client.py"
 SCRIPT_KEY = f"custom/{CLIENT_SCRIPT}"
 _SHIPPED = ("configs/", "custom/")  # digest keys a site checks; "package/..." ones are the site's own code
+
+
+SETTINGS_KEY = f"settings/{JOB_FILE}"
+# left out of the settings digest as they are of the resume fingerprint (which covers config_digests): a job that
+# resumes a federation (more rounds, --resume, another name) keeps its state folder and checkpoint
+_UNPINNED_FIELDS = ("name", "rounds", "faults", "resume")
 
 
 class JobIntegrityError(BundleError):
@@ -56,6 +67,20 @@ def shipped_digests(configs: Path, script: bytes) -> dict[str, str]:
     return out
 
 
+def settings_digest(settings: JobSettings) -> str:
+    """SHA-256 of the canonical settings (sorted-key JSON) without their own digest entry and the fields the resume
+    fingerprint leaves out: what ``config_digests["settings/fedpriv_job.json"]`` records at export."""
+    from dataclasses import asdict
+
+    from monai_fedpriv.utils.files import json_safe
+
+    raw = {k: v for k, v in asdict(settings).items() if k not in _UNPINNED_FIELDS}
+    digests = raw.get("config_digests")
+    raw["config_digests"] = ({k: v for k, v in digests.items() if k != SETTINGS_KEY}
+                             if isinstance(digests, dict) else digests)  # fmt: skip
+    return _sha256(json.dumps(json_safe(raw), sort_keys=True).encode())
+
+
 def _read_archive(archive: Path) -> dict[str, bytes]:
     """Every file member of the job archive, by name."""
     try:
@@ -72,9 +97,45 @@ def _read_script(script: Path) -> bytes:
         raise JobIntegrityError(f"job integrity: {SCRIPT_KEY} cannot be read: {exc}") from exc
 
 
+RUNTIME_FILES = ("config/client_api_config.json",)  # written into the app folder by FLARE at the site
+FLARE_PREFIX = ".__nvfl_"  # FLARE's signature files (.__nvfl_sig.json, .__nvfl_submitter.crt) in every signed folder
+
+
+def _flare_own(rel: str) -> bool:
+    """Whether a path inside the app is one FLARE writes or rewrites itself (``config/``: FLARE adds components to
+    ``config_fed_client.json`` when a job is submitted; signatures) or a byte-code cache: no part of what the job's
+    author shipped as it will be at the site, and never importable code."""
+    parts = rel.split("/")
+    return (rel in RUNTIME_FILES or parts[0] == "config" or "__pycache__" in parts
+            or parts[-1].startswith(FLARE_PREFIX))  # fmt: skip
+
+
+def app_files(app: Path) -> dict[str, bytes]:
+    """Every file of a job's app folder (``config/``, ``custom/``, ...) by its path inside the app, but the ones
+    FLARE writes there itself (run-time config, signatures) and ``__pycache__``."""
+    app = Path(app)
+    try:
+        return {rel: f.read_bytes() for f in sorted(app.rglob("*"))
+                if f.is_file() and not _flare_own(rel := f.relative_to(app).as_posix())}  # fmt: skip
+    except OSError as exc:
+        raise JobIntegrityError(f"job integrity: the job's app folder {app} cannot be read: {exc}") from exc
+
+
+def _canonical(name: str, data: bytes) -> bytes:
+    """``config/*.json`` as canonical JSON (``nvflare job submit`` rewrites these files, the same values in
+    another layout); any other file, its bytes."""
+    if name.startswith("config/") and name.endswith(".json"):
+        try:
+            return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return data
+    return data
+
+
 def job_digest(archive: Path, script: Path) -> str:
     """``sha256:<hex>`` over every member of the job archive (settings and configs) and the client script: what
-    export prints and what ``$MONAI_FEDPRIV_ACCEPT_JOBS`` lists."""
+    export prints and what ``$MONAI_FEDPRIV_ACCEPT_JOBS`` lists. FLARE's own ``config/`` is not part of it: FLARE
+    rewrites it at submission and covers it with its own job signature in provisioned mode."""
     members = _read_archive(Path(archive))
     lines = [f"{_sha256(data)}  archive/{name}\n" for name, data in sorted(members.items())]
     lines.append(f"{_sha256(_read_script(Path(script)))}  {SCRIPT_KEY}\n")
@@ -115,7 +176,16 @@ def verify_job(archive: Path, script: Path, accept: str | None = None) -> JobSet
     Raises:
         JobIntegrityError: one line naming the file (or the job digest) and why the job is refused.
     """
-    archive, script = Path(archive), Path(script)
+    archive, script = Path(archive), Path(script).resolve()
+    custom = script.parent
+    try:
+        present = [f.relative_to(custom).as_posix() for f in custom.rglob("*") if f.is_file()]
+    except OSError as exc:
+        raise JobIntegrityError(f"job integrity: the job's custom/ folder {custom} cannot be read: {exc}") from exc
+    strays = sorted(n for n in present if n not in (CLIENT_SCRIPT, JOB_ARCHIVE) and not _flare_own(n))
+    if strays:
+        raise JobIntegrityError(f"job integrity: custom/{strays[0]} is not one of the job's files (custom/ holds only "
+                                f"{CLIENT_SCRIPT} and {JOB_ARCHIVE}); refusing to run an edited job.")  # fmt: skip
     accept = os.environ.get(ACCEPT_ENV) if accept is None else accept
     if accept:
         digest = job_digest(archive, script)
@@ -133,6 +203,13 @@ def verify_job(archive: Path, script: Path, accept: str | None = None) -> JobSet
             f"job integrity: {JOB_FILE} records no digests of the job's configs and client script (config_digests); "
             f"export the job again with this version of monai-fedpriv."
         )
+    if SETTINGS_KEY not in recorded:
+        raise JobIntegrityError(f"job integrity: {JOB_FILE} records no digest of its own settings; export the job "
+                                f"again with this version of monai-fedpriv.")  # fmt: skip
+    found = settings_digest(settings)
+    if found != recorded[SETTINGS_KEY]:
+        raise JobIntegrityError(f"job integrity: {JOB_FILE} has settings digest {_short(found)}, its record says "
+                                f"{_short(recorded[SETTINGS_KEY])}; refusing to run edited settings.")  # fmt: skip
     prefix = f"{settings.bundle}/configs/"
     actual: dict[str, bytes] = {}
     for name, data in members.items():

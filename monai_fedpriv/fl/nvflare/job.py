@@ -26,14 +26,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from monai_fedpriv.fl.nvflare.integrity import CLIENT_SCRIPT, job_digest, shipped_digests
+from monai_fedpriv.fl.nvflare.integrity import CLIENT_SCRIPT, SETTINGS_KEY, job_digest, settings_digest, shipped_digests
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, write_job_archive
 
 __all__ = ["CLIENT_SCRIPT", "export_job", "exported_job_digest", "job_config_digests"]
 
 _SCRIPT = '''"""Site entry point of a monai_fedpriv NVIDIA FLARE job (written by monai-fedpriv export-nvflare)."""
 
-from monai_fedpriv.fl.nvflare.client import main
+import os
+import sys
+
+# the site's installed monai_fedpriv runs, never a package of that name shipped next to this script
+_HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(os.path.abspath(p or os.curdir)) != _HERE]
+
+from monai_fedpriv.fl.nvflare.client import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
@@ -43,7 +50,7 @@ if __name__ == "__main__":
 def job_config_digests(settings: JobSettings, bundle_dir: Path) -> dict[str, str | None]:
     """What ``settings.config_digests`` holds for a job of ``bundle_dir``: the shipped configs and client script
     (:func:`~monai_fedpriv.fl.nvflare.integrity.shipped_digests`) and the package's shared override files the run
-    merges (``package/<name>``)."""
+    merges (``package/<name>``), and the digest of the settings themselves (``settings/fedpriv_job.json``)."""
     from monai_fedpriv.bundle.loader import BundleSpec
 
     configs = Path(bundle_dir) / "configs"
@@ -51,11 +58,13 @@ def job_config_digests(settings: JobSettings, bundle_dir: Path) -> dict[str, str
     for path in BundleSpec(Path(bundle_dir), tuple(settings.config_files), {}).config_paths():
         if path.parent.resolve() != configs.resolve():
             out[f"package/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    out[SETTINGS_KEY] = settings_digest(dataclasses.replace(settings, config_digests=out))
     return out
 
 
 def exported_job_digest(job_dir: Path) -> str:
-    """The job digest of an exported job folder (what a site lists in ``$MONAI_FEDPRIV_ACCEPT_JOBS``)."""
+    """The job digest of an exported job folder (what a site lists in ``$MONAI_FEDPRIV_ACCEPT_JOBS``): over every
+    file of its app folder (``app/``, deployed to every site)."""
     custom = Path(job_dir) / "app" / "custom"
     return job_digest(custom / JOB_ARCHIVE, custom / CLIENT_SCRIPT)
 

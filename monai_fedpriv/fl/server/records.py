@@ -4,6 +4,7 @@ progress line. Kept apart from the simulator's loop so that the NVFlare controll
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,9 +23,18 @@ def update_facts(update: ModelUpdate, wire_bytes: int | None) -> dict[str, Any]:
         "bytes_sent": wire_bytes,
         "dense_bytes": update.dense_bytes(),
     }
-    if "privacy" in update.meta:
+    if _valid_privacy(update.meta.get("privacy")):
         facts["privacy"] = update.meta["privacy"]
     return facts
+
+
+def _valid_privacy(privacy: Any) -> bool:
+    """Whether ``privacy`` (site-reported) is an object whose ``epsilon`` is a finite number or absent; any other
+    entry is treated as absent."""
+    if not isinstance(privacy, Mapping):
+        return False
+    eps = privacy.get("epsilon")
+    return eps is None or (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps))
 
 
 def global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -33,7 +43,7 @@ def global_privacy(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     latest: dict[str, dict[str, Any]] = {}
     for record in history:
         for site, res in record["sites"].items():
-            if isinstance(res.get("privacy"), dict) and res["privacy"].get("epsilon") is not None:
+            if _valid_privacy(res.get("privacy")) and res["privacy"].get("epsilon") is not None:
                 latest[site] = res["privacy"]
     if not latest:
         return None
@@ -57,7 +67,7 @@ def progress_cell(site: str, result: dict[str, Any]) -> str:
     cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"
     if "dice" in result:
         cell += f" dice {result['dice']:.3f}"
-    eps = result.get("privacy", {}).get("epsilon")
+    eps = result["privacy"].get("epsilon") if _valid_privacy(result.get("privacy")) else None
     return cell + (f" eps {eps:.2f}" if eps is not None else "")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,4 +187,15 @@ def _weighted_as_asked(
             claimed[u.site] = u.local_steps
             u = dataclasses.replace(u, local_steps=bound.weight_steps)
         out.append(u)
+    if bounds:  # a site with nothing declared yet weighs at most what the median other site weighs
+        for k, u in enumerate(out):
+            bound = bounds.get(u.site)
+            others = [v for v in out if v.site != u.site]
+            if not others or (bound is not None and bound.n_samples is not None):
+                continue
+            steps = min(u.local_steps, int(statistics.median(v.local_steps for v in others)))
+            samples = min(u.n_samples, int(statistics.median(v.n_samples for v in others)))
+            if (steps, samples) != (u.local_steps, u.n_samples):
+                claimed.setdefault(u.site, u.local_steps)
+                out[k] = dataclasses.replace(u, local_steps=steps, n_samples=samples)
     return out, claimed

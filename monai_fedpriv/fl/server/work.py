@@ -131,10 +131,14 @@ def bundle_work(bundle: BundleSpec, seed: int) -> tuple[int, bool]:
 def work_bounds(
     settings: JobSettings, batch_size: int, dp_sgd: bool, declared: Mapping[str, int]
 ) -> dict[str, WorkBound]:
-    """The bounds of an NVIDIA FLARE job's sites: the job's local steps (or local epochs of the batches of the
-    samples each site declared) and the samples each site declared with its first update (``declared``, kept in the
-    server's checkpoint). A deployed site trains on its own data list, so the job's partition sizes are not its
-    declaration; before its first update a site has none and only ``local_steps`` bounds it."""
+    """The bounds of an NVIDIA FLARE job's sites: the job's local steps (or local epochs of the batches of each
+    site's samples) and the samples each site declared with its first *accepted* update (``declared``, recorded by
+    the controller only after the round screened that update, kept in the server's checkpoint). The job's own data
+    lists are not a bound: a deployed site trains on its own ``$MONAI_FEDPRIV_DATALIST``.
+
+    A site that has not declared yet has no sample bound (and, under ``local_epochs``, no step bound): in that round
+    :class:`~monai_fedpriv.fl.server.round.ServerRound` weights it as the median of the other accepted sites at most,
+    so a first update cannot take the aggregate either."""
     return {
         site: bound_for(declared.get(site), batch_size, settings.local_epochs, settings.local_steps, dp_sgd)
         for site in settings.sites
