@@ -362,16 +362,12 @@ def test_an_edited_override_in_the_settings_is_refused(job, tmp_path):
     assert message.endswith("; refusing to run edited settings.")
 
 
-def test_flares_own_signature_files_are_neither_strays_nor_part_of_the_job_digest(tmp_path):
+def test_flares_own_signature_files_are_not_strays(job, tmp_path):
     """A job submitted through FLARE's admin API arrives with .__nvfl_sig.json in every folder: an honest job."""
-    from monai_fedpriv.fl.nvflare.integrity import app_files
-
-    app = tmp_path / "app"
-    (app / "custom").mkdir(parents=True)
-    (app / "custom" / "fedpriv_client.py").write_text("print('x')\n")
-    before = app_files(app)
-    (app / "custom" / ".__nvfl_sig.json").write_text("{}")
-    (app / ".__nvfl_submitter.crt").write_text("cert")
-    assert app_files(app) == before
-    (app / "custom" / "monai_fedpriv.py").write_text("# shadow\n")
-    assert "custom/monai_fedpriv.py" in app_files(app)
+    signed = copy_job(job, tmp_path / "signed")
+    custom = script(signed).parent
+    (custom / ".__nvfl_sig.json").write_text("{}")
+    (custom / ".__nvfl_submitter.crt").write_text("cert")
+    verify_job(archive(signed), script(signed))
+    (custom / "monai_fedpriv.py").write_text("# shadow\n")
+    assert refusal(signed).startswith("job integrity: custom/monai_fedpriv.py is not one of the job's files")

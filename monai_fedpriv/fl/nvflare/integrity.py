@@ -97,39 +97,14 @@ def _read_script(script: Path) -> bytes:
         raise JobIntegrityError(f"job integrity: {SCRIPT_KEY} cannot be read: {exc}") from exc
 
 
-RUNTIME_FILES = ("config/client_api_config.json",)  # written into the app folder by FLARE at the site
 FLARE_PREFIX = ".__nvfl_"  # FLARE's signature files (.__nvfl_sig.json, .__nvfl_submitter.crt) in every signed folder
 
 
 def _flare_own(rel: str) -> bool:
-    """Whether a path inside the app is one FLARE writes or rewrites itself (``config/``: FLARE adds components to
-    ``config_fed_client.json`` when a job is submitted; signatures) or a byte-code cache: no part of what the job's
-    author shipped as it will be at the site, and never importable code."""
+    """Whether a path inside ``custom/`` is FLARE's own signature file or a byte-code cache: no part of what the
+    job's author shipped, and never importable code."""
     parts = rel.split("/")
-    return (rel in RUNTIME_FILES or parts[0] == "config" or "__pycache__" in parts
-            or parts[-1].startswith(FLARE_PREFIX))  # fmt: skip
-
-
-def app_files(app: Path) -> dict[str, bytes]:
-    """Every file of a job's app folder (``config/``, ``custom/``, ...) by its path inside the app, but the ones
-    FLARE writes there itself (run-time config, signatures) and ``__pycache__``."""
-    app = Path(app)
-    try:
-        return {rel: f.read_bytes() for f in sorted(app.rglob("*"))
-                if f.is_file() and not _flare_own(rel := f.relative_to(app).as_posix())}  # fmt: skip
-    except OSError as exc:
-        raise JobIntegrityError(f"job integrity: the job's app folder {app} cannot be read: {exc}") from exc
-
-
-def _canonical(name: str, data: bytes) -> bytes:
-    """``config/*.json`` as canonical JSON (``nvflare job submit`` rewrites these files, the same values in
-    another layout); any other file, its bytes."""
-    if name.startswith("config/") and name.endswith(".json"):
-        try:
-            return json.dumps(json.loads(data), sort_keys=True, separators=(",", ":")).encode()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return data
-    return data
+    return "__pycache__" in parts or parts[-1].startswith(FLARE_PREFIX)
 
 
 def job_digest(archive: Path, script: Path) -> str:
