@@ -132,8 +132,8 @@ def test_simulation_says_its_noise_is_seeded_and_secure_noise_is_not_reproducibl
     m, privacy = _all_privacy(tmp_path / "seeded")
     assert m["noise_source"] == NOISE_SEEDED and all(p["noise_source"] == NOISE_SEEDED for p in privacy)
     runs = []
-    for name in ("a", "b"):
-        assert simulate(bundle, tmp_path / name, "--privacy", "low", "--secure-noise", rounds=1) == 0
+    for name, flags in (("a", ["--noise", "secure"]), ("b", ["--secure-noise"])):  # the flag and its old spelling
+        assert simulate(bundle, tmp_path / name, "--privacy", "low", *flags, rounds=1) == 0
         m, privacy = _all_privacy(tmp_path / name)
         assert m["noise_source"] == NOISE_SECURE and all(p["noise_source"] == NOISE_SECURE for p in privacy)
         runs.append(torch.load(tmp_path / name / "federated" / "models" / "model.pt"))

@@ -89,6 +89,7 @@ def test_export_writes_a_byoc_job_with_secure_noise_by_default(bundle, tmp_path)
     assert "dp.json" in settings.config_files and "budget.json" in settings.config_files
     assert all(settings.data[s]["train"] for s in settings.sites)
     assert export(bundle, tmp_path / "job2", 2, "--seeded-noise").secure_noise is False
+    assert export(bundle, tmp_path / "job3", 2, "--noise", "seeded").secure_noise is False
 
 
 def test_export_refuses_bad_flags_before_writing(bundle, tmp_path, capsys):
@@ -145,16 +146,17 @@ def test_job_settings_refuse_unknown_fields_and_fingerprint_ignores_rounds(tmp_p
 def test_a_resuming_server_without_its_checkpoint_refuses_instead_of_starting_over(tmp_path):
     from monai_fedpriv.errors import ResumeError
     from monai_fedpriv.fl.nvflare.controller import FedPrivController
+    from monai_fedpriv.fl.workflow import RunState
 
     settings = JobSettings(name="j", bundle="b", config_files=["train.json"], overrides={}, rounds=2, sites=["s"],
                            resume=True)  # fmt: skip
-    controller = FedPrivController()
     with pytest.raises(ResumeError, match="no checkpoint"):
-        controller._start(settings, tmp_path, tmp_path / "server")  # a fresh start would make the sites drop state
+        FedPrivController.check_resume(settings, tmp_path / "server")  # a fresh start would make the sites drop state
     (tmp_path / "server").mkdir()
     (tmp_path / "server" / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ResumeError, match="cannot read the server checkpoint"):
-        controller._start(settings, tmp_path, tmp_path / "server")
+    FedPrivController.check_resume(settings, tmp_path / "server")  # there is one: the run loop reads it
+    with pytest.raises(ResumeError, match="cannot read the checkpoint"):
+        RunState.load(tmp_path / "server" / "checkpoint.pt", settings.describe(), 2)
 
 
 def test_run_nvflare_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
@@ -177,6 +179,24 @@ def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_p
     assert (tmp_path / "run" / "report.md").is_file()
     for record in metrics["rounds"]:  # codec bytes crossed the wire and were counted
         assert all(s["bytes_sent"] > 0 for s in record["sites"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [("--strategy", "fedprox", "--prox-mu", "0.5"), ("--strategy", "cwt")])
+def test_simulator_job_of_a_method_trains_what_the_in_process_run_trains(bundle, tmp_path, method):
+    export(bundle, tmp_path / "job", 3, *method)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = simulate(bundle, tmp_path / "sim", 3, *method)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    assert metrics["strategy"] == reference["strategy"] and metrics["strategy"]["name"] == method[1]
+    assert [list(r["sites"]) for r in metrics["rounds"]] == [list(r["sites"]) for r in reference["rounds"]]
+    for ours, theirs in zip(metrics["rounds"], reference["rounds"], strict=True):
+        for site, entry in ours["sites"].items():
+            assert entry["local_steps"] == theirs["sites"][site]["local_steps"]
+            assert entry["messages"] == theirs["sites"][site]["messages"] == 2
+            assert entry["bytes_received"] == theirs["sites"][site]["bytes_received"]
 
 
 @pytest.mark.slow

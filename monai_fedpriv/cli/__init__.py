@@ -29,6 +29,8 @@ COMMANDS = {
              "folder to try the task bundles"),
     "configs": ("monai_fedpriv.cli", "configs_main", "paths of the shared override files (fed, budget, dp, svt...) "
                 "for python -m monai.bundle run"),
+    "compare": ("monai_fedpriv.cli.compare", "compare_main", "a grid of simulations (strategies x partitions): "
+                "Dice against label skew, centralised, bytes, CWT forgetting"),
 }  # fmt: skip
 
 

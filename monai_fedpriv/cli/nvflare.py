@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -36,34 +37,11 @@ def export_main(argv: list[str]) -> int:
         raise OptionError(f"--name {name!r}: a job name is letters, digits, '_', '.' and '-' (at most 64).")
     from monai_fedpriv.cli.plan import plan_run
     from monai_fedpriv.fl.nvflare.job import export_job, exported_job_digest
-    from monai_fedpriv.fl.nvflare.settings import JobSettings
 
     plan = plan_run(args, log=lambda line: print(line, flush=True))
-    settings = JobSettings(
-        name=name,
-        bundle=Path(args.bundle_dir).resolve().name,
-        config_files=list(plan.bundle.config_files),
-        overrides=dict(plan.bundle.overrides),
-        rounds=args.rounds,
-        sites=list(plan.split.train),
-        local_epochs=plan.local_work.epochs,
-        local_steps=plan.local_work.steps,
-        seed=args.seed,
-        momentum=args.momentum,
-        strategy={"name": plan.strategy_name, **plan.strategy_options},
-        screen=plan.screen.to_dict(),
-        min_sites=args.min_sites,
-        round_timeout=args.round_timeout,
-        wait_after_min=args.wait_after_min,
-        secure_noise=not args.seeded_noise,
-        data={s: {"train": plan.split.train[s], "val": plan.split.val.get(s, [])} for s in plan.split.train},
-        faults=list(args.inject_fault),
-        partition=plan.split.describe(),
-        data_summary=plan.extra.get("data"),
-        resume=args.resume,
-    )  # config_digests: taken by export_job from the files the job ships
+    settings = dataclasses.replace(plan.settings, name=name)  # config_digests: export_job takes them from its files
     job = export_job(settings, args.bundle_dir, args.output)
-    noise = "seeded from --seed (simulation only)" if args.seeded_noise else "from OS entropy"
+    noise = "seeded from --seed (simulation only)" if args.noise == "seeded" else "from OS entropy"
     print(f"job: {job} ({len(settings.sites)} sites {', '.join(settings.sites)}; {args.rounds} rounds; privacy "
           f"noise {noise})")  # fmt: skip
     print(f"job digest: {exported_job_digest(job)} (a site that pins jobs lists it in $MONAI_FEDPRIV_ACCEPT_JOBS)")

@@ -1,6 +1,8 @@
-"""From run flags to a planned federated run: the bundle with its privacy and data overrides, the sites' data, the
-strategy, the server's screening and the faults. ``simulate`` runs the plan in-process; ``export-nvflare`` writes it
-as an NVIDIA FLARE job. Every flag is checked before any data is read."""
+"""From run flags to a planned federated run: the bundle with its privacy and data overrides, the sites' data, and
+the run's one settings tree (:class:`~monai_fedpriv.fl.nvflare.settings.JobSettings`: rounds, local work, seed,
+momentum, the strategy and its settings, screening, faults, noise source, the sites' data lists), built and
+validated here once. ``simulate`` runs it in-process; ``export-nvflare`` writes the same tree into an NVIDIA FLARE
+job. Every flag is checked before any data is read."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.cli.options import OptionError, check_privacy_config, privacy_files_and_overrides
 from monai_fedpriv.cli.overrides import check_overrides, parse_overrides
 from monai_fedpriv.cli.run_flags import check_run_flags
+from monai_fedpriv.cli.strategy import strategy_from_args
 from monai_fedpriv.experiments.federated import SiteSplit
+from monai_fedpriv.fl.nvflare.settings import JobSettings
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator import Fault, LocalWork
 
@@ -23,21 +27,33 @@ __all__ = ["RunPlan", "check_items_per_patient", "plan_run"]
 
 @dataclass
 class RunPlan:
-    """What a federated run needs, decided from the flags (and the data, with ``--data``)."""
+    """What a federated run needs, decided from the flags (and the data, with ``--data``): the bundle, the sites'
+    split and the run's settings tree; everything else is read from the tree."""
 
     bundle: BundleSpec
     split: SiteSplit
-    local_work: LocalWork
-    strategy_name: str
-    strategy_options: dict[str, Any]
-    screen: ScreenSettings
-    faults: list[Fault]
+    settings: JobSettings
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def local_work(self) -> LocalWork:
+        s = self.settings
+        return LocalWork(epochs=None, steps=s.local_steps) if s.local_steps else LocalWork(epochs=s.local_epochs or 1)
+
+    @property
+    def screen(self) -> ScreenSettings:
+        return ScreenSettings(**self.settings.screen)
+
+    @property
+    def faults(self) -> list[Fault]:
+        from monai_fedpriv.fl.simulator import parse_fault
+
+        return [parse_fault(f) for f in self.settings.faults]
 
     def build_strategy(self) -> Any:
         from monai_fedpriv.fl.strategies import build_strategy
 
-        return build_strategy(self.strategy_name, **self.strategy_options)
+        return build_strategy(**self.settings.strategy)
 
 
 def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> RunPlan:
@@ -46,7 +62,6 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     from monai_fedpriv.data.splits import check_patients_at_one_site
     from monai_fedpriv.experiments import bundle_datalist, split_sites
     from monai_fedpriv.fl.simulator import FaultInjector, parse_fault
-    from monai_fedpriv.fl.strategies import build_strategy
 
     check_run_flags(args)
     try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
@@ -56,11 +71,7 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         if late:
             raise OptionError(f"--inject-fault {', '.join(late)}: beyond --rounds {args.rounds}, it would never "
                               f"happen.")  # fmt: skip
-        strategy_options = {
-            "weighting": args.weighting, "server_lr": args.server_lr, "server_momentum": args.server_momentum,
-            "trim_fraction": 0.2 if args.trim_fraction is None else args.trim_fraction,
-        }  # fmt: skip
-        build_strategy(args.aggregator, **strategy_options)
+        strategy_name, strategy_options = strategy_from_args(args)
         screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
     except ValueError as exc:
         raise OptionError(str(exc)) from exc
@@ -108,7 +119,21 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         check_patients_at_one_site(split.train)  # before an exported job sends a split that under-counts a patient
     if args.items_per_patient is not None:
         check_items_per_patient(args.items_per_patient, unit, split, own is not None and own.info.spatial_dims == 3)
-    return RunPlan(bundle, split, local_work, args.aggregator, strategy_options, screen, faults, extra)
+    strategy = {"name": strategy_name, **strategy_options}
+    from monai_fedpriv.fl.strategies import build_strategy
+
+    train = build_strategy(**strategy).site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
+    job = {"wait_after_min": args.wait_after_min} if getattr(args, "wait_after_min", None) is not None else {}
+    settings = JobSettings(
+        name=getattr(args, "name", None) or Path(args.output).name, bundle=Path(args.bundle_dir).resolve().name,
+        config_files=list(bundle.config_files), overrides=dict(bundle.overrides), rounds=args.rounds,
+        sites=list(split.train), local_epochs=local_work.epochs, local_steps=local_work.steps, seed=args.seed,
+        momentum=args.momentum, strategy=strategy, screen=screen.to_dict(), min_sites=args.min_sites,
+        round_timeout=args.round_timeout, secure_noise=args.noise == "secure",
+        data={s: {"train": train[s], "val": split.val.get(s, [])} for s in train}, faults=list(args.inject_fault),
+        partition=split.describe(), data_summary=extra.get("data"), resume=args.resume, **job,
+    )  # fmt: skip
+    return RunPlan(bundle, split, settings, extra)
 
 
 def check_items_per_patient(value: int, unit: str | None, split: SiteSplit, volumes: bool) -> None:

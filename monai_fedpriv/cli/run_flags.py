@@ -8,12 +8,13 @@ from pathlib import Path
 
 from monai_fedpriv.cli.options import (
     MAX_SEED,
-    OptionError,
     check_device,
     check_number,
     check_output_folder,
     refuse_given,
 )
+from monai_fedpriv.cli.strategy import add_strategy_flags, strategy_from_args
+from monai_fedpriv.privacy.budget import StopPolicy
 
 __all__ = ["add_run_flags", "check_run_flags"]
 
@@ -24,7 +25,6 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     flags (name, noise source, timeouts)."""
     from monai_fedpriv.data.partition import SCHEMES
     from monai_fedpriv.fl.simulator.faults import FAULT_KINDS
-    from monai_fedpriv.fl.strategies import STRATEGIES, WEIGHTINGS
 
     p.add_argument("bundle_dir", type=Path, help="MONAI bundle directory (with configs/train.json)")
     p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
@@ -77,26 +77,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default="restart",
                    help="client optimiser state across rounds (Li et al. 2019): default restart")  # fmt: skip
     server = p.add_argument_group("server (the strategy and how it screens updates)")
-    server.add_argument(
-        "--aggregator",
-        choices=STRATEGIES,
-        default="fedavg",
-        help="fedavg, fedavgm (server momentum), median or trimmed-mean (robust, Yin et al. 2018)",
-    )
-    server.add_argument(
-        "--weighting",
-        choices=WEIGHTINGS,
-        default="steps",
-        help="FedAvg weights: local steps (Li et al. Alg. 3), samples, or plain mean",
-    )
-    server.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM server momentum in [0, 1)")
-    server.add_argument("--server-lr", type=float, default=1.0, help="server step size on the aggregated update")
-    server.add_argument(
-        "--trim-fraction",
-        type=float,
-        default=None,
-        help="trimmed-mean: fraction dropped at each end per coordinate (default 0.2)",
-    )
+    add_strategy_flags(server)
     server.add_argument(
         "--min-sites",
         type=int,
@@ -170,7 +151,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     budget.add_argument("--share-delta", type=float, default=None, dest="delta", help=argparse.SUPPRESS)
     budget.add_argument(
         "--budget-policy",
-        choices=("stop_site", "stop_federation"),
+        choices=(StopPolicy.STOP_SITE.value, StopPolicy.STOP_FEDERATION.value),
         default=None,
         help="when a site's budget runs out: continue without it (default) or stop everyone",
     )
@@ -191,18 +172,14 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
             help="start every site's budget at zero although earlier runs spent epsilon on the same cases (stated "
             "in metrics.json and the report; the earlier spending stays recorded)",
         )  # fmt: skip
-    if deploy:
-        budget.add_argument(
-            "--seeded-noise",
-            action="store_true",
-            help="simulation only: seed privacy noise from --seed (reproducible, not private; default OS entropy)",
-        )
-    else:
-        budget.add_argument(
-            "--secure-noise",
-            action="store_true",
-            help="draw privacy noise from OS entropy (default in simulation: seeded from --seed)",
-        )
+    budget.add_argument(
+        "--noise", choices=("seeded", "secure"), default="secure" if deploy else "seeded",
+        help="where privacy noise comes from: seeded from --seed (reproducible, simulation only, not private) or "
+        f"secure (OS entropy); default {'secure in an exported job' if deploy else 'seeded in simulation'}",
+    )  # fmt: skip
+    # the earlier spellings of --noise, kept working
+    budget.add_argument("--secure-noise", dest="noise", action="store_const", const="secure", help=argparse.SUPPRESS)
+    budget.add_argument("--seeded-noise", dest="noise", action="store_const", const="seeded", help=argparse.SUPPRESS)
     share = p.add_argument_group(
         "update sharing (Li et al. 2019, section 2.2): filters on what every site sends, after DP-SGD if any"
     )
@@ -256,9 +233,6 @@ def check_run_flags(args: argparse.Namespace) -> None:
         check_device(args.device)
     check_number("--local-epochs", args.local_epochs, low=1, integer=True)
     check_number("--local-steps", args.local_steps, low=1, integer=True)
-    check_number("--server-momentum", args.server_momentum, low=0, high=1, high_open=True)
-    check_number("--server-lr", args.server_lr, low=0, low_open=True)
-    check_number("--trim-fraction", args.trim_fraction, low=0, high=0.5, high_open=True)
     check_number("--min-sites", args.min_sites, low=1, high=args.sites, integer=True)
     check_number("--max-update-norm", args.max_update_norm, low=0, low_open=True)
     check_number("--norm-factor", args.norm_factor, low=1, low_open=True)
@@ -269,5 +243,4 @@ def check_run_flags(args: argparse.Namespace) -> None:
                       ("--val-fraction", args.val_fraction)], "--data")  # fmt: skip
     check_number("--round-timeout", getattr(args, "round_timeout", None), low=0, integer=True)
     check_number("--wait-after-min", getattr(args, "wait_after_min", None), low=0, integer=True)
-    if args.trim_fraction is not None and args.aggregator != "trimmed-mean":
-        raise OptionError("--trim-fraction is used by --aggregator trimmed-mean only.")
+    strategy_from_args(args)

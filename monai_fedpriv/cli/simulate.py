@@ -60,24 +60,25 @@ def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
     from monai_fedpriv.experiments import run_experiment
     from monai_fedpriv.privacy.ledger_store import LedgerStore
 
+    settings = plan.settings  # the run's one settings tree (the same an exported job carries)
     metrics = run_experiment(
         plan.bundle,
         plan.split,
         args.output,
-        args.rounds,
+        settings.rounds,
         plan.local_work,
-        seed=args.seed,
-        momentum=args.momentum,
+        seed=settings.seed,
+        momentum=settings.momentum,
         strategy_factory=plan.build_strategy,
         baselines=args.baselines,
         resume=args.resume,
         device=args.device,
         federation={
             "screen": plan.screen,
-            "min_sites": args.min_sites,
+            "min_sites": settings.min_sites,
             "faults": plan.faults,
-            "secure_noise": args.secure_noise,
-            "round_timeout": args.round_timeout,
+            "secure_noise": settings.secure_noise,
+            "round_timeout": settings.round_timeout,
             "ledger_store": LedgerStore(args.ledger_dir) if args.ledger_dir else LedgerStore.default(),
             "fresh_budget": args.fresh_budget,
         },  # fmt: skip

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -47,7 +47,8 @@ from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.wire import CODEC_VERSION, DTYPE_NAMES, DTYPES, GLOBAL_MAGIC, MAGIC, PREFIX, Expected
 
 __all__ = [
-    "CODEC_VERSION", "Expected", "decode_global", "decode_update", "encode_global", "encode_update", "encoded_size",
+    "CODECS", "CODEC_VERSION", "Expected", "decode", "decode_global", "decode_update", "encode", "encode_global",
+    "encode_update", "encoded_size",
 ]  # fmt: skip
 
 _DTYPES = DTYPES
@@ -147,10 +148,36 @@ def encode_global(model: GlobalModel) -> bytes:
     who = f"global model of round {model.round}"
     entries, opt_entries, blocks = _encode_body(model.weights, None, model.optimizer_state, who)
     header = {
-        "kind": "global",
+        "kind": model.kind,
         "round": model.round,
         "stop": model.stop,
         "tensors": entries,
         "optimizer_state": opt_entries,
+        "instructions": {site: instr.to_json() for site, instr in model.instructions.items()},
     }
     return _pack(GLOBAL_MAGIC, header, blocks, who)
+
+
+#: the codec of every message kind: ``kind -> (encode, decode)``; a kind is added here with its decoder, which must
+#: treat the bytes as hostile (:mod:`monai_fedpriv.fl.decoding`)
+CODECS: dict[str, tuple[Callable[[Any], bytes], Callable[..., Any]]] = {
+    ModelUpdate.kind: (encode_update, decode_update),
+    GlobalModel.kind: (encode_global, decode_global),
+}
+_MAGIC_KINDS = {MAGIC: ModelUpdate.kind, GLOBAL_MAGIC: GlobalModel.kind}
+
+
+def encode(message: Any) -> bytes:
+    """The bytes of any message with a registered ``kind``."""
+    kind = getattr(message, "kind", None)
+    if kind not in CODECS:
+        raise UpdateError(f"no codec for message kind {kind!r} ({type(message).__name__}); known: {sorted(CODECS)}.")
+    return CODECS[kind][0](message)
+
+
+def decode(data: bytes, expect: Expected | None = None) -> Any:
+    """The message in untrusted ``data``, by the kind its magic names (``UpdateError`` on anything else)."""
+    kind = _MAGIC_KINDS.get(bytes(data[:4]))
+    if kind is None:
+        raise UpdateError(f"malformed message: it starts with {bytes(data[:4])!r}, no known message kind.")
+    return CODECS[kind][1](data, expect)

@@ -248,7 +248,23 @@ def _decode_body(
     return tensors, masks, optimizer_state
 
 
-_GLOBAL_FIELDS = ("kind", "round", "stop", "tensors", "optimizer_state")
+_GLOBAL_FIELDS = ("kind", "round", "stop", "tensors", "optimizer_state", "instructions")
+MAX_INSTRUCTIONS = 10_000  # sites a global model can instruct
+
+
+def _instructions(raw: Any, who: str) -> dict[str, Any]:
+    """The per-site round instructions of a global model's header, typed and bounded."""
+    from monai_fedpriv.fl.instruction import RoundInstruction
+
+    if not isinstance(raw, dict) or len(raw) > MAX_INSTRUCTIONS:
+        raise UpdateError(f"{who}: instructions field is {shown(raw)}, expected an object of at most "
+                          f"{MAX_INSTRUCTIONS} sites.")  # fmt: skip
+    out = {}
+    for site, value in raw.items():
+        if (problem := site_problem(site)) is not None:
+            raise UpdateError(f"{who}: instructions: {problem}.")
+        out[site] = RoundInstruction.from_json(value, f"{who}: instruction for {site!r}")
+    return out
 
 
 def decode_global(data: bytes, expect: Expected | None = None) -> GlobalModel:
@@ -257,7 +273,7 @@ def decode_global(data: bytes, expect: Expected | None = None) -> GlobalModel:
     not that model's."""
     header, view, start = _unpack(data, GLOBAL_MAGIC, "global model", expect)
     who = "malformed encoded global model"
-    if set(header) != set(_GLOBAL_FIELDS) or header["kind"] != "global":
+    if set(header) != set(_GLOBAL_FIELDS) or header["kind"] != GlobalModel.kind:
         fields = shown(sorted(header))
         raise UpdateError(f"{who}: header fields {fields}, expected {list(_GLOBAL_FIELDS)} (kind global).")
     problem = int_problem("round", header["round"])
@@ -265,5 +281,6 @@ def decode_global(data: bytes, expect: Expected | None = None) -> GlobalModel:
         problem = f"stop field is {shown(header['stop'])}, expected true or false"
     if problem is not None:
         raise UpdateError(f"{who}: {problem}.")
+    instructions = _instructions(header["instructions"], who)
     weights, _, optimizer_state = _decode_body(header, view, start, False, f"{who} (round {header['round']})", expect)
-    return GlobalModel(header["round"], weights, optimizer_state, header["stop"])
+    return GlobalModel(header["round"], weights, optimizer_state, header["stop"], instructions)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from monai_fedpriv.errors import UpdateError
+
+if TYPE_CHECKING:
+    from monai_fedpriv.fl.instruction import RoundInstruction
 
 __all__ = [
     "MAX_COUNT", "ModelUpdate", "GlobalModel", "check_fields", "check_update", "int_problem", "shown",
@@ -43,6 +46,9 @@ class ModelUpdate:
         meta: free-form, JSON-serialisable facts about the update (privacy accounting, bytes sent, ...).
     """
 
+    #: the message kind on the wire (:mod:`monai_fedpriv.fl.codec`)
+    kind: ClassVar[str] = "update"
+
     site: str
     round: int
     delta: dict[str, torch.Tensor]
@@ -66,12 +72,24 @@ class GlobalModel:
         weights: full state dict of the global model (parameters and float buffers).
         optimizer_state: aggregated optimiser moments when client momentum is aggregated, else ``None``.
         stop: ``True`` when the federation has ended (budget exhausted, last round done) and the site should stop.
+        instructions: the strategy's :class:`~monai_fedpriv.fl.instruction.RoundInstruction` for each site asked to
+            train the next round (a site without one trains as the run's settings say).
     """
+
+    #: the message kind on the wire (:mod:`monai_fedpriv.fl.codec`)
+    kind: ClassVar[str] = "global"
 
     round: int
     weights: dict[str, torch.Tensor]
     optimizer_state: dict[str, torch.Tensor] | None = None
     stop: bool = False
+    instructions: dict[str, RoundInstruction] = field(default_factory=dict)
+
+    def instruction_for(self, site: str) -> RoundInstruction:
+        """What the strategy asks of ``site`` in the next round (the default instruction when it names none)."""
+        from monai_fedpriv.fl.instruction import RoundInstruction
+
+        return self.instructions.get(site) or RoundInstruction()
 
 
 def tensor_bytes(t: torch.Tensor) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from monai_fedpriv.fl.instruction import RoundInstruction
 from monai_fedpriv.fl.momentum import (
     MOMENTUM_POLICIES,
     export_optimizer_state,
@@ -19,6 +20,7 @@ from monai_fedpriv.fl.momentum import (
 from monai_fedpriv.fl.transport import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, subtract
+from monai_fedpriv.handlers.fed_events import FedEvents
 from monai_fedpriv.privacy.filters.base import FilterChain
 
 __all__ = ["FederatedSync"]
@@ -40,6 +42,12 @@ class FederatedSync:
     ``local_steps`` counts logical optimiser steps (a step hook on the optimiser): noise-only DP-SGD steps on empty
     Poisson draws count, physical sub-batches of one logical batch do not.
 
+    Every global model carries the strategy's :class:`~monai_fedpriv.fl.instruction.RoundInstruction` for this site:
+    when it asks for a number of steps (``local_steps``, or ``whole_batches``: ``floor(n_samples / batch_size)``),
+    the round ends after that many logical steps instead of at the ``every``/``unit`` boundary. The handler fires
+    :class:`~monai_fedpriv.handlers.fed_events.FedEvents` (``GLOBAL_MODEL_RECEIVED``, ``UPDATE_BUILT``) so that method
+    handlers (FedProx's :class:`~monai_fedpriv.handlers.proximal.ProximalTerm`) attach without its internals.
+
     Args:
         transport: channel to the server (:class:`~monai_fedpriv.fl.transport.Transport`).
         site: this site's name, e.g. ``"site-1"``.
@@ -50,6 +58,7 @@ class FederatedSync:
         n_samples: local training set size; default ``len(engine.data_loader.dataset)``.
         network: the trained network; default ``engine.network`` (late binding, as MONAI handlers do).
         optimizer: its optimiser; default ``engine.optimizer``.
+        batch_size: the training batch size (for ``whole_batches`` instructions); default the loader's.
 
     Example (bundle override ``configs/fed.json``)::
 
@@ -68,6 +77,7 @@ class FederatedSync:
         n_samples: int | None = None,
         network: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        batch_size: int | None = None,
     ) -> None:
         if not isinstance(transport, Transport):
             raise TypeError(
@@ -93,6 +103,8 @@ class FederatedSync:
         self.n_samples = n_samples
         self.network = network
         self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.instruction = RoundInstruction()
         self.logger = logging.getLogger(f"monai_fedpriv.FederatedSync.{site}")
         self.round = 0  # completed rounds as seen by this site
         self.last_update: ModelUpdate | None = None
@@ -101,7 +113,13 @@ class FederatedSync:
         self._round_start_steps = 0
         self._awaiting_global = False
         self._round_end_pending = False
+        self._round_steps: int | None = None  # steps the instruction asks for this round (None: the boundary)
         self._step_hook: Any = None
+
+    @property
+    def global_weights(self) -> dict[str, torch.Tensor] | None:
+        """The global model this site's round started from (``None`` before the first)."""
+        return self._global
 
     @property
     def filters(self) -> list[UpdateFilterFn]:
@@ -121,6 +139,8 @@ class FederatedSync:
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self._on_started, Events.STARTED):
             return
+        if not engine.has_registered_events(FedEvents.GLOBAL_MODEL_RECEIVED):
+            engine.register_events(*FedEvents)
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)
         boundary = (
@@ -141,9 +161,11 @@ class FederatedSync:
             raise AttributeError(
                 "FederatedSync needs a network and an optimizer (pass them or use a SupervisedTrainer)."
             )
+        loader = getattr(engine, "data_loader", None)
         if self.n_samples is None:
-            loader = getattr(engine, "data_loader", None)
             self.n_samples = len(loader.dataset) if loader is not None and hasattr(loader, "dataset") else 0
+        if self.batch_size is None:
+            self.batch_size = int(getattr(loader, "batch_size", None) or 1)
         if self._step_hook is None:
             # the innermost torch optimizer steps once per logical step (a DP optimizer skips physical sub-batches
             # and steps on empty Poisson draws)
@@ -175,23 +197,33 @@ class FederatedSync:
         self._global = {k: v.detach() for k, v in glob.weights.items()}  # the transport hands over its own copy
         self._round_start_steps = self._steps
         self.round = glob.round
+        self.instruction = glob.instruction_for(self.site)
+        self._round_steps = self.instruction.steps_for(int(self.n_samples or 0), int(self.batch_size or 1))
         if self.momentum == "restart":
             restart_optimizer_state(self.optimizer)
         elif self.momentum == "aggregate" and glob.optimizer_state is not None:
             import_optimizer_state(self.optimizer, self.network, glob.optimizer_state)
         self._awaiting_global = False
+        engine.state.__dict__.update(fed_global=GlobalModel(glob.round, self._global, glob.optimizer_state),
+                                     fed_instruction=self.instruction)  # fmt: skip
+        engine.fire_event(FedEvents.GLOBAL_MODEL_RECEIVED)
 
     def _mid_logical_batch(self) -> bool:
         """A DP optimizer that split a logical batch into physical ones and has not stepped on it yet."""
-        return bool(getattr(self.optimizer, "_is_last_step_skipped", False))
+        return bool(getattr(self.optimizer, "mid_logical_batch", False))
 
     def _on_boundary(self, engine: Engine) -> None:
+        if self._round_steps is not None or self._awaiting_global:  # the instruction's step count ends this round
+            return
         if self._mid_logical_batch():  # end the round on the logical step, never between its physical batches
             self._round_end_pending = True
             return
         self._on_round_end(engine)
 
     def _after_iteration(self, engine: Engine) -> None:
+        if self._round_steps is not None and not self._awaiting_global and not self._round_end_pending:
+            if self._steps - self._round_start_steps >= self._round_steps:
+                self._round_end_pending = True
         if self._round_end_pending and not self._mid_logical_batch():
             self._round_end_pending = False
             self._on_round_end(engine)
@@ -222,6 +254,8 @@ class FederatedSync:
         except RuntimeError as exc:
             raise RuntimeError(f"{self.site}: {exc}; nothing was sent.") from exc
         self.last_update = update
+        engine.state.__dict__.update(fed_update=update)
+        engine.fire_event(FedEvents.UPDATE_BUILT)
         self.transport.send(update)
         self._round_start_steps = self._steps
         self._awaiting_global = True
@@ -247,6 +281,8 @@ class FederatedSync:
             "round_start_steps": self._round_start_steps,
             "awaiting_global": self._awaiting_global,
             "round_end_pending": self._round_end_pending,
+            "round_steps": self._round_steps,
+            "instruction": self.instruction.to_json(),
             "global": copy.deepcopy(self._global),
             "filters": self.chain.state_dict(),
         }
@@ -260,6 +296,8 @@ class FederatedSync:
         self._round_start_steps = int(state["round_start_steps"])
         self._awaiting_global = bool(state["awaiting_global"])
         self._round_end_pending = bool(state.get("round_end_pending", False))
+        self._round_steps = state.get("round_steps")
+        self.instruction = RoundInstruction.from_json(state.get("instruction"))
         self._global = copy.deepcopy(state["global"])
         if len(state["filters"]) != len(self.filters):
             raise ValueError(f"saved state has {len(state['filters'])} filters, this handler has {len(self.filters)}.")

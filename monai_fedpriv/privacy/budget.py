@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from enum import Enum
 from typing import Any
 
 from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
@@ -33,9 +34,26 @@ from monai_fedpriv.privacy.accounting import (
     check_accountant_supports,
 )
 
-__all__ = ["BUDGET_POLICIES", "PrivacyBudget"]
+__all__ = ["BUDGET_POLICIES", "PrivacyBudget", "StopPolicy"]
 
-BUDGET_POLICIES = ("stop_site", "stop_federation", "raise")
+
+class StopPolicy(str, Enum):
+    """What happens when a site's privacy budget runs out (``--budget-policy``)."""
+
+    STOP_SITE = "stop_site"  #: the site leaves, the others go on
+    STOP_FEDERATION = "stop_federation"  #: the federation ends after that round
+    RAISE = "raise"  #: the budget handler raises (a bundle run on its own)
+
+    @classmethod
+    def of(cls, value: object) -> StopPolicy | None:
+        """The policy named by ``value`` (as a site reports it), or ``None`` for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+
+BUDGET_POLICIES = tuple(p.value for p in StopPolicy)
 _MAX_STEPS = 10**9
 
 

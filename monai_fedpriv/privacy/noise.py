@@ -8,7 +8,7 @@ they can regenerate the noise and subtract it. So:
 * ``seed=None`` (the default of every override file, hence of a bundle run on its own and of an exported NVFlare
   job): each generator is seeded from OS entropy (:func:`secrets.randbits`), and its state lives only in the site's
   own checkpoint, so a resumed site continues the stream instead of replaying it;
-* an explicit seed (what the in-process simulator sets, unless ``--secure-noise``): every generator is derived from
+* an explicit seed (what the in-process simulator sets, unless ``--noise secure``): every generator is derived from
   it and a stream name, and reports say ``noise_source: "seeded (simulation only, ...)"``.
 
 Caveat: the generators are PyTorch's Mersenne Twister (CPU) or Philox (CUDA) streams, seeded with 63 bits of OS

@@ -157,7 +157,8 @@ def run_site(archive: Path) -> None:
             first = False
             if not settings.resume or task.model.round == 0:  # a new federation: nothing of an earlier one counts
                 store.clear()
-            restored = _restore(site, store, task.model.round)
+            # a site's first task may come after round 1 (cyclic weight transfer): only a resumed job restores
+            restored = _restore(site, store, task.model.round, task.meta) if settings.resume else None
             if restored is not None:
                 snapshot, replay = restored
             _bind_ledger(site, store, resumed=restored is not None)
@@ -211,10 +212,18 @@ def _train(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, snaps
 
 
 def _restore(
-    site: _Site, store: SiteStateStore, server_round: int
+    site: _Site, store: SiteStateStore, server_round: int, meta: dict[str, Any]
 ) -> tuple[dict[str, Any], tuple[int, bytes, dict[str, Any]] | None] | None:
-    """The site's saved state for a federation resumed after ``server_round``, and the answer to send again."""
+    """The site's saved state for a federation resumed after ``server_round``, and the answer to send again.
+
+    The task's ``last_trained`` (the last round the server asked this site to train, by its history) says how recent
+    the site's saved state must be: a strategy that does not train every site every round (cyclic weight transfer)
+    leaves a site's latest state older than the server's round, and a site the server never asked has none."""
     if server_round == 0:
+        return None
+    last = meta.get("last_trained")
+    last = last.get(site.name) if isinstance(last, dict) else server_round
+    if last is None:  # never asked to train: it joins now
         return None
     found = store.latest_at_most(server_round + 1)
     if found is None:
@@ -224,7 +233,7 @@ def _restore(
         )
     rnd, record = found
     state = record["state"]
-    if rnd < server_round and state.get("active", True):
+    if rnd < min(int(last), server_round) and state.get("active", True):
         raise ResumeError(
             f"{site.name}: the server resumes after round {server_round} but this site's last saved state is of round "
             f"{rnd}; it cannot rejoin consistently."

@@ -124,6 +124,16 @@ class JobSettings:
         except TypeError as exc:
             raise BundleError(f"{where} lacks required fields: {exc}") from exc
 
+    def describe(self) -> dict[str, Any]:
+        """Everything that defines the run but its name, the number of rounds, injected faults and whether it
+        resumes: what a checkpoint must match to be resumed (every change named on refusal)."""
+        left_out = ("name", "rounds", "faults", "resume", "data")
+        out = {k: v for k, v in json_safe(asdict(self)).items() if k not in left_out}
+        lists = {site: self.data.get(site, {}) for site in self.sites}
+        out["sites"] = {site: [str(c.get("image")) for c in lists[site].get("train", [])] for site in self.sites}
+        out["val"] = {site: [str(c.get("image")) for c in lists[site].get("val", [])] for site in self.sites}
+        return out
+
     def fingerprint(self) -> str:
         """A digest of everything that defines the run but its name, the number of rounds, injected faults and
         whether it resumes (checked on resume; names the default state folder)."""

@@ -105,6 +105,7 @@ class NVFlareTransport(Transport):
             {k: v.clone() for k, v in glob.weights.items()},
             None if glob.optimizer_state is None else {k: v.clone() for k, v in glob.optimizer_state.items()},
             glob.stop,
+            dict(glob.instructions),
         )
 
     def send(self, update: ModelUpdate) -> None:

@@ -21,7 +21,7 @@ from monai_fedpriv.utils.files import json_safe
 
 __all__ = ["ADDED_SETTINGS", "CHECKPOINT_VERSION", "fingerprint_changes", "load_round_checkpoint"]
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 
 
 def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -11,8 +11,7 @@ from typing import Any
 from monai_fedpriv.fl.update import ModelUpdate
 
 __all__ = [
-    "final_summary", "global_privacy", "mean", "progress_cell", "round_record", "stop_federation_reason",
-    "update_facts",
+    "add_site_score", "final_summary", "global_privacy", "mean", "progress_cell", "round_record", "update_facts",
 ]  # fmt: skip
 
 
@@ -100,9 +99,29 @@ def round_record(
     return record
 
 
-def stop_federation_reason(site: str) -> str:
-    """Why a federation ends when ``site`` exhausts its budget under the ``stop_federation`` policy."""
-    return f"privacy budget of {site} exhausted (policy stop_federation)"
+def add_site_score(record: dict[str, Any], site: str, scored: Mapping[str, Any], order: Sequence[str]) -> None:
+    """A site's score of a round's global model on its own validation cases (``global_dice``, ``n_cases``,
+    ``dice_per_class``, ``classes``), combined into that round's global Dice over the sites that scored it (cases
+    weighted); ``order`` is the federation's site order."""
+    from monai_fedpriv.fl.evaluation import combine_scores
+
+    if "global_dice" not in scored:
+        return
+    if site in record["sites"]:  # the round lists the sites that trained in it; every site may score its model
+        record["sites"][site]["global_dice"] = scored["global_dice"]
+    scores = record.setdefault("_scores", {})
+    scores[site] = {
+        "dice": scored["global_dice"], "n_cases": int(scored.get("n_cases", 1)),
+        "dice_per_class": scored.get("dice_per_class", []), "classes": scored.get("classes", []),
+    }  # fmt: skip
+    combined = combine_scores(scores)
+    rank = {name: k for k, name in enumerate(order)}
+    record["global"]["per_site"][site] = scored["global_dice"]
+    record["global"]["per_site"] = dict(sorted(record["global"]["per_site"].items(), key=lambda kv: rank.get(kv[0], 0)))
+    record["global"]["n_cases"] = {s: scores[s]["n_cases"] for s in sorted(scores, key=lambda s: rank.get(s, 0))}
+    record["global"]["dice"] = combined["dice"]
+    if combined["dice_per_class"]:
+        record["global"]["dice_per_class"] = combined["dice_per_class"]
 
 
 def final_summary(history: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.fl.instruction import RoundInstruction
     from monai_fedpriv.fl.nvflare.settings import JobSettings
     from monai_fedpriv.fl.update import ModelUpdate
 
 __all__ = [
-    "DP_EXTRA_STEPS", "WorkBound", "asked_iterations", "bound_for", "bundle_work", "claim_problem", "steps_per_round",
-    "work_bounds",
+    "DP_EXTRA_STEPS", "WorkBound", "asked_iterations", "bound_for", "bundle_work", "claim_problem", "instructed_bound",
+    "steps_per_round", "work_bounds",
 ]  # fmt: skip
 
 DP_EXTRA_STEPS = 32
@@ -100,6 +101,21 @@ def bound_for(
     )
 
 
+def instructed_bound(
+    n_samples: int | None, batch_size: int, local_epochs: int | None, local_steps: int | None, dp_sgd: bool,
+    instruction: RoundInstruction,
+) -> WorkBound:
+    """The :class:`WorkBound` of a site told ``instruction`` this round: its step count when it names one
+    (``whole_batches``: ``floor(n_samples / batch_size)``, unbounded while the site has declared no samples), else the
+    run's ``local_epochs`` / ``local_steps``."""
+    if instruction.whole_batches and n_samples is None:
+        return WorkBound(None, None)
+    steps = instruction.steps_for(int(n_samples or 0), batch_size)
+    if steps is None:
+        return bound_for(n_samples, batch_size, local_epochs, local_steps, dp_sgd)
+    return bound_for(n_samples, batch_size, None, steps, dp_sgd)
+
+
 def _count(value: int) -> str:
     return f"{value:.3g}" if value >= 10**6 else str(value)
 
@@ -129,17 +145,23 @@ def bundle_work(bundle: BundleSpec, seed: int) -> tuple[int, bool]:
 
 
 def work_bounds(
-    settings: JobSettings, batch_size: int, dp_sgd: bool, declared: Mapping[str, int]
+    settings: JobSettings, batch_size: int, dp_sgd: bool, declared: Mapping[str, int],
+    instructions: Mapping[str, RoundInstruction] | None = None,
 ) -> dict[str, WorkBound]:
-    """The bounds of an NVIDIA FLARE job's sites: the job's local steps (or local epochs of the batches of each
-    site's samples) and the samples each site declared with its first *accepted* update (``declared``, recorded by
-    the controller only after the round screened that update, kept in the server's checkpoint). The job's own data
+    """The bounds of an NVIDIA FLARE job's sites told ``instructions`` this round (default: every site, the run's
+    local work): their instruction's steps, else the job's local steps (or local epochs of the batches of each
+    site's samples), and the samples each site declared with its first *accepted* update (``declared``, recorded by
+    the run loop only after the round screened that update, kept in the server's checkpoint). The job's own data
     lists are not a bound: a deployed site trains on its own ``$MONAI_FEDPRIV_DATALIST``.
 
     A site that has not declared yet has no sample bound (and, under ``local_epochs``, no step bound): in that round
     :class:`~monai_fedpriv.fl.server.round.ServerRound` weights it as the median of the other accepted sites at most,
     so a first update cannot take the aggregate either."""
+    from monai_fedpriv.fl.instruction import RoundInstruction
+
+    asked = instructions if instructions is not None else {site: RoundInstruction() for site in settings.sites}
     return {
-        site: bound_for(declared.get(site), batch_size, settings.local_epochs, settings.local_steps, dp_sgd)
-        for site in settings.sites
-    }
+        site: instructed_bound(declared.get(site), batch_size, settings.local_epochs, settings.local_steps, dp_sgd,
+                               instruction)
+        for site, instruction in asked.items()
+    }  # fmt: skip

@@ -17,6 +17,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, parser_get
 from monai_fedpriv.data.stream import StreamSampler, derive_seed
 from monai_fedpriv.errors import BundleError
 from monai_fedpriv.handlers.federated_sync import FederatedSync
+from monai_fedpriv.handlers.proximal import ProximalTerm
 from monai_fedpriv.utils.rng import OwnedRandomState
 
 __all__ = ["Budgeted", "SiteRuntime", "SiteSpec", "build_site", "privacy_setup"]
@@ -256,7 +257,7 @@ def build_site(
             "num_workers": spec.num_workers,
         },
         "site_seed": site_seed,
-        # simulation: noise seeded from the config (reproducible), unless --secure-noise asks for OS entropy
+        # simulation: noise seeded from the config (reproducible), unless --noise secure asks for OS entropy
         "privacy_noise_seed": None if spec.secure_noise else derive_seed(spec.seed, "privacy-noise", name),
         "privacy_log_epochs": False,  # the simulator prints one line per round, epsilon included
         # anything the bundle writes (checkpoints, evaluation, attack audits) goes into the run, not the bundle
@@ -286,14 +287,15 @@ def build_site(
         if not isinstance(sync, FederatedSync):
             raise BundleError(f"bundle id 'fed_sync' should build a FederatedSync, got {type(sync).__name__}.")
         sync.add_filters(extra)
-        sync.n_samples = len(data)
+        sync.n_samples, sync.batch_size = len(data), batch_size
     else:
         filters = list(parser.get_parsed_content("fed_filters")) if parser_get(parser, "fed_filters") else []
         sync = FederatedSync(
             transport, site=name, every=every, unit="epochs", momentum=spec.momentum, filters=filters + extra,
-            n_samples=len(data),
+            n_samples=len(data), batch_size=batch_size,
         )  # fmt: skip
     sync.attach(trainer)
+    ProximalTerm().attach(trainer)  # FedProx: acts only when a round's instruction has prox_mu > 0
     # budget, privacy and audit handlers of the override files (attaching the sync handler twice is a no-op)
     for handler in parser.get_parsed_content("fed_handlers") if parser_get(parser, "fed_handlers") else []:
         handler.attach(trainer)

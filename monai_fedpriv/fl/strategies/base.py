@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from monai_fedpriv.fl.instruction import RoundInstruction
 from monai_fedpriv.fl.update import ModelUpdate, check_update
 
 __all__ = ["Strategy"]
@@ -31,9 +32,21 @@ class Strategy(ABC):
     #: short name used on the command line and in reports
     name: str = "strategy"
 
+    def start(self, sites: Sequence[str]) -> None:  # noqa: B027 - most strategies need no site order
+        """Called once by the run loop with the federation's sites in their fixed order."""
+
     def select_sites(self, rnd: int, sites: Sequence[str]) -> list[str]:
         """The sites that train in round ``rnd`` (1-based), chosen among ``sites`` (those still active)."""
         return list(sites)
+
+    def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
+        """The sites that train in round ``rnd`` and what each is told (default: :meth:`select_sites`, each with the
+        default instruction: train as the run's settings say)."""
+        return {site: RoundInstruction() for site in self.select_sites(rnd, sites)}
+
+    def site_data(self, train: Mapping[str, list[dict[str, Any]]], seed: int) -> dict[str, list[dict[str, Any]]]:
+        """Each site's training list as this strategy trains it (default: as given; FedAvg+Share adds its pool)."""
+        return {site: list(cases) for site, cases in train.items()}
 
     @abstractmethod
     def aggregate(

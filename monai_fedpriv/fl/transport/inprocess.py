@@ -67,6 +67,7 @@ class InProcessTransport(Transport):
                 else {k: v.clone() for k, v in self.current.optimizer_state.items()}
             ),
             stop=self.current.stop,
+            instructions=dict(self.current.instructions),
         )
 
     def send(self, update: ModelUpdate) -> None:

@@ -100,6 +100,8 @@ class DPSGD(UpdateFilter):
         self.image_key = image_key
         self.patient_key = patient_key
         self._sampler_generator = noise_generator(seed, "dp_sampler")
+        # draws the FedAvg+Share pool items of each step (used only when the dataset holds "public": True items)
+        self._public_generator = noise_generator(seed, "dp_public_sampler")
         self._pending_noise_state: torch.Tensor | None = None
         self.changes: list[str] = []
         self._parts: PrivateParts | None = None
@@ -151,6 +153,7 @@ class DPSGD(UpdateFilter):
                 sampler_generator=self._sampler_generator,
                 noise_generator=noise,
                 patient_key=self.patient_key,
+                public_generator=self._public_generator,
             )
         return self._parts
 
@@ -203,6 +206,9 @@ class DPSGD(UpdateFilter):
         }
         if self._parts is not None:
             facts["sample_rate"] = self.sample_rate
+            public = getattr(self._parts.data_loader, "public_units", 0)
+            if public:  # FedAvg+Share: the epsilon covers the private units only, not these
+                facts["public_units"] = public
         if unit == "patient":
             facts["items_per_patient"] = self.settings.items_per_patient
         return facts
@@ -221,7 +227,11 @@ class DPSGD(UpdateFilter):
         of successive updates could cancel.) The ledger is saved with the site's budget.
         """
         noise = self._parts.optimizer.generator.get_state() if self._parts is not None else self._pending_noise_state
-        state = {"sampler_generator": self._sampler_generator.get_state(), "noise_generator": noise}
+        state = {
+            "sampler_generator": self._sampler_generator.get_state(),
+            "noise_generator": noise,
+            "public_generator": self._public_generator.get_state(),
+        }
         dataset: Any = getattr(self._inputs[2], "dataset", None)
         if hasattr(dataset, "state_dict"):  # e.g. SeededDataset: which augmentation the next sample gets
             state["dataset"] = dataset.state_dict()
@@ -233,6 +243,8 @@ class DPSGD(UpdateFilter):
                 f"DPSGD state needs 'sampler_generator' and 'noise_generator', got {sorted(state)}."
             )
         self._sampler_generator.set_state(state["sampler_generator"])
+        if state.get("public_generator") is not None:  # absent from checkpoints written before FedAvg+Share
+            self._public_generator.set_state(state["public_generator"])
         dataset: Any = getattr(self._inputs[2], "dataset", None)
         if state.get("dataset") is not None and hasattr(dataset, "load_state_dict"):
             dataset.load_state_dict(state["dataset"])

@@ -4,6 +4,15 @@
   probability ``q`` (Poisson sampling of patients, not of slices or crops) and, for an included patient, up to
   ``items_per_patient`` of its items (all of them with ``None``), drawn from the same generator. The accountant is
   given the patient sample rate ``q = expected patients per step / patients at the site``.
+* :class:`PublicMixSampler`: FedAvg+Share (:mod:`monai_fedpriv.data.share_pool`). Items marked ``"public": True``
+  are outside the private data set: the private items (or patients) are Poisson-sampled at ``q = expected units per
+  step / private units`` (the rate the accountant gets), and every public item (or public patient) joins each step
+  independently with the same probability ``q``, drawn from a separate generator. So the pool is mixed in as if the
+  site trained on private + pool, and its draws never depend on the private data or on the private draws. Privacy:
+  a public item's gradient is clipped like any other, and adding or removing one private unit changes the clipped sum
+  by at most the clip norm whatever public items are in the step (public and private units are disjoint; the public
+  part is the same in both neighbouring data sets); the public draws are independent of private data, so the step
+  stays the subsampled Gaussian mechanism of rate ``q`` over the private units.
 * :class:`NoiseOnEmptyDataLoader`: an empty draw still releases noise (the accounting assumes one noised step per
   draw), but MONAI's ``SupervisedTrainer`` cannot process a zero-sized batch, so the loader takes that noise-only step
   itself and moves on.
@@ -21,7 +30,15 @@ from torch.utils.data import DataLoader, Sampler
 from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
 from monai_fedpriv.privacy.grad_sample import empty_like_batch
 
-__all__ = ["EmptySafeCollate", "NoiseOnEmptyDataLoader", "PatientPoissonSampler", "patients_of", "worker_settings"]
+__all__ = [
+    "EmptySafeCollate",
+    "NoiseOnEmptyDataLoader",
+    "PatientPoissonSampler",
+    "PublicMixSampler",
+    "patients_of",
+    "public_flags",
+    "worker_settings",
+]
 
 
 class EmptySafeCollate:
@@ -107,6 +124,70 @@ class PatientPoissonSampler(Sampler[list[int]]):
             yield batch
 
 
+class PublicMixSampler(Sampler[list[int]]):
+    """Each step: a private batch and, independently, a public one, as dataset indices (private first).
+
+    Args:
+        private: batch sampler over positions in ``private_index`` (Poisson over private items or patients).
+        public: batch sampler over positions in ``public_index``, with its own generator; it must not be driven by
+            anything private.
+        private_index, public_index: the dataset index of each private / public item.
+
+    Example:
+        >>> from opacus.utils.uniform_sampler import UniformWithReplacementSampler as U
+        >>> s = PublicMixSampler(U(num_samples=2, sample_rate=1.0), U(num_samples=1, sample_rate=1.0), [0, 2], [1])
+        >>> next(iter(s))
+        [0, 2, 1]
+    """
+
+    def __init__(
+        self, private: Sampler[list[int]], public: Sampler[list[int]], private_index: Sequence[int],
+        public_index: Sequence[int],
+    ) -> None:  # fmt: skip
+        if len(private) != len(public):  # type: ignore[arg-type]
+            raise PrivacyConfigError("private and public samplers must take the same number of steps.")
+        self.private, self.public = private, public
+        self.private_index, self.public_index = list(private_index), list(public_index)
+        self.sample_rate = getattr(private, "sample_rate", None)
+
+    def __len__(self) -> int:
+        return len(self.private)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for mine, shared in zip(self.private, self.public, strict=True):
+            yield [self.private_index[i] for i in mine] + [self.public_index[i] for i in shared]
+
+
+def _data_list(dataset: Any) -> Sequence[Any] | None:
+    base = dataset
+    while not hasattr(base, "data") and hasattr(base, "base"):
+        base = base.base
+    data = getattr(base, "data", base if isinstance(base, list) else None)
+    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)):
+        return None
+    return data
+
+
+def public_flags(dataset: Any) -> list[bool]:
+    """Whether each item of a dataset is declared public (``"public": True`` in its data list, read through
+    wrappers; a plain list of dicts is its own data list). All ``False`` when there is no data list to read.
+
+    Raises:
+        PrivacyConfigError: public items are declared but the data list does not match the dataset's length.
+    """
+    from monai_fedpriv.data.share_pool import is_public
+
+    data = _data_list(dataset)
+    if data is None:
+        return [False] * len(dataset)
+    flags = [is_public(item) for item in data]
+    if any(flags) and len(flags) != len(dataset):
+        raise PrivacyConfigError(
+            f"the data list has {len(flags)} items but the dataset {len(dataset)}: cannot tell public items apart."
+        )
+    return flags if any(flags) else [False] * len(dataset)
+
+
 def patients_of(dataset: Any, key: str = "patient") -> list[Hashable]:
     """The patient id of every item of a MONAI dataset (read from its data list, through wrappers).
 
@@ -150,7 +231,12 @@ class NoiseOnEmptyDataLoader(DataLoader):
     the loader itself takes the noise-only step (``optimizer.zero_grad(); optimizer.step()``, counted in the ledger)
     and moves on to the next draw. If that step would pass a privacy budget (``PrivacyBudgetExceeded`` from a
     budget guard), iteration ends.
+
+    ``public_units`` is the number of public items (or patients) mixed into the steps outside the accounting (set by
+    :func:`~monai_fedpriv.privacy.dp_sgd.make_site_private`; 0 without a FedAvg+Share pool).
     """
+
+    public_units: int = 0
 
     def __init__(self, loader: DataLoader, optimizer: DPOptimizer) -> None:
         super().__init__(

@@ -119,6 +119,12 @@ class BudgetedDPOptimizer(DPOptimizer):
             p.grad = grad.view_as(p)
             _mark_as_processed(p.summed_grad)
 
+    @property
+    def mid_logical_batch(self) -> bool:
+        """Whether the last physical batch was one of several of a logical batch that has not stepped yet (the
+        federated round must not end between them)."""
+        return bool(self._is_last_step_skipped)
+
     def scale_grad(self) -> None:
         """Done in :meth:`add_noise` (``pre_step`` always calls the two together)."""
 

@@ -11,6 +11,7 @@ from opacus import GradSampleModule
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,7 +24,9 @@ from monai_fedpriv.privacy.dp_sgd.loaders import (
     EmptySafeCollate,
     NoiseOnEmptyDataLoader,
     PatientPoissonSampler,
+    PublicMixSampler,
     patients_of,
+    public_flags,
     worker_settings,
 )
 from monai_fedpriv.privacy.dp_sgd.optimizer import BudgetedDPOptimizer
@@ -135,14 +138,17 @@ def make_site_private(
     sampler_generator: torch.Generator,
     noise_generator: torch.Generator,
     patient_key: str = "patient",
+    public_generator: torch.Generator | None = None,
 ) -> PrivateParts:
     """Turn a site's (network, optimizer, loader) into DP-SGD parts that ask ``budget`` before every step.
 
     Args:
         network: a network that passes Opacus' validator (run :func:`prepare_for_dp` first for BatchNorm etc.).
         optimizer: the plain optimizer; it is rebuilt over ``network``'s parameters with the same hyper-parameters.
-        data_loader: the site's training loader. Its ``batch_size`` is the expected number of units per step:
-            items (``q = batch_size / items``) or, for the patient unit, patients (``q = batch_size / patients``).
+        data_loader: the site's training loader. Its ``batch_size`` is the expected number of private units per
+            step: items (``q = batch_size / items``) or, for the patient unit, patients (``q = batch_size /
+            patients``). Items marked ``"public": True`` in the dataset's data list (the FedAvg+Share pool) are not
+            counted: they join every step with probability ``q`` each (see :class:`PublicMixSampler`).
         settings: the checked :class:`DPSettings`.
         budget: the site's budget; every step is asked for (:meth:`PrivacyBudget.max_steps`) and then recorded, and
             a step that would pass it raises :class:`~monai_fedpriv.errors.PrivacyBudgetExceeded` before the
@@ -150,6 +156,8 @@ def make_site_private(
         sampler_generator: the Poisson sampler's generator.
         noise_generator: the Gaussian noise's generator (on the parameters' device).
         patient_key: data-list key of the patient id (patient unit).
+        public_generator: draws the public items of each step (only used when some are public); by default one
+            derived from ``sampler_generator``'s seed. Pass your own to save and restore its state.
 
     Returns:
         :class:`PrivateParts` ``(network, optimizer, data_loader)``; ``network`` wraps the given module, whose
@@ -157,7 +165,10 @@ def make_site_private(
     """
     if not isinstance(budget, PrivacyBudget):
         raise PrivacyConfigError(f"budget must be a PrivacyBudget, got {type(budget).__name__}.")
-    for name, g in (("sampler_generator", sampler_generator), ("noise_generator", noise_generator)):
+    generators = {"sampler_generator": sampler_generator, "noise_generator": noise_generator}
+    if public_generator is not None:
+        generators["public_generator"] = public_generator
+    for name, g in generators.items():
         if not isinstance(g, torch.Generator):
             raise PrivacyConfigError(f"{name} must be a torch.Generator, got {type(g).__name__}.")
     if isinstance(network, (GradSampleModule, MicroBatchGradSampleModule)) or isinstance(optimizer, DPOptimizer):
@@ -174,14 +185,18 @@ def make_site_private(
     if n_data < 1:
         raise PrivacyConfigError("data_loader.dataset is empty.")
     collate = EmptySafeCollate(data_loader.collate_fn, dataset)
-    if settings.privacy_unit == "patient":
+    public = public_flags(dataset)
+    n_public_units = 0
+    if any(public):
+        private_loader, sample_rate, n_units, n_public_units = _mixed_loader(
+            data_loader, public, collate, settings, sampler_generator, public_generator, patient_key
+        )
+    elif settings.privacy_unit == "patient":
         patients = patients_of(dataset, patient_key)
         n_units = len(set(patients))
         sample_rate = min(1.0, data_loader.batch_size / n_units)
         batches = PatientPoissonSampler(patients, sample_rate, sampler_generator, settings.items_per_patient)
-        private_loader: DataLoader = DataLoader(
-            dataset, batch_sampler=batches, collate_fn=collate, **worker_settings(data_loader)
-        )
+        private_loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **worker_settings(data_loader))
         private_loader.sample_rate = sample_rate  # type: ignore[attr-defined]
     else:
         n_units = n_data
@@ -196,7 +211,8 @@ def make_site_private(
             **worker_settings(data_loader),
         )
         private_loader.collate_fn = collate
-    expected_batch_size = max(1, int(round(n_units * sample_rate)))
+    # the mean is over every unit expected in a step, public ones included (only a constant scale: no privacy effect)
+    expected_batch_size = max(1, int(round((n_units + n_public_units) * sample_rate)))
 
     private_net = wrap_for_grad_sample(network, settings.grad_sample_mode)
     dp_opt = BudgetedDPOptimizer(
@@ -222,5 +238,62 @@ def make_site_private(
         private_loader = BatchMemoryManager(
             data_loader=private_loader, max_physical_batch_size=settings.max_physical_batch_size, optimizer=dp_opt
         ).__enter__()
-    private_loader = NoiseOnEmptyDataLoader(private_loader, dp_opt)
-    return PrivateParts(private_net, dp_opt, private_loader)
+    loader = NoiseOnEmptyDataLoader(private_loader, dp_opt)
+    loader.public_units = n_public_units
+    return PrivateParts(private_net, dp_opt, loader)
+
+
+def _mixed_loader(
+    data_loader: DataLoader,
+    public: list[bool],
+    collate: EmptySafeCollate,
+    settings: DPSettings,
+    sampler_generator: torch.Generator,
+    public_generator: torch.Generator | None,
+    patient_key: str,
+) -> tuple[DataLoader, float, int, int]:
+    """The Poisson loader of a dataset holding public items: ``q = batch_size / private units`` (what the accountant
+    gets), private units drawn from ``sampler_generator`` as without public items (but over the private ones only),
+    public units at the same rate ``q`` from their own generator.
+
+    Returns:
+        ``(loader, q, private units, public units)``.
+    """
+    from monai_fedpriv.data.stream import derive_seed
+
+    dataset = data_loader.dataset
+    private_index = [i for i, p in enumerate(public) if not p]
+    public_index = [i for i, p in enumerate(public) if p]
+    if not private_index:
+        raise PrivacyConfigError("every training item is marked public: there is no private data for DP-SGD.")
+    if public_generator is None:
+        public_generator = torch.Generator().manual_seed(derive_seed(sampler_generator.initial_seed(), "public"))
+    batch_size = int(data_loader.batch_size)  # type: ignore[arg-type]
+    private: Any
+    shared: Any
+    if settings.privacy_unit == "patient":
+        patients = patients_of(dataset, patient_key)
+        mine, theirs = [patients[i] for i in private_index], [patients[i] for i in public_index]
+        both = set(mine) & set(theirs)
+        if both:
+            raise PrivacyConfigError(
+                f"patients {sorted(map(str, both))[:5]} have both public and private items; a patient is either in "
+                "the share pool or private, never both."
+            )
+        n_units, n_public = len(set(mine)), len(set(theirs))
+        q = min(1.0, batch_size / n_units)
+        private = PatientPoissonSampler(mine, q, sampler_generator, settings.items_per_patient)
+        shared = PatientPoissonSampler(theirs, q, public_generator, settings.items_per_patient, steps=len(private))
+    else:
+        n_units, n_public = len(private_index), len(public_index)
+        q = min(1.0, batch_size / n_units)
+        private = UniformWithReplacementSampler(num_samples=n_units, sample_rate=q, generator=sampler_generator)
+        shared = UniformWithReplacementSampler(
+            num_samples=n_public, sample_rate=q, generator=public_generator, steps=len(private)
+        )
+    batches = PublicMixSampler(private, shared, private_index, public_index)
+    loader = DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, generator=sampler_generator, **worker_settings(data_loader)
+    )
+    loader.sample_rate = q  # type: ignore[attr-defined]
+    return loader, q, n_units, n_public

@@ -1,0 +1,82 @@
+"""What the server's strategy tells one site for one round (:class:`RoundInstruction`), carried with the global
+model: how much local work to do and how (FedProx's proximal weight). Decoded from untrusted JSON with every field
+typed and bounded, so a site never acts on a value it cannot check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+from monai_fedpriv.errors import UpdateError
+from monai_fedpriv.fl.update import int_problem, shown
+
+__all__ = ["MAX_PROX_MU", "RoundInstruction"]
+
+MAX_PROX_MU = 1.0e6
+
+
+@dataclass(frozen=True)
+class RoundInstruction:
+    """One site's instructions for one round.
+
+    Args:
+        local_steps: exactly this many logical optimiser steps this round; ``None``: the run's local work
+            (``--local-epochs`` / ``--local-steps``).
+        whole_batches: train ``floor(|D_k| / b)`` steps, the full batches of the site's data set (cyclic weight
+            transfer, seed 004); overrides the run's local work.
+        prox_mu: FedProx's proximal weight ``mu`` (Li et al. 2020): ``mu (w - w_global)`` is added to every step's
+            gradient; ``0`` trains exactly as FedAvg.
+    """
+
+    kind: ClassVar[str] = "instruction"
+
+    local_steps: int | None = None
+    whole_batches: bool = False
+    prox_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.local_steps is not None and (problem := int_problem("local_steps", self.local_steps, minimum=1)):
+            raise UpdateError(f"round instruction: {problem}.")
+        if not isinstance(self.whole_batches, bool):
+            raise UpdateError(f"round instruction: whole_batches is {shown(self.whole_batches)}, expected a bool.")
+        if self.local_steps is not None and self.whole_batches:
+            raise UpdateError("round instruction: local_steps and whole_batches exclude each other.")
+        mu = self.prox_mu
+        number = isinstance(mu, (int, float)) and not isinstance(mu, bool)
+        if not number or not math.isfinite(mu) or not 0 <= mu <= MAX_PROX_MU:
+            raise UpdateError(f"round instruction: prox_mu is {shown(mu)}, expected a number in [0, {MAX_PROX_MU:g}].")
+
+    @property
+    def default(self) -> bool:
+        """Whether the instruction asks for nothing beyond the run's own settings."""
+        return self == RoundInstruction()
+
+    def steps_for(self, n_items: int, batch_size: int) -> int | None:
+        """The logical steps this instruction asks of a site holding ``n_items`` training items in batches of
+        ``batch_size`` (``None``: the run's local work)."""
+        if self.whole_batches:
+            return max(1, n_items // max(1, batch_size))
+        return self.local_steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v != getattr(RoundInstruction, k, None) or k == "prox_mu"}
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str = "round instruction") -> RoundInstruction:
+        """An instruction from decoded JSON (an object of known fields only), or :class:`UpdateError` naming the
+        field."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise UpdateError(f"{where}: expected an object, got {shown(raw)}.")
+        unknown = sorted(set(raw) - {"local_steps", "whole_batches", "prox_mu"})
+        if unknown:
+            raise UpdateError(f"{where}: unknown fields {[shown(k) for k in unknown[:5]]}.")
+        try:
+            return cls(**dict(raw))
+        except UpdateError as exc:
+            raise UpdateError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+

@@ -1,0 +1,124 @@
+"""The in-process simulator as a :class:`~monai_fedpriv.fl.workflow.ServerChannel`: a broadcast publishes the global
+model (and each site's instruction) on the in-process transport, and the asked sites train one after another
+(:func:`~monai_fedpriv.fl.simulator.site_round.train_round`: roll-back of a failed site, budget stops, timeouts);
+their updates come back through the codec, measured in bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from monai_fedpriv.fl.codec import encode_global
+from monai_fedpriv.fl.instruction import RoundInstruction
+from monai_fedpriv.fl.server.work import WorkBound, instructed_bound
+from monai_fedpriv.fl.simulator.ledgers import SiteLedgers
+from monai_fedpriv.fl.simulator.run_config import LocalWork
+from monai_fedpriv.fl.simulator.server_model import ServerModel
+from monai_fedpriv.fl.simulator.site import SiteRuntime
+from monai_fedpriv.fl.simulator.site_round import train_round
+from monai_fedpriv.fl.transport.inprocess import InProcessTransport
+from monai_fedpriv.fl.update import GlobalModel
+from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
+from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
+
+__all__ = ["InProcessChannel"]
+
+
+class InProcessChannel(ServerChannel):
+    """In-process sites behind one :class:`~monai_fedpriv.fl.transport.InProcessTransport`."""
+
+    def __init__(
+        self, sites: dict[str, SiteRuntime], transport: InProcessTransport, server_model: ServerModel,
+        local_work: LocalWork, max_epochs: int, ledgers: SiteLedgers, secure_noise: bool,
+        round_timeout: float | None = None,
+    ) -> None:  # fmt: skip
+        self.runtimes = sites
+        self.sites = list(sites)
+        self.transport = transport
+        self.server_model = server_model
+        self.local_work = local_work
+        self.max_epochs = max_epochs
+        self.ledgers = ledgers
+        self.secure_noise = secure_noise
+        self.round_timeout = round_timeout
+        self.snapshots: dict[str, Any] = {}
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Keep every site's state now: a site whose next round fails returns to it."""
+        self.snapshots = {name: site.snapshot() for name, site in self.runtimes.items()}
+
+    def gather(self, request: RoundRequest) -> Gathered:
+        self.transport.publish(request.model)
+        self.transport.wire_bytes = {}
+        received = len(encode_global(request.model))  # what a remote site would receive
+        got = Gathered()
+        for name in request.targets:
+            site = self.runtimes[name]
+            result, answers, failure = train_round(
+                site, request.round, self.transport, self.snapshots[name], self.max_epochs,
+                self.server_model.evaluators.get(name), timeout=self.round_timeout,
+            )  # fmt: skip
+            if site.exhausted_budgets():
+                result.setdefault("privacy", site.privacy_facts())
+            got.sites[name], got.received_bytes[name] = result, received
+            if answers:
+                got.expected.append(name)
+            if failure:
+                got.failures[name] = failure
+            if not site.active:
+                got.left.append(name)
+        got.updates = self.transport.collect()
+        got.failures.update(self.transport.take_rejected())  # bytes that did not decode: that site's rejection
+        got.wire_bytes = dict(self.transport.wire_bytes)
+        self.snapshot()
+        return got
+
+    def work_bounds(
+        self, instructions: Mapping[str, RoundInstruction], declared: Mapping[str, int]
+    ) -> dict[str, WorkBound]:
+        """The steps the server asks of each site (its instruction, else the run's local work) and the size of the
+        training data it was built with."""
+        bounds = {}
+        for name, instruction in instructions.items():
+            site = self.runtimes[name]
+            bounds[name] = instructed_bound(int(site.sync.n_samples or 0), site.batch_size, self.local_work.epochs,
+                                            self.local_work.steps, site.dp_sgd, instruction)  # fmt: skip
+        return bounds
+
+    def score(self, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        scores = self.server_model.evaluate(weights)
+        return {"dice": scores["dice"], "per_site": scores["per_set"], "dice_per_class": scores["per_class"]}
+
+    def publish(self, model: GlobalModel) -> None:
+        self.transport.publish(model)
+
+    def finish(self, model: GlobalModel) -> dict[str, dict[str, Any]]:
+        for site in self.runtimes.values():
+            site.release_engine()
+        self.ledgers.save(self.runtimes)
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if (metric := self.server_model.metric()) is not None:
+            out["metric"] = metric
+        setup = {name: site.setup for name, site in self.runtimes.items() if site.setup}
+        if setup:
+            out["setup"] = setup
+        if any(site.budgets or site.setup for site in self.runtimes.values()):
+            out["noise_source"] = NOISE_SECURE if self.secure_noise else NOISE_SEEDED
+        if self.ledgers.summary() is not None:
+            out["ledger_store"] = self.ledgers.summary()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sites": self.snapshots, "run_id": self.ledgers.run_id}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, site in self.runtimes.items():
+            site.load_state_dict(state["sites"][name], self.max_epochs)
+        self.snapshot()
+        self.ledgers.run_id = str(state.get("run_id") or self.ledgers.run_id)

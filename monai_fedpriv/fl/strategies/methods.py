@@ -1,0 +1,111 @@
+"""The heterogeneity methods of seed 004 (Qu et al.) that fit a round of "sites train, server combines": each is
+FedAvg's aggregation with its own round instructions or data.
+
+* :class:`FedProx` (Li, Sahu, Zaheer, Sanjabi, Talwalkar and Smith 2020): every site adds ``mu (w - w_global)`` to
+  each step's gradient (:class:`~monai_fedpriv.handlers.proximal.ProximalTerm`); the server averages as FedAvg.
+* :class:`CyclicWeightTransfer` (Chang et al. 2018): one site per round in a fixed order trains ``floor(|D_k| / b)``
+  iterations on the model the previous site passed on; the "aggregate" of one update is that site's model.
+* :class:`FedAvgShare` (Zhao et al. 2018): a public pool drawn from the sites' data before training is mixed into
+  every site's batches (:mod:`monai_fedpriv.data.share_pool`); the server averages as FedAvg.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from monai_fedpriv.fl.instruction import RoundInstruction
+from monai_fedpriv.fl.strategies.fedavg import FedAvg
+
+__all__ = ["CyclicWeightTransfer", "FedAvgShare", "FedProx"]
+
+
+class FedProx(FedAvg):
+    """FedAvg whose sites train with the proximal term ``mu/2 ||w - w_global||^2`` (Li et al. 2020).
+
+    Args:
+        prox_mu: ``mu >= 0``; ``0`` trains and aggregates exactly as FedAvg.
+        weighting, server_lr: as for :class:`FedAvg`.
+    """
+
+    name = "fedprox"
+
+    def __init__(self, prox_mu: float = 0.01, weighting: str = "steps", server_lr: float = 1.0) -> None:
+        super().__init__(weighting=weighting, server_lr=server_lr)
+        self.prox_mu = float(RoundInstruction(prox_mu=prox_mu).prox_mu)  # validated as the sites will read it
+
+    def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
+        return {site: RoundInstruction(prox_mu=self.prox_mu) for site in self.select_sites(rnd, sites)}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "prox_mu": self.prox_mu}
+
+
+class CyclicWeightTransfer(FedAvg):
+    """Cyclic weight transfer (Chang et al. 2018, seed 004's CWT): round ``r`` trains the site at position
+    ``(r - 1) mod K`` of the federation's site order (the next active one when it has left), for
+    ``floor(|D_k| / b)`` iterations, and its model is passed on unchanged.
+
+    Args:
+        sites: the federation's site order (default: the order of the sites the run offers).
+    """
+
+    name = "cwt"
+
+    def __init__(self, sites: Sequence[str] | None = None) -> None:
+        super().__init__(weighting="uniform", server_lr=1.0)
+        self.order = list(sites) if sites is not None else None
+
+    def start(self, sites: Sequence[str]) -> None:
+        if self.order is None:
+            self.order = list(sites)
+
+    def select_sites(self, rnd: int, sites: Sequence[str]) -> list[str]:
+        order = self.order or list(sites)
+        active = set(sites)
+        for k in range(len(order)):
+            site = order[(rnd - 1 + k) % len(order)]
+            if site in active:
+                return [site]
+        return []
+
+    def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
+        return {site: RoundInstruction(whole_batches=True) for site in self.select_sites(rnd, sites)}
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.order = list(state["order"]) if state.get("order") is not None else self.order
+
+
+class FedAvgShare(FedAvg):
+    """FedAvg with a globally shared public pool (Zhao et al. 2018, "Federated learning with non-IID data").
+
+    Args:
+        share_data_fraction: fraction of each site's training cases drawn into the pool before training.
+        weighting, server_lr: as for :class:`FedAvg`.
+    """
+
+    name = "fedavg-share"
+
+    def __init__(self, share_data_fraction: float = 0.05, weighting: str = "steps", server_lr: float = 1.0) -> None:
+        super().__init__(weighting=weighting, server_lr=server_lr)
+        if not 0 < share_data_fraction <= 0.5:
+            raise ValueError(f"share_data_fraction should be in (0, 0.5], got {share_data_fraction!r}.")
+        self.share_data_fraction = float(share_data_fraction)
+
+    def site_data(
+        self, train: Mapping[str, list[dict[str, Any]]], seed: int
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Each site's training list: its private cases followed by the public pool drawn from every site."""
+        from monai_fedpriv.data.share_pool import draw_share_pool, site_data_with_pool
+
+        drawn = draw_share_pool(dict(train), self.share_data_fraction, seed)
+        return {site: site_data_with_pool(cases, drawn.pool) for site, cases in drawn.private.items()}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "share_data_fraction": self.share_data_fraction}
