@@ -56,8 +56,11 @@ def test_every_strategy_is_built_from_its_settings_and_configures_rounds():
     cwt = build_strategy("cwt")
     cwt.start(sites)
     assert [list(cwt.configure_round(r, sites)) for r in range(1, 6)] == [["a"], ["b"], ["c"], ["a"], ["b"]]
-    assert list(cwt.configure_round(2, ["a", "c"])) == ["c"]  # b has left: the next active site in the order
-    assert cwt.configure_round(1, sites)["a"] == RoundInstruction(whole_batches=True)
+    # b has left: the next active sites in the order, each keeping one turn a cycle
+    assert [list(cwt.configure_round(r, ["a", "c"])) for r in range(6, 10)] == [["c"], ["a"], ["c"], ["a"]]
+    again = build_strategy("cwt")
+    again.load_state_dict(cwt.state_dict())  # the position survives a restart
+    assert again.configure_round(10, sites) == {"b": RoundInstruction(whole_batches=True)}
     assert build_strategy("fedprox", prox_mu=0.5).configure_round(1, sites)["b"].prox_mu == 0.5
     with pytest.raises(ValueError, match="--prox-mu"):
         build_strategy("fedprox", prox_mu=-1.0)
@@ -157,6 +160,60 @@ def test_strategy_flags_are_checked_against_the_strategy(tmp_path, capsys):
                          (["--aggregator", "median", "--trim-fraction", "0.1"], "--trim-fraction is used by"),
                          (["--strategy", "fedprox", "--prox-mu", "-1"], "--prox-mu -1.0: should be >= 0"),
                          (["--strategy", "fedavg-share", "--share-data-fraction", "0.9"], "--share-data-fraction"),
-                         (["--strategy", "cwt", "--server-lr", "2"], "--server-lr is used by")):  # fmt: skip
+                         (["--strategy", "cwt", "--server-lr", "2"], "--server-lr is used by"),
+                         (["--strategy", "cwt", "--local-steps", "5"], "sets each round's local work"),
+                         (["--strategy", "cwt", "--min-sites", "2"], "asks 1 site(s) a round")):  # fmt: skip
         assert main(base + extra) == 2
         assert words in capsys.readouterr().err
+
+
+def test_filter_coverage_is_declared_per_message_kind():
+    from monai_fedpriv.errors import PrivacyConfigError
+    from monai_fedpriv.privacy.filters import FilterChain
+    from monai_fedpriv.privacy.filters.base import copy_update
+
+    class Covers:
+        def __init__(self, *names):
+            self.covers = frozenset(names)
+
+        def __call__(self, update):
+            return copy_update(update)
+
+    FilterChain([Covers("update.delta")]).check_coverage({"update.delta"})
+    FilterChain([Covers("delta")]).check_coverage({"update.delta"})  # a bare field is a field of an update
+    with pytest.raises(PrivacyConfigError, match="update.optimizer_state"):
+        FilterChain([Covers("update.delta")]).check_coverage({"update.delta", "update.optimizer_state"})
+    with pytest.raises(PrivacyConfigError, match="unknown message fields"):
+        FilterChain([Covers("global.weights")])
+    with pytest.raises(PrivacyConfigError, match="not known message fields"):
+        FilterChain([]).check_coverage({"batch.activations"})  # a kind nobody registered never leaves a site
+
+
+def test_only_fedavg_share_declares_data_public(tiny_bundle, tmp_path):
+    from monai_fedpriv.errors import DataError
+
+    split = _split(tiny_bundle)
+    marked = {s: [{**c, "public": i == 0} for i, c in enumerate(cases)] for s, cases in split.train.items()}
+    for name in ("fedavg", "fedavg-share"):  # a data list never moves its own cases out of the accounting
+        with pytest.raises(DataError, match="declares items 'public'"):
+            FederatedSimulator(tiny_bundle, marked, split.val, 1, LocalWork(epochs=1), tmp_path, progress=False,
+                               strategy=build_strategy(name))  # fmt: skip
+
+
+def test_the_ledger_store_never_forgets_releases_of_a_run(tmp_path):
+    from monai_fedpriv.errors import PrivacyConfigError
+    from monai_fedpriv.privacy.accounting import PrivacyLedger
+    from monai_fedpriv.privacy.ledger_store import LedgerStore
+
+    store = LedgerStore(tmp_path)
+    spent = PrivacyLedger()
+    for _ in range(3):
+        spent.record_pure(0.5)
+    store.write("run", "site-1", ["a"], spent, {})
+    with pytest.raises(PrivacyConfigError, match="refusing to erase"):
+        store.write("run", "site-1", ["a"], PrivacyLedger(), {})  # a site that lost its ledger
+    fewer = PrivacyLedger()
+    fewer.record_pure(0.5, count=2)
+    with pytest.raises(PrivacyConfigError, match="3 releases of this run, the site's ledger only 2"):
+        store.write("run", "site-1", ["a"], fewer, {})
+    assert store.own("run", "site-1")["events"] == spent.events

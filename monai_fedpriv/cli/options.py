@@ -222,11 +222,12 @@ def check_privacy_config(bundle: BundleSpec, momentum: str = "restart") -> dict[
     Returns:
         a summary of the privacy settings (for the progress output), empty without privacy.
     """
+    from monai_fedpriv.fl.momentum import sent_fields
     from monai_fedpriv.privacy.dp_sgd import DPSGD, DPSettings
     from monai_fedpriv.privacy.filters import FilterChain
 
     parser = load_bundle(bundle, required=())
-    sent = {"delta", "optimizer_state"} if momentum == "aggregate" else {"delta"}
+    sent = sent_fields(momentum)
     if parser_get(parser, "privacy_budget") is None:
         if parser_get(parser, "fed_share_filters"):
             FilterChain(parser.get_parsed_content("fed_share_filters")).check_coverage(sent)

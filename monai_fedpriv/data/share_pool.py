@@ -21,7 +21,8 @@ import numpy as np
 from monai_fedpriv.data.stream import derive_seed
 from monai_fedpriv.errors import DataError
 
-__all__ = ["PUBLIC_KEY", "SharePool", "draw_share_pool", "is_public", "site_data_with_pool"]
+__all__ = ["PUBLIC_KEY", "SHARING_STRATEGY", "SharePool", "draw_share_pool", "is_public", "refuse_public",
+           "site_data_with_pool"]  # fmt: skip
 
 #: Data-list key that declares an item public (shared with every site, outside any privacy guarantee).
 PUBLIC_KEY = "public"
@@ -40,6 +41,22 @@ def is_public(item: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise DataError(f"item {PUBLIC_KEY!r} must be a bool, got {value!r} ({type(value).__name__}).")
     return bool(value)
+
+
+#: the one strategy that declares data public (and draws the pool itself)
+SHARING_STRATEGY = "fedavg-share"
+
+
+def refuse_public(train: Mapping[str, Sequence[Mapping]]) -> None:
+    """Refuse training lists that declare items public before a strategy drew its pool: only FedAvg+Share's own pool
+    may be public, so a data list (a site's own, a team's file) never moves private cases out of a site's privacy
+    accounting."""
+    for site, cases in train.items():
+        if any(PUBLIC_KEY in case for case in cases if isinstance(case, Mapping)):
+            raise DataError(
+                f"the training data of {site} declares items {PUBLIC_KEY!r}; only --strategy {SHARING_STRATEGY} marks "
+                f"cases public (its pool, drawn from the sites' data): remove the {PUBLIC_KEY!r} key."
+            )
 
 
 @dataclass

@@ -12,6 +12,7 @@ finished cells and continues the interrupted ones with ``--resume``.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,7 +237,9 @@ def run_grid(settings: CompareSettings, run_cell: Callable[[list[str]], int] | N
         if _finished(_metrics(folder), settings.rounds, baselines):
             log(f"{head} (finished, skipped)")
             continue
-        resume = folder.is_dir() and any(folder.iterdir())
+        resume = (folder / "federated" / "checkpoints" / "latest.pt").is_file()
+        if not resume and folder.is_dir():  # a cell that stopped before its first checkpoint starts again
+            shutil.rmtree(folder)
         log(head + (" (resuming)" if resume else "") + (" + centralised and local-only baselines" if baselines else ""))
         try:
             run_cell(cell_argv(settings, strategy, partition, baselines=baselines, resume=resume))

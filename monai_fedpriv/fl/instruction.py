@@ -46,7 +46,8 @@ class RoundInstruction:
             raise UpdateError("round instruction: local_steps and whole_batches exclude each other.")
         mu = self.prox_mu
         number = isinstance(mu, (int, float)) and not isinstance(mu, bool)
-        if not number or not math.isfinite(mu) or not 0 <= mu <= MAX_PROX_MU:
+        if not number or not (isinstance(mu, float) and math.isfinite(mu) or isinstance(mu, int) and abs(mu) < 2**53) \
+                or not 0 <= mu <= MAX_PROX_MU:  # fmt: skip
             raise UpdateError(f"round instruction: prox_mu is {shown(mu)}, expected a number in [0, {MAX_PROX_MU:g}].")
 
     @property

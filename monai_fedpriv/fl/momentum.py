@@ -17,9 +17,17 @@ from torch import nn
 
 from monai_fedpriv.fl.weights import strip_prefixes
 
-__all__ = ["MOMENTUM_POLICIES", "restart_optimizer_state", "export_optimizer_state", "import_optimizer_state"]
+__all__ = [
+    "MOMENTUM_POLICIES", "export_optimizer_state", "import_optimizer_state", "restart_optimizer_state", "sent_fields",
+]  # fmt: skip
 
 MOMENTUM_POLICIES = ("restart", "local", "aggregate")
+
+
+def sent_fields(momentum: str) -> set[str]:
+    """The tensor fields (``"kind.field"``) a site's update carries under the ``momentum`` policy: the delta, and the
+    optimiser moments when they are aggregated."""
+    return {"update.delta", "update.optimizer_state"} if momentum == "aggregate" else {"update.delta"}
 
 
 def _named_params(network: nn.Module) -> dict[int, str]:

@@ -16,6 +16,7 @@ from monai_fedpriv.fl.momentum import (
     export_optimizer_state,
     import_optimizer_state,
     restart_optimizer_state,
+    sent_fields,
 )
 from monai_fedpriv.fl.transport import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
@@ -127,8 +128,9 @@ class FederatedSync:
         return self.chain.filters
 
     def sent_fields(self) -> set[str]:
-        """Tensor fields this site sends: the delta, and the optimiser moments when momentum is aggregated."""
-        return {"delta", "optimizer_state"} if self.momentum == "aggregate" else {"delta"}
+        """Tensor fields of the messages this site sends (``"kind.field"``): its update's delta, and the optimiser
+        moments when momentum is aggregated."""
+        return sent_fields(self.momentum)
 
     def add_filters(self, filters: Sequence[UpdateFilterFn]) -> None:
         """Append filters and check that, if any of them protects something, everything sent is covered."""

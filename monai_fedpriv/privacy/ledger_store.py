@@ -149,8 +149,22 @@ class LedgerStore:
         return self._read(path) if path.is_file() else None
 
     def write(self, run_id: str, site: str, cases: Sequence[str], ledger: PrivacyLedger, facts: dict[str, Any]) -> None:
-        """Record (atomically) what ``site`` of run ``run_id`` has released so far."""
+        """Record (atomically) what ``site`` of run ``run_id`` has released so far.
+
+        Raises:
+            PrivacyConfigError: the store already records more releases of this run and site than ``ledger`` holds
+                (a site that lost part of its ledger would otherwise erase what it spent).
+        """
         stem = self._stem(run_id, site)
+        held = self.own(run_id, site)
+        if held is not None and isinstance(held.get("events"), list) and _releases(held["events"]) > _releases(
+            ledger.events
+        ):
+            raise PrivacyConfigError(
+                f"{site}: the ledger store {self.root} records {_releases(held['events'])} releases of this run, the "
+                f"site's ledger only {_releases(ledger.events)}; refusing to erase spent epsilon (restore the site's "
+                f"state)."
+            )
         cases_path = self.root / f"{stem}.cases.json"
         if not cases_path.is_file():
             atomic_write_text(json.dumps(list(cases)), cases_path)
@@ -231,6 +245,11 @@ class LedgerBinding:
             "epsilon": facts["epsilon"], "delta": facts["delta"], "budget": facts["budget"],
             "accountant": facts["accountant"], "fresh_budget": self.fresh,
         })  # fmt: skip
+
+
+def _releases(events: list[dict[str, Any]]) -> int:
+    """How many releases a ledger's events hold (an event stands for ``count`` releases, or ``steps`` DP steps)."""
+    return sum(int(e.get("count", 0) or 0) + int(e.get("steps", 0) or 0) or 1 for e in events if isinstance(e, dict))
 
 
 def _spent(events: list[dict[str, Any]], budget: PrivacyBudget) -> float:

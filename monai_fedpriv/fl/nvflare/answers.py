@@ -20,7 +20,8 @@ from typing import Any
 from monai_fedpriv.errors import UpdateError
 
 __all__ = [
-    "MAX_FIELD_BYTES", "MAX_REASON_CHARS", "Answer", "MalformedAnswer", "Rejected", "privacy_problem", "read_answer",
+    "MAX_FIELD_BYTES", "MAX_REASON_CHARS", "Answer", "MalformedAnswer", "Rejected", "client_name", "privacy_problem",
+    "read_answer",
 ]  # fmt: skip
 
 MAX_FIELD_BYTES = 64 * 1024  # the JSON size of one of result, global, setup
@@ -116,6 +117,14 @@ def _check_scored(scored: dict[str, Any]) -> None:
         raise MalformedAnswer("global classes is not a list of names")
     if "metric" in scored and not isinstance(scored["metric"], (str, type(None))):
         raise MalformedAnswer(f"global metric is a {_kind(scored['metric'])}, expected a string")
+
+
+def client_name(res: Any) -> str:
+    """The site an answer comes from (as NVFlare names it; anything unreadable names no site)."""
+    try:
+        return str(dict(res.meta or {}).get("client_name"))
+    except Exception:  # noqa: BLE001
+        return "None"
 
 
 def read_answer(meta: Any) -> Answer:

@@ -16,7 +16,7 @@ from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.codec import Expected, decode_update, encode_global
 from monai_fedpriv.fl.instruction import RoundInstruction
-from monai_fedpriv.fl.nvflare.answers import MalformedAnswer, Rejected, privacy_problem, read_answer
+from monai_fedpriv.fl.nvflare.answers import MalformedAnswer, Rejected, client_name, privacy_problem, read_answer
 from monai_fedpriv.fl.nvflare.settings import JobSettings
 from monai_fedpriv.fl.server.work import WorkBound, bundle_work, work_bounds
 from monai_fedpriv.fl.update import GlobalModel
@@ -24,15 +24,7 @@ from monai_fedpriv.fl.wire import MOMENTS
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
 from monai_fedpriv.privacy.noise import NOISE_SECURE, NOISE_SEEDED
 
-__all__ = ["FlareChannel", "client_name"]
-
-
-def client_name(res: Any) -> str:
-    """The site an answer comes from (as NVFlare names it; anything unreadable names no site)."""
-    try:
-        return str(dict(res.meta or {}).get("client_name"))
-    except Exception:  # noqa: BLE001
-        return "None"
+__all__ = ["FlareChannel"]
 
 
 class FlareChannel(ServerChannel):
@@ -134,12 +126,13 @@ class FlareChannel(ServerChannel):
         signal = self.controller.abort_signal
         return signal is not None and signal.triggered
 
-    def finish(self, model: GlobalModel) -> dict[str, dict[str, Any]]:
+    def finish(self, model: GlobalModel, last_trained: Mapping[str, int]) -> dict[str, dict[str, Any]]:
         """Every site scores the final global model on its own validation cases."""
         if model.round == 0:
             return {}
         scored = {}
-        for res in self._broadcast("validate", encode_global(model), list(self.sites), model.round + 1):
+        for res in self._broadcast("validate", encode_global(model), list(self.sites), model.round + 1,
+                                   dict(last_trained)):
             try:
                 answer = read_answer(dict(res.meta or {}))
             except Exception as exc:  # noqa: BLE001 - a malformed score is left out, never the end of the job

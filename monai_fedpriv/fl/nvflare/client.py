@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.data.share_pool import SHARING_STRATEGY, refuse_public
 from monai_fedpriv.errors import ResumeError
 from monai_fedpriv.fl.evaluation import DiceEvaluator, evaluator_from_bundle
 from monai_fedpriv.fl.nvflare.integrity import JobIntegrityError, refuse_job, verify_job
@@ -101,6 +102,8 @@ class _Site:
         self.settings = settings
         self.name = name
         train, val = settings.site_data(name)
+        if settings.strategy.get("name") != SHARING_STRATEGY:  # only FedAvg+Share's pool may be public
+            refuse_public({name: train})
         self.train = train
         self.bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
         self.spec = SiteSpec(
@@ -216,16 +219,17 @@ def _restore(
 ) -> tuple[dict[str, Any], tuple[int, bytes, dict[str, Any]] | None] | None:
     """The site's saved state for a federation resumed after ``server_round``, and the answer to send again.
 
-    The task's ``last_trained`` (the last round the server asked this site to train, by its history) says how recent
-    the site's saved state must be: a strategy that does not train every site every round (cyclic weight transfer)
-    leaves a site's latest state older than the server's round, and a site the server never asked has none."""
+    Whatever the site saved is restored (its privacy ledger above all: a release it made is never forgotten). The
+    task's ``last_trained`` (the last round the server's history asked this site to train) says how recent that state
+    must be: a strategy that does not train every site every round (cyclic weight transfer) leaves a site's latest
+    state older than the server's round, and a site the server never asked may have none."""
     if server_round == 0:
         return None
     last = meta.get("last_trained")
-    last = last.get(site.name) if isinstance(last, dict) else server_round
-    if last is None:  # never asked to train: it joins now
-        return None
+    last = last.get(site.name, -1) if isinstance(last, dict) else server_round
     found = store.latest_at_most(server_round + 1)
+    if found is None and last == -1:  # never asked to train and nothing saved: it joins now
+        return None
     if found is None:
         raise ResumeError(
             f"{site.name}: the server resumes after round {server_round} but this site has no saved state in "
@@ -233,7 +237,7 @@ def _restore(
         )
     rnd, record = found
     state = record["state"]
-    if rnd < min(int(last), server_round) and state.get("active", True):
+    if rnd < min(max(int(last), 0), server_round) and state.get("active", True):
         raise ResumeError(
             f"{site.name}: the server resumes after round {server_round} but this site's last saved state is of round "
             f"{rnd}; it cannot rejoin consistently."

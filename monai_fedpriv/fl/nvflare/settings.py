@@ -132,6 +132,8 @@ class JobSettings:
         lists = {site: self.data.get(site, {}) for site in self.sites}
         out["sites"] = {site: [str(c.get("image")) for c in lists[site].get("train", [])] for site in self.sites}
         out["val"] = {site: [str(c.get("image")) for c in lists[site].get("val", [])] for site in self.sites}
+        data = json.dumps(json_safe(self.data), sort_keys=True).encode()
+        out["data_digest"] = hashlib.sha256(data).hexdigest()[:16]  # labels, patients, public flags: every field
         return out
 
     def fingerprint(self) -> str:

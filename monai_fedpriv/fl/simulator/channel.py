@@ -95,11 +95,10 @@ class InProcessChannel(ServerChannel):
     def publish(self, model: GlobalModel) -> None:
         self.transport.publish(model)
 
-    def finish(self, model: GlobalModel) -> dict[str, dict[str, Any]]:
+    def close(self) -> None:
         for site in self.runtimes.values():
             site.release_engine()
         self.ledgers.save(self.runtimes)
-        return {}
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

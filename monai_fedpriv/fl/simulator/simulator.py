@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from monai_fedpriv.bundle.loader import BundleSpec
+from monai_fedpriv.data.share_pool import is_public, refuse_public
 from monai_fedpriv.data.splits import check_patients_at_one_site
 from monai_fedpriv.errors import DataError
 from monai_fedpriv.fl.server.round import ServerRound
@@ -93,6 +94,10 @@ class FederatedSimulator:
             empty = [name for name, data in train_sites.items() if not data]
             raise DataError(f"site {empty[0]!r} has no training cases." if empty else "no training sites were given.")
         self.strategy = strategy or FedAvg()
+        if self.strategy.sets_local_work and local_work.steps is not None:
+            raise ValueError(f"strategy {self.strategy.name!r} sets each round's local work itself; run it with local "
+                             f"epochs (its site engines are sized by them), not local steps.")  # fmt: skip
+        refuse_public(train_sites)
         # FedAvg+Share: each site's private cases followed by the public pool
         self.train_sites = self.strategy.site_data({k: list(v) for k, v in train_sites.items()}, int(seed))
         self.bundle, self.eval_sets, self.rounds, self.local_work = bundle, {k: list(v) for k, v in eval_sets.items()
@@ -134,7 +139,8 @@ class FederatedSimulator:
                 self._print(f"{name}: network prepared for DP-SGD: {change}")
             self.sites[name] = site
         if any(site.setup.get("dp_privacy_unit") == "patient" for site in self.sites.values()):
-            check_patients_at_one_site(self.train_sites)  # a patient at two sites would be counted twice
+            # a patient at two sites would be counted twice (the public pool is everyone's and never counted)
+            check_patients_at_one_site({s: [c for c in v if not is_public(c)] for s, v in self.train_sites.items()})
         weights = server_model.match_sites({n: site.network for n, site in self.sites.items()})
         channel = InProcessChannel(self.sites, self.transport, server_model, self.local_work, self.max_epochs,
                                    self.ledgers, self.secure_noise, self.round_timeout)  # fmt: skip

@@ -1,10 +1,12 @@
-"""The server strategy interface: which sites take part in a round, and how their updates become the next global
-model. Strategies are pure (no transport, no files); the server round (:mod:`monai_fedpriv.fl.server.round`) calls
-them the same way in the in-process simulator and under NVIDIA FLARE.
+"""The server strategy interface: which sites take part in a round and what each is told (``configure_round``), and
+how their updates become the next global model (``aggregate``). Strategies are pure (no transport, no files); the
+run loop (:mod:`monai_fedpriv.fl.workflow`) calls them the same way in the in-process simulator and under NVIDIA
+FLARE.
 
 A strategy selects the round's sites as well as aggregating, so methods that do not train every site every round
-(cyclic weight transfer visits one site after another) fit the same round; state that must survive a restart (server
-momentum, the cycle position) is in ``state_dict``.
+(cyclic weight transfer visits one site after another) fit the same round; a round's instructions
+(:class:`~monai_fedpriv.fl.instruction.RoundInstruction`) travel to each site with the global model; state that must
+survive a restart (server momentum) is in ``state_dict``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class Strategy(ABC):
 
     #: short name used on the command line and in reports
     name: str = "strategy"
+    #: how many sites a round asks at most (``None``: every active site)
+    sites_per_round: int | None = None
+    #: whether the strategy sets each round's local work itself (then ``--local-steps`` would cut it short)
+    sets_local_work: bool = False
 
     def start(self, sites: Sequence[str]) -> None:  # noqa: B027 - most strategies need no site order
         """Called once by the run loop with the federation's sites in their fixed order."""

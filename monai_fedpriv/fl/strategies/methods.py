@@ -42,19 +42,23 @@ class FedProx(FedAvg):
 
 
 class CyclicWeightTransfer(FedAvg):
-    """Cyclic weight transfer (Chang et al. 2018, seed 004's CWT): round ``r`` trains the site at position
-    ``(r - 1) mod K`` of the federation's site order (the next active one when it has left), for
-    ``floor(|D_k| / b)`` iterations, and its model is passed on unchanged.
+    """Cyclic weight transfer (Chang et al. 2018, seed 004's CWT): each round trains the next active site after the
+    last one in the federation's fixed site order (so with every site active, round ``r`` trains site
+    ``(r - 1) mod K``; a site that left is skipped and the others keep their turns), for ``floor(|D_k| / b)``
+    iterations, and its model is passed on unchanged.
 
     Args:
         sites: the federation's site order (default: the order of the sites the run offers).
     """
 
     name = "cwt"
+    sites_per_round = 1
+    sets_local_work = True
 
     def __init__(self, sites: Sequence[str] | None = None) -> None:
         super().__init__(weighting="uniform", server_lr=1.0)
         self.order = list(sites) if sites is not None else None
+        self.last: int | None = None  # the order position of the last site asked
 
     def start(self, sites: Sequence[str]) -> None:
         if self.order is None:
@@ -62,24 +66,28 @@ class CyclicWeightTransfer(FedAvg):
 
     def select_sites(self, rnd: int, sites: Sequence[str]) -> list[str]:
         order = self.order or list(sites)
-        active = set(sites)
+        start = 0 if self.last is None else self.last + 1
         for k in range(len(order)):
-            site = order[(rnd - 1 + k) % len(order)]
-            if site in active:
+            site = order[(start + k) % len(order)]
+            if site in set(sites):
                 return [site]
         return []
 
     def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
-        return {site: RoundInstruction(whole_batches=True) for site in self.select_sites(rnd, sites)}
+        chosen = self.select_sites(rnd, sites)
+        if chosen:
+            self.last = (self.order or list(sites)).index(chosen[0])
+        return {site: RoundInstruction(whole_batches=True) for site in chosen}
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"order": self.order}
+        return {"order": self.order, "last": self.last}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order = list(state["order"]) if state.get("order") is not None else self.order
+        self.last = state.get("last")
 
 
 class FedAvgShare(FedAvg):

@@ -86,9 +86,13 @@ class ServerChannel(ABC):
     def publish(self, model: GlobalModel) -> None:  # noqa: B027 - remote channels publish with the next broadcast
         """The loop's current global model after a round (or a resume), for channels whose sites read it later."""
 
-    def finish(self, model: GlobalModel) -> dict[str, dict[str, Any]]:
-        """The end of the run (release the sites, a final validation); returns sites' scores of ``model``."""
+    def finish(self, model: GlobalModel, last_trained: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+        """The end of a run that completed: a final validation where the sites score ``model`` (returns their scores;
+        ``last_trained`` as in :class:`RoundRequest`)."""
         return {}
+
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release what the channel holds (always called, also after a failure: it must not raise or broadcast)."""
 
     def describe(self) -> dict[str, Any]:
         """Top-level ``metrics.json`` entries the transport adds (data, setup, noise source, ledger store...)."""

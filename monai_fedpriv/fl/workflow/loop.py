@@ -73,32 +73,35 @@ class RunLoop:
         """
         if resume:
             self.resume()
-        completed = False
         try:
             for rnd in range(self.state.round + 1, self.rounds + 1):
                 if self.state.stopped is not None or self._all_left(rnd - 1) or self.channel.aborted():
                     break
                 if not self._round(rnd):
                     return self.write_metrics()  # aborted
-            completed = not self.channel.aborted()
-        finally:
+            if self.channel.aborted():
+                return self.write_metrics()
             final = GlobalModel(self.state.round, self.state.weights, None, stop=True)
-            scored = self.channel.finish(final) if completed else self._finish_quietly(final)
-        if scored and self.state.history:
-            self._note_scores(scored)
-            self._save()
-        return self.write_metrics()
+            scored = self.channel.finish(final, self._last_trained())
+            if scored and self.state.history:
+                self._note_scores(scored)
+                self._save()
+            return self.write_metrics()
+        finally:
+            try:
+                self.channel.close()
+            except Exception:  # noqa: BLE001 - never mask why the run ended
+                logger.exception("releasing the channel failed")
 
-    def _finish_quietly(self, final: GlobalModel) -> dict[str, Any]:
-        self.channel.finish(final)
-        return {}
+    def _last_trained(self) -> dict[str, int]:
+        """The last round each site was asked to train, by the history."""
+        return {site: r["round"] for r in self.state.history for site in r["sites"]}
 
     def _round(self, rnd: int) -> bool:
         t0 = time.perf_counter()
         instructions = self.strategy.configure_round(rnd, self.state.active)
-        last_trained = {site: r["round"] for r in self.state.history for site in r["sites"]}
         model = GlobalModel(rnd - 1, self.state.weights, self.state.optimizer_state, instructions=instructions)
-        request = RoundRequest(rnd, model, list(instructions), last_trained)
+        request = RoundRequest(rnd, model, list(instructions), self._last_trained())
         got = self.channel.gather(request)
         self._note_scores(got.scored)
         if self.channel.aborted():
@@ -184,7 +187,10 @@ class RunLoop:
             return
         for site in self.channel.sites:
             if site in scored:
-                add_site_score(self.state.history[-1], site, scored[site], self.channel.sites)
+                try:  # a site's own report: whatever is wrong with it is left out, never the end of the run
+                    add_site_score(self.state.history[-1], site, scored[site], self.channel.sites)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning(f"left out the score {site} reported: {exc!r}"[:300])
 
     # ---------------------------------------------------------------- files
     def _save(self) -> None:

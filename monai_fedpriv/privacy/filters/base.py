@@ -5,8 +5,11 @@ in the shape of MONAI's ``monai.fl.utils.filters.Filter`` and NVFlare's DXO filt
 ``__call__``. Filters that keep state across rounds (a random generator, a round counter) expose it through
 ``state_dict``/``load_state_dict`` so that a round checkpoint restores it.
 
-**Coverage.** Each filter declares which fields of the update it protects (``covers``: ``"delta"``,
-``"optimizer_state"``). As soon as one filter of a chain protects anything (it privatizes or limits what is shared),
+**Coverage.** Each filter declares which fields of which message kind it protects (``covers``:
+``"update.delta"``, ``"update.optimizer_state"``; a bare field name is a field of ``"update"``, the kind a site's
+trainer sends every round). Every tensor field of every kind a site can send is listed in :data:`SENT_FIELDS`; a
+new kind of message (per-batch tensors, a dataset upload) is added there with its fields, and is then under the same
+rule. As soon as one filter of a chain protects anything (it privatizes or limits what is shared),
 every tensor field the site sends must be covered by some filter of the chain: :meth:`FilterChain.check_coverage`
 refuses the combination when the site is built, and :meth:`FilterChain.__call__` checks the outgoing update again, so
 an unprotected tensor never leaves a site next to a privacy claim. (Example: ``--momentum aggregate`` sends the
@@ -25,6 +28,7 @@ from monai_fedpriv.errors import PrivacyConfigError, UpdateError
 from monai_fedpriv.fl.update import ModelUpdate
 
 __all__ = [
+    "SENT_FIELDS",
     "TENSOR_FIELDS",
     "FilterChain",
     "UpdateFilter",
@@ -32,10 +36,18 @@ __all__ = [
     "covered_fields",
     "meta_with_privacy",
     "privacy_meta",
+    "qualified",
 ]
 
-#: Tensor fields of a :class:`ModelUpdate` that can leave a site (``masks`` travel with, and are covered with, delta).
-TENSOR_FIELDS = ("delta", "optimizer_state")
+#: Every tensor field of every message kind a site can send (``masks`` travel with, and are covered with, delta).
+SENT_FIELDS: dict[str, tuple[str, ...]] = {ModelUpdate.kind: ("delta", "optimizer_state")}
+#: The same as ``"kind.field"`` names.
+TENSOR_FIELDS = tuple(f"{kind}.{name}" for kind, names in SENT_FIELDS.items() for name in names)
+
+
+def qualified(name: str) -> str:
+    """``"kind.field"`` of a covered or sent field name (a bare name is a field of an update)."""
+    return name if "." in name else f"{ModelUpdate.kind}.{name}"
 
 
 class UpdateFilter(ABC):
@@ -69,11 +81,12 @@ class UpdateFilter(ABC):
 
 def covered_fields(f: Any) -> frozenset[str]:
     """The fields a filter declares it protects (any callable may declare ``covers``; default none)."""
-    covers: frozenset[str] = getattr(f, "covers", frozenset())
+    covers = frozenset(qualified(str(name)) for name in getattr(f, "covers", frozenset()))
     unknown = set(covers) - set(TENSOR_FIELDS)
     if unknown:
-        raise PrivacyConfigError(f"{type(f).__name__}.covers names unknown update fields {sorted(unknown)}.")
-    return frozenset(covers)
+        raise PrivacyConfigError(f"{type(f).__name__}.covers names unknown message fields {sorted(unknown)}; "
+                                 f"known: {list(TENSOR_FIELDS)}.")  # fmt: skip
+    return covers
 
 
 class FilterChain(UpdateFilter):
@@ -122,13 +135,16 @@ class FilterChain(UpdateFilter):
         """Refuse a chain that protects some of what a site sends but not all of it.
 
         Args:
-            sent_fields: the tensor fields the site will send (``"delta"``, and ``"optimizer_state"`` when optimiser
-                moments are aggregated).
+            sent_fields: the tensor fields the site will send (``"update.delta"``, and ``"update.optimizer_state"``
+                when optimiser moments are aggregated; bare names are fields of an update).
 
         Raises:
             PrivacyConfigError: naming each uncovered field and the filters present.
         """
-        sent = set(sent_fields)
+        sent = {qualified(name) for name in sent_fields}
+        unknown = sent - set(TENSOR_FIELDS)
+        if unknown:  # a field no filter could ever declare: refused whether or not the chain protects anything
+            raise PrivacyConfigError(f"the site would send {sorted(unknown)}, which are not known message fields.")
         if not self.protects:
             return
         missing = sorted(sent - self.covers)
@@ -137,7 +153,7 @@ class FilterChain(UpdateFilter):
             hint = (
                 " The optimiser moments of --momentum aggregate are covered only by DP-SGD (--privacy), whose "
                 "moments are post-processing of noised gradients; use --momentum restart or local, or add DP-SGD."
-                if "optimizer_state" in missing
+                if qualified("optimizer_state") in missing
                 else ""
             )
             raise PrivacyConfigError(
@@ -169,7 +185,7 @@ class FilterChain(UpdateFilter):
         """The outgoing update carries no tensor field that the chain does not cover (when it protects any)."""
         if not self.protects:
             return
-        present = {name for name in TENSOR_FIELDS if getattr(update, name) is not None}
+        present = {qualified(name) for name in SENT_FIELDS[update.kind] if getattr(update, name) is not None}
         missing = sorted(present - self.covers)
         if missing:
             raise RuntimeError(
