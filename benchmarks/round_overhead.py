@@ -45,7 +45,8 @@ print(json.dumps({{"compute_s": compute, "wall_s": wall}}))
 def _measure(tree: Path) -> dict[str, float]:
     code = CHILD.format(bench=str(ROOT / "benchmarks" / "nvflare_overhead.py"), tree=str(tree))
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    # run from the checkout itself: ``python -c`` puts the working folder first on sys.path
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False, cwd=tree)
     if res.returncode != 0:
         raise RuntimeError(f"measuring {tree} failed:\n{(res.stdout + res.stderr)[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])

@@ -40,7 +40,8 @@ def bundle(tiny_data, tmp_path_factory) -> Path:
 
 
 def run_flags(bundle: Path, rounds: int, *extra: str) -> list[str]:
-    return [str(bundle), "--sites", "3", "--rounds", str(rounds), "--local-steps", "4", "--partition", "iid",
+    work = [] if "--local-epochs" in extra else ["--local-steps", "4"]
+    return [str(bundle), "--sites", "3", "--rounds", str(rounds), *work, "--partition", "iid",
             "--config-files", "train.json", "tiny.json", *extra]  # fmt: skip
 
 
@@ -182,7 +183,8 @@ def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", [("--strategy", "fedprox", "--prox-mu", "0.5"), ("--strategy", "cwt")])
+@pytest.mark.parametrize("method", [("--strategy", "fedprox", "--prox-mu", "0.5"),
+                                    ("--strategy", "cwt", "--local-epochs", "1")])  # CWT sets its own steps
 def test_simulator_job_of_a_method_trains_what_the_in_process_run_trains(bundle, tmp_path, method):
     export(bundle, tmp_path / "job", 3, *method)
     assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),

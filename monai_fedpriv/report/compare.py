@@ -37,12 +37,19 @@ def plot_dice_vs_ks(result: dict[str, Any], path: Path) -> Path:
     order = sorted(parts, key=lambda p: x[p])  # type: ignore[arg-type, return-value]
     cells = _cells(result)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    shown: list[float] = []
     for strategy in result["settings"]["strategies"]:
         pts = [(x[p], cells[(strategy, p)].get("dice")) for p in order if (strategy, p) in cells]
         pts = [(a, b) for a, b in pts if b is not None]
         if pts:
             ax.plot([a for a, _ in pts], [b for _, b in pts], "-o", lw=1.5, ms=4, label=strategy)
+            shown += [float(b) for _, b in pts if b is not None]
     central = [(x[p], result["centralised"][p]) for p in order if result["centralised"].get(p) is not None]
+    shown += [float(b) for _, b in central]
+    # the Dice range the cells span, with room for the labels: differences of a point stay visible
+    low, high = (min(shown), max(shown)) if shown else (0.0, 1.0)
+    pad = max(0.02, 0.25 * (high - low))
+    top = min(1.0, high + 2 * pad)
     if central:
         ax.plot([a for a, _ in central], [b for _, b in central], "k--", lw=2, label="centralised")
     if use_ks:
@@ -52,12 +59,12 @@ def plot_dice_vs_ks(result: dict[str, Any], path: Path) -> Path:
         for p in parts:
             at.setdefault(float(x[p]), []).append(p)  # type: ignore[arg-type]
         for xv, names in at.items():
-            ax.annotate(" / ".join(names), (xv, 0.98), fontsize=7, ha="center", va="top", rotation=90, color="gray")
+            ax.annotate(" / ".join(names), (xv, top), fontsize=7, ha="center", va="top", rotation=90, color="gray")
     else:
         ax.set_xticks(range(len(parts)), parts)
         ax.set_xlabel("partition (no per-case feature: mean KS unknown)")
     ax.set_ylabel("final global Dice")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(max(0.0, low - pad), top)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Dice against label skew (cf. Qu et al., Figs. 5-6)")
