@@ -220,3 +220,14 @@ def test_errors_raised_inside_monais_config_parser_reach_the_cli_unwrapped(tmp_p
     assert main([*argv, "--output", str(tmp_path / "o")]) == 2  # the DataError comes out of the datalist expression
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: MSD data set root") and "dataset.json" in err[0]
+
+
+def test_skew_partitions_of_a_segmentation_data_set_sort_patients_by_their_foreground(msd):
+    from monai_fedpriv.experiments.own_data import load_own_data, split_own_data
+
+    data = load_own_data(msd, log=lambda _: None)
+    split = split_own_data(data, 2, "skew-high", 0.25, 0, log=lambda _: None)
+    features = {site: [c["feature"] for c in cases] for site, cases in split.train.items()}
+    assert all(0.0 < f < 1.0 for fs in features.values() for f in fs)
+    assert max(features["site-1"]) <= min(features["site-2"])  # skew-high: the lowest foreground at site-1
+    assert split.mean_ks is not None and split.mean_ks > 0.5

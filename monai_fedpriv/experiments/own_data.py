@@ -27,7 +27,8 @@ from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, metadata_input,
 from monai_fedpriv.data.adapt import AdaptTarget, adapted_transforms, contiguous_label_mapping, inferer_config
 from monai_fedpriv.data.checks import check_datalist
 from monai_fedpriv.data.dataset_info import DatasetInfo, _header_shape, describe_and_list
-from monai_fedpriv.data.partition import partition_cases
+from monai_fedpriv.data.io import read_image
+from monai_fedpriv.data.partition import SKEW_SORTED_FRACTION, partition_cases
 from monai_fedpriv.data.splits import site_train_val_split
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.experiments.federated import SiteSplit, split_sites
@@ -90,6 +91,15 @@ def load_own_data(
     return OwnData(info, cases, val_cases)
 
 
+def foreground_fraction(case: Mapping[str, Any]) -> float:
+    """The fraction of a case's label volume that is foreground (any label > 0): the per-case quantity the skew
+    partitions sort patients by on a segmentation data set (Qu et al. skew the label distribution)."""
+    if not case.get("label"):
+        raise DataError(f"case {case.get('image')} has no label; a skew partition needs every case's label.")
+    label, _ = read_image(Path(case["label"]))
+    return float((label > 0).mean())
+
+
 def split_own_data(
     data: OwnData, n_sites: int, scheme: str | None, val_fraction: float, seed: int, log: Callable[[str], None] = print
 ) -> SiteSplit:
@@ -101,6 +111,11 @@ def split_own_data(
     held-out patients.
     """
     institutions = {str(c.get("institution", "unknown")) for c in data.cases} - {"unknown"}
+    if scheme in SKEW_SORTED_FRACTION and not all("feature" in c for c in [*data.cases, *data.val_cases]):
+        # label-distribution skew of a segmentation task: how much of each case its foreground labels cover
+        log(f"--partition {scheme}: measuring each case's foreground fraction (labels > 0) for the skew ...")
+        data.cases = [{**c, "feature": foreground_fraction(c)} for c in data.cases]
+        data.val_cases = [{**c, "feature": foreground_fraction(c)} for c in data.val_cases]
     if scheme is None:
         scheme = "institution" if len(institutions) >= n_sites else "iid"
         log(f"partition: {scheme} ({len(institutions)} institutions named in the data for {n_sites} sites)")
