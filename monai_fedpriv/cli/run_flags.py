@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from monai_fedpriv.cli.options import (
     MAX_SEED,
@@ -14,9 +15,21 @@ from monai_fedpriv.cli.options import (
     refuse_given,
 )
 from monai_fedpriv.cli.strategy import add_strategy_flags, strategy_from_args
+from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.privacy.budget import StopPolicy
 
 __all__ = ["add_run_flags", "check_run_flags"]
+
+
+def _default(settings_type: type, name: str) -> Any:
+    """The default of a settings dataclass field: the settings tree holds every default, the flags repeat none."""
+    return settings_type.__dataclass_fields__[name].default  # type: ignore[attr-defined]
+
+
+def _job(name: str) -> Any:
+    from monai_fedpriv.fl.nvflare.settings import JobSettings
+
+    return _default(JobSettings, name)
 
 
 def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.ArgumentParser:
@@ -59,7 +72,8 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         help="patients per site held out for validation when the data set has no validation cases "
         "(default 0.2; at least one per site)",
     )
-    p.add_argument("--seed", type=int, default=0, help="run seed, an integer in [0, 2**32 - 1] (default 0)")
+    p.add_argument("--seed", type=int, default=_job("seed"),
+                   help=f"run seed, an integer in [0, 2**32 - 1] (default {_job('seed')})")  # fmt: skip
     if deploy:
         p.add_argument("--output", type=Path, required=True, help="the job folder to write (replaced if it exists)")
         p.add_argument("--name", default=None, help="job name (default: the job folder's name)")
@@ -74,7 +88,7 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         help="bundle config files merged in order, e.g. train.json fed.json (default train.json); names not in the "
         "bundle's configs/ are taken from monai_fedpriv's shared overrides",
     )  # fmt: skip
-    p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default="restart",
+    p.add_argument("--momentum", choices=("restart", "local", "aggregate"), default=_job("momentum"),
                    help="client optimiser state across rounds (Li et al. 2019): default restart")  # fmt: skip
     server = p.add_argument_group("server (the strategy and how it screens updates)")
     add_strategy_flags(server)
@@ -88,8 +102,9 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     server.add_argument(
         "--norm-factor",
         type=float,
-        default=100.0,
-        help="reject an update whose norm is this many times the median of the others (default 100)",
+        default=_default(ScreenSettings, "norm_factor"),
+        help=f"reject an update whose norm is this many times the median of the others (default "
+        f"{_default(ScreenSettings, 'norm_factor'):g})",
     )
     server.add_argument(
         "--inject-fault",
@@ -99,15 +114,15 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         help=f"inject a fault to test the federation, KIND in {FAULT_KINDS} (repeatable)",
     )
     if deploy:
-        server.add_argument("--round-timeout", type=int, default=3600, metavar="SECONDS",
+        server.add_argument("--round-timeout", type=int, default=_job("round_timeout"), metavar="SECONDS",
                             help="seconds the server waits for a round's updates; a site that has not answered by "
-                            "then is rejected for the round with the reason (0: no limit; default 3600)")  # fmt: skip
+                            f"then is rejected for the round with the reason (0: no limit; default "
+                            f"{_job('round_timeout')})")  # fmt: skip
         server.add_argument(
-            "--wait-after-min",
-            type=int,
-            default=10,
-            help="seconds the server keeps waiting for slower sites once --min-sites answered (default 10)",
-        )
+            "--wait-after-min", type=int, default=_job("wait_after_min"),
+            help=f"seconds the server keeps waiting for slower sites once --min-sites answered (default "
+            f"{_job('wait_after_min')})",
+        )  # fmt: skip
     else:
         server.add_argument(
             "--round-timeout", type=int, default=0, metavar="SECONDS",
