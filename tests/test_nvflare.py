@@ -373,3 +373,29 @@ def test_only_the_sites_own_environment_starts_a_fresh_budget(tmp_path, monkeypa
     store.clear()  # a new federation is a new run in the store
     assert store.run_id() != first
 
+
+
+def test_a_resumed_site_restores_what_it_saved_whenever_the_server_last_asked_it(tmp_path):
+    """Cyclic weight transfer leaves a site's latest state older than the server's round, and a site the server
+    never asked may have none; whatever a site saved (its ledger above all) is restored, a stale one is refused."""
+    from types import SimpleNamespace
+
+    from monai_fedpriv.errors import ResumeError
+    from monai_fedpriv.fl.nvflare.client import SiteStateStore, _restore
+
+    loaded = []
+    runtime = SimpleNamespace(load_state_dict=lambda state, _: loaded.append(state), snapshot=lambda: {"snap": 1})
+    site = SimpleNamespace(name="site-2", max_epochs=4, site=runtime)
+    store = SiteStateStore(tmp_path / "site-2")
+    assert _restore(site, store, 3, {"last_trained": {"site-1": 3}}) is None  # never asked, nothing saved: it joins
+    with pytest.raises(ResumeError, match="no saved state"):
+        _restore(site, store, 3, {"last_trained": {"site-2": 2}})  # asked in round 2 but saved nothing
+    store.save(2, {"active": True, "round": 2}, b"bytes", {"round": 2})
+    snapshot, replay = _restore(site, store, 3, {"last_trained": {"site-2": 2}})  # CWT: its turn was round 2
+    assert loaded[-1]["round"] == 2 and replay is None and snapshot == {"snap": 1}
+    assert _restore(site, store, 3, {"last_trained": {}}) is not None  # saved state is restored even if not listed
+    with pytest.raises(ResumeError, match="last saved state is of round 2"):
+        _restore(site, store, 4, {"last_trained": {"site-2": 4}})  # the server saw round 4 from it: stale
+    store.save(4, {"active": True, "round": 4}, b"again", {"round": 4})
+    _, replay = _restore(site, store, 3, {"last_trained": {"site-2": 2}})  # answered round 4 before the kill
+    assert replay == (4, b"again", {"round": 4})
