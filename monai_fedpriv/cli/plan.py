@@ -22,7 +22,7 @@ from monai_fedpriv.fl.nvflare.settings import JobSettings
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator import Fault, LocalWork
 
-__all__ = ["RunPlan", "check_items_per_patient", "check_strategy_work", "plan_run"]
+__all__ = ["RunPlan", "check_items_per_patient", "plan_run"]
 
 
 @dataclass
@@ -123,7 +123,8 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     from monai_fedpriv.fl.strategies import build_strategy
 
     method = build_strategy(**strategy)
-    check_strategy_work(method, local_work, args.min_sites)
+    if (problem := method.work_problem(local_work.steps, args.min_sites)) is not None:
+        raise OptionError(problem)
     train = method.site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
     job = {"wait_after_min": args.wait_after_min} if getattr(args, "wait_after_min", None) is not None else {}
     settings = JobSettings(
@@ -136,18 +137,6 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         partition=split.describe(), data_summary=extra.get("data"), resume=args.resume, **job,
     )  # fmt: skip
     return RunPlan(bundle, split, settings, extra)
-
-
-def check_strategy_work(strategy: Any, local_work: LocalWork, min_sites: int | None) -> None:
-    """Refuse run flags a strategy's rounds cannot honour: ``--local-steps`` where the strategy sets each round's
-    work (cyclic weight transfer trains ``floor(|D_k| / b)`` steps, and a site's engine is sized by its local work),
-    ``--min-sites`` above the sites it asks a round."""
-    if strategy.sets_local_work and local_work.steps is not None:
-        raise OptionError(f"--local-steps: --strategy {strategy.name} sets each round's local work itself "
-                          f"(floor(|D_k| / b) steps); drop --local-steps.")  # fmt: skip
-    if strategy.sites_per_round is not None and min_sites is not None and min_sites > strategy.sites_per_round:
-        raise OptionError(f"--min-sites {min_sites}: --strategy {strategy.name} asks {strategy.sites_per_round} "
-                          f"site(s) a round.")  # fmt: skip
 
 
 def check_items_per_patient(value: int, unit: str | None, split: SiteSplit, volumes: bool) -> None:

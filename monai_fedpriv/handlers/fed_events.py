@@ -17,9 +17,9 @@ Example::
 
 from __future__ import annotations
 
-from ignite.engine import EventEnum
+from ignite.engine import Engine, EventEnum
 
-__all__ = ["FedEvents"]
+__all__ = ["FedEvents", "register_fed_events"]
 
 
 class FedEvents(EventEnum):
@@ -27,3 +27,10 @@ class FedEvents(EventEnum):
 
     GLOBAL_MODEL_RECEIVED = "fed_global_model_received"
     UPDATE_BUILT = "fed_update_built"
+
+
+def register_fed_events(engine: Engine) -> None:
+    """Make ``engine`` know :class:`FedEvents` (every handler that fires or listens calls it; once is enough)."""
+    missing = [e for e in FedEvents if not engine.has_registered_events(e)]
+    if missing:
+        engine.register_events(*missing)

@@ -21,7 +21,7 @@ from monai_fedpriv.fl.momentum import (
 from monai_fedpriv.fl.transport import Transport
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state, subtract
-from monai_fedpriv.handlers.fed_events import FedEvents
+from monai_fedpriv.handlers.fed_events import FedEvents, register_fed_events
 from monai_fedpriv.privacy.filters.base import FilterChain
 
 __all__ = ["FederatedSync"]
@@ -141,8 +141,7 @@ class FederatedSync:
     def attach(self, engine: Engine) -> None:
         if engine.has_event_handler(self._on_started, Events.STARTED):
             return
-        if not engine.has_registered_events(FedEvents.GLOBAL_MODEL_RECEIVED):
-            engine.register_events(*FedEvents)
+        register_fed_events(engine)
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)
         boundary = (

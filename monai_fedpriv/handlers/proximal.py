@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine
 
 from monai_fedpriv.fl.weights import unwrap
-from monai_fedpriv.handlers.fed_events import FedEvents
+from monai_fedpriv.handlers.fed_events import FedEvents, register_fed_events
 
 __all__ = ["ProximalTerm"]
 
@@ -43,9 +43,7 @@ class ProximalTerm:
         self._hook: Any = None
 
     def attach(self, engine: Engine) -> None:
-        missing = [e for e in FedEvents if not engine.has_registered_events(e)]
-        if missing:
-            engine.register_events(*missing)
+        register_fed_events(engine)
         if not engine.has_event_handler(self._on_global, FedEvents.GLOBAL_MODEL_RECEIVED):
             engine.add_event_handler(FedEvents.GLOBAL_MODEL_RECEIVED, self._on_global)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from monai_fedpriv.report.markdown import _f
-from monai_fedpriv.report.plots import _pyplot
+from monai_fedpriv.report.plots import _pyplot, save_figure
 
 __all__ = ["partition_ks", "plot_dice_vs_ks", "write_compare_report"]
 
@@ -68,11 +68,7 @@ def plot_dice_vs_ks(result: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title("Dice against label skew (cf. Qu et al., Figs. 5-6)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _dice_cell(cell: dict[str, Any] | None, rounds: int) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_dice_per_round", "plot_baselines"]
+__all__ = ["plot_dice_per_round", "plot_baselines", "save_figure"]
 
 
 def _pyplot():
@@ -15,6 +15,17 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (its folder created) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_dice_per_round(metrics: dict[str, Any], path: Path) -> Path:
@@ -36,11 +47,7 @@ def plot_dice_per_round(metrics: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Dice per round")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_baselines(metrics: dict[str, Any], path: Path) -> Path | None:
@@ -63,7 +70,4 @@ def plot_baselines(metrics: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean foreground Dice")
     ax.set_title("Final Dice: federated vs baselines")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -12,6 +12,7 @@ import torch
 from monai_fedpriv.bundle.loader import BundleSpec, load_bundle, metadata_input, parser_get
 from monai_fedpriv.fl.evaluation import evaluator_from_bundle
 from monai_fedpriv.privacy.model_prep import load_trained_weights
+from monai_fedpriv.report.plots import save_figure
 
 __all__ = ["plot_example_segmentations"]
 
@@ -91,8 +92,4 @@ def plot_example_segmentations(
             ax.set_title(f"{site}: {name}" if j == 0 else name, fontsize=8)
             ax.axis("off")
     fig.suptitle(f"Example segmentations, {title} (foreground classes coloured)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

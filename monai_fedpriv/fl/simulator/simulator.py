@@ -94,21 +94,31 @@ class FederatedSimulator:
             empty = [name for name, data in train_sites.items() if not data]
             raise DataError(f"site {empty[0]!r} has no training cases." if empty else "no training sites were given.")
         self.strategy = strategy or FedAvg()
-        if self.strategy.sets_local_work and local_work.steps is not None:
-            raise ValueError(f"strategy {self.strategy.name!r} sets each round's local work itself; run it with local "
-                             f"epochs (its site engines are sized by them), not local steps.")  # fmt: skip
+        if (problem := self.strategy.work_problem(local_work.steps, min_sites)) is not None:
+            raise ValueError(problem)
         refuse_public(train_sites)
         # FedAvg+Share: each site's private cases followed by the public pool
         self.train_sites = self.strategy.site_data({k: list(v) for k, v in train_sites.items()}, int(seed))
-        self.bundle, self.eval_sets, self.rounds, self.local_work = bundle, {k: list(v) for k, v in eval_sets.items()
-                                                                            if v}, int(rounds), local_work  # fmt: skip
-        self.output_dir, self.momentum, self.seed = Path(output_dir), momentum, int(seed)
+        self.bundle = bundle
+        self.eval_sets = {k: list(v) for k, v in eval_sets.items() if v}
+        self.rounds = int(rounds)
+        self.local_work = local_work
+        self.output_dir = Path(output_dir)
+        self.momentum = momentum
+        self.seed = int(seed)
         self.server = ServerRound(self.strategy, screen, min_sites)
-        self.device, self.overrides, self.filters_factory = torch.device(device), dict(overrides or {}), filters_factory
-        self.num_workers, self.progress, self.label, self.on_round = int(num_workers), progress, label, on_round
+        self.device = torch.device(device)
+        self.overrides = dict(overrides or {})
+        self.filters_factory = filters_factory
+        self.num_workers = int(num_workers)
+        self.progress = progress
+        self.label = label
+        self.on_round = on_round
         self.faults = FaultInjector(faults)
         self.faults.check_sites(list(self.train_sites))
-        self.secure_noise, self.partition, self.round_timeout = bool(secure_noise), partition, round_timeout or None
+        self.secure_noise = bool(secure_noise)
+        self.partition = partition
+        self.round_timeout = round_timeout or None
         self.ledgers = SiteLedgers(ledger_store, fresh_budget)
         self.transport = InProcessTransport(tamper=self.faults.tamper if self.faults.faults else None,
                                             tamper_bytes=self.faults.tamper_bytes if self.faults.faults else None)

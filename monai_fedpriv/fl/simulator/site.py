@@ -20,7 +20,7 @@ from monai_fedpriv.handlers.federated_sync import FederatedSync
 from monai_fedpriv.handlers.proximal import ProximalTerm
 from monai_fedpriv.utils.rng import OwnedRandomState
 
-__all__ = ["Budgeted", "SiteRuntime", "SiteSpec", "build_site", "privacy_setup"]
+__all__ = ["Budgeted", "SiteRuntime", "SiteSpec", "build_site"]
 
 logger = logging.getLogger("monai_fedpriv.simulator")
 
@@ -59,23 +59,6 @@ class SiteSpec:
     num_workers: int = 0
     secure_noise: bool = False
     overrides: Mapping[str, Any] | None = None
-
-
-def privacy_setup(parser: ConfigParser) -> dict[str, Any]:
-    """What the bundle's DP-SGD object (``dp``, from ``dp.json``) did to the site's network before training: the
-    per-sample gradient mode, the privacy unit and every change of the preparation (BatchNorm replaced, in-place
-    activations made out-of-place, unused parameters frozen)."""
-    if parser_get(parser, "dp") is None:
-        return {}
-    dp = parser.get_parsed_content("dp")
-    settings = getattr(dp, "settings", None)
-    if settings is None:
-        return {}
-    return {
-        "dp_grad_sample_mode": settings.grad_sample_mode,
-        "dp_privacy_unit": settings.privacy_unit,
-        "dp_network_changes": list(getattr(dp, "changes", [])),
-    }
 
 
 class SiteRuntime:
@@ -301,7 +284,8 @@ def build_site(
         handler.attach(trainer)
     rng = OwnedRandomState(derive_seed(spec.seed, "global-rng", name))
     site = SiteRuntime(name, parser, trainer, sync, sampler, batch_size, stateful, rng)
-    site.setup = privacy_setup(parser)
+    dp: Any = parser.get_parsed_content("dp") if parser_get(parser, "dp") is not None else None
+    site.setup = dp.setup_facts() if hasattr(dp, "setup_facts") else {}  # what DP-SGD changed in the network
 
     def record_loss(engine: Any) -> None:
         out = engine.state.output

@@ -38,6 +38,17 @@ class Strategy(ABC):
     #: whether the strategy sets each round's local work itself (then ``--local-steps`` would cut it short)
     sets_local_work: bool = False
 
+    def work_problem(self, local_steps: int | None, min_sites: int | None) -> str | None:
+        """Why a run's local work or ``--min-sites`` cannot be honoured by this strategy's rounds, or ``None``:
+        ``--local-steps`` where the strategy sets each round's work (a site's engine is sized by the run's local
+        work), ``--min-sites`` above the sites it asks a round."""
+        if self.sets_local_work and local_steps is not None:
+            return (f"--local-steps: --strategy {self.name} sets each round's local work itself (floor(|D_k| / b) "
+                    f"steps); drop --local-steps.")  # fmt: skip
+        if self.sites_per_round is not None and min_sites is not None and min_sites > self.sites_per_round:
+            return f"--min-sites {min_sites}: --strategy {self.name} asks {self.sites_per_round} site(s) a round."
+        return None
+
     def start(self, sites: Sequence[str]) -> None:  # noqa: B027 - most strategies need no site order
         """Called once by the run loop with the federation's sites in their fixed order."""
 

@@ -192,6 +192,16 @@ class DPSGD(UpdateFilter):
         self.optimizer.groups = [str(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
     # ---------------------------------------------------------------- update filter
+    def setup_facts(self) -> dict[str, Any]:
+        """What DP-SGD did to the site's network before training (``metrics.json``'s ``setup``): the per-sample
+        gradient mode, the privacy unit and every change of the preparation (BatchNorm replaced, in-place activations
+        made out-of-place, unused parameters frozen)."""
+        return {
+            "dp_grad_sample_mode": self.settings.grad_sample_mode,
+            "dp_privacy_unit": self.settings.privacy_unit,
+            "dp_network_changes": list(self.changes),
+        }
+
     def privacy_facts(self) -> dict[str, Any]:
         """The mechanism's settings, as reported with every update."""
         unit = self.settings.privacy_unit
