@@ -40,8 +40,10 @@ SLOT_DEFAULTS: dict[str, Any] = {
     "fed_privacy_filters": [],
     "fed_share_filters": [],
     "fed_budget_filters": [],
+    "fed_latent_filters": [],
     "fed_audit_filters": [],
-    "fed_filters": "$@fed_privacy_filters + @fed_share_filters + @fed_budget_filters + @fed_audit_filters",
+    "fed_filters": "$@fed_privacy_filters + @fed_share_filters + @fed_latent_filters + @fed_budget_filters + "
+    "@fed_audit_filters",
     "fed_budget_stateful": {},
     "fed_privacy_stateful": {},
     "fed_share_stateful": {},

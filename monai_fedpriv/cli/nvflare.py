@@ -24,6 +24,15 @@ __all__ = ["export_main", "run_nvflare_main"]
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+#: strategies an exported job cannot run yet, and why (one line each)
+NOT_ON_FLARE = {
+    "splitnn": "SplitNN exchanges features and gradients every batch, and this job's NVIDIA FLARE Client API loop "
+    "exchanges one model per task; run SplitNN with monai-fedpriv simulate.",
+    "fedreplay": "the exported job's controller does not yet hold FedReplay's upload round and server training; run "
+    "it with monai-fedpriv simulate.",
+}
+
+
 def export_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="monai-fedpriv export-nvflare",
@@ -38,6 +47,8 @@ def export_main(argv: list[str]) -> int:
     from monai_fedpriv.cli.plan import plan_run
     from monai_fedpriv.fl.nvflare.job import export_job, exported_job_digest
 
+    if args.strategy in NOT_ON_FLARE:
+        raise OptionError(f"--strategy {args.strategy}: {NOT_ON_FLARE[args.strategy]}")
     plan = plan_run(args, log=lambda line: print(line, flush=True))
     settings = dataclasses.replace(plan.settings, name=name)  # config_digests: export_job takes them from its files
     job = export_job(settings, args.bundle_dir, args.output)

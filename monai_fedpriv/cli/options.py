@@ -157,6 +157,23 @@ def share_settings(args: argparse.Namespace) -> ShareSettings | None:
     )
 
 
+def latent_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The overrides of the latent mechanism (``latents.json``) its flags ask for, checked; ``{}`` without it."""
+    noise, clip = getattr(args, "latent_noise_multiplier", None), getattr(args, "latent_clip", None)
+    unprotected = bool(getattr(args, "latents_unprotected", False))
+    check_number("--latent-noise-multiplier", noise, low=0, low_open=True)
+    check_number("--latent-clip", clip, low=0, low_open=True)
+    if noise is None:
+        refuse_given([("--latent-clip", clip)], "--latent-noise-multiplier")
+        return {}
+    if unprotected:
+        raise OptionError("--latents-unprotected and --latent-noise-multiplier exclude each other: choose one.")
+    if getattr(args, "epsilon_budget", None) is None:
+        raise OptionError("--latent-noise-multiplier needs --epsilon-budget: the upload is one release in the site's "
+                          "budget.")  # fmt: skip
+    return {"latent_noise_multiplier": noise, "latent_clip_norm": 1.0 if clip is None else clip}
+
+
 def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Config files and overrides for ``--privacy``, ``--share`` and the budget flags.
 
@@ -170,7 +187,8 @@ def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str
     check_number("--items-per-patient", args.items_per_patient, low=1, integer=True)
     share = share_settings(args)
     dp = args.privacy != "none"
-    budgeted = dp or (share is not None and share.needs_budget)
+    latent = latent_overrides(args)
+    budgeted = dp or (share is not None and share.needs_budget) or bool(latent)
     files, overrides = list(config_files), {}
     if not dp:
         refuse_given([("--noise-multiplier", args.noise_multiplier), ("--max-grad-norm", args.max_grad_norm),
@@ -203,6 +221,9 @@ def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str
         if share.config_file not in files:
             files.append(share.config_file)
         overrides.update(share.overrides())
+    if latent:
+        files.append("latents.json")
+        overrides.update(latent)
     if args.epsilon_budget is not None:
         overrides["privacy_epsilon_budget"] = args.epsilon_budget
     if args.delta is not None:

@@ -125,6 +125,13 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     method = build_strategy(**strategy)
     if (problem := method.work_problem(local_work.steps, args.min_sites)) is not None:
         raise OptionError(problem)
+    if args.rounds < method.min_rounds:
+        raise OptionError(f"--rounds {args.rounds}: --strategy {method.name} needs at least {method.min_rounds} "
+                          f"rounds.")  # fmt: skip
+    uploads = getattr(args, "latents_unprotected", False) or getattr(args, "latent_noise_multiplier", None) is not None
+    if uploads and not method.trains_at_server:
+        raise OptionError(f"--latents-unprotected / --latent-noise-multiplier: --strategy {method.name} sends no "
+                          f"dataset upload (--strategy fedreplay does).")  # fmt: skip
     train = method.site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
     job = {"wait_after_min": args.wait_after_min} if getattr(args, "wait_after_min", None) is not None else {}
     settings = JobSettings(
@@ -133,6 +140,7 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         sites=list(split.train), local_epochs=local_work.epochs, local_steps=local_work.steps, seed=args.seed,
         momentum=args.momentum, strategy=strategy, screen=screen.to_dict(), min_sites=args.min_sites,
         round_timeout=args.round_timeout, secure_noise=args.noise == "secure",
+        latents_unprotected=bool(getattr(args, "latents_unprotected", False)),
         data={s: {"train": train[s], "val": split.val.get(s, [])} for s in train}, faults=list(args.inject_fault),
         partition=split.describe(), data_summary=extra.get("data"), resume=args.resume, **job,
     )  # fmt: skip

@@ -224,6 +224,21 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
     )
     share.add_argument("--gaussian-clip", type=float, default=None, help="L2 clip norm C of the update (gaussian)")
     share.add_argument("--gaussian-noise", type=float, default=None, help="noise multiplier sigma (gaussian)")
+    latents = p.add_argument_group(
+        "dataset uploads (--strategy fedreplay): what protects the latents and labels a site sends once"
+    )
+    latents.add_argument(
+        "--latent-noise-multiplier", type=float, default=None,
+        help="the Gaussian mechanism on the upload: noise std sigma*C per coordinate, one release in the site's "
+        "budget (needs --epsilon-budget)",
+    )  # fmt: skip
+    latents.add_argument("--latent-clip", type=float, default=None,
+                         help="L2 clip norm C of each item's latent (default 1)")  # fmt: skip
+    latents.add_argument(
+        "--latents-unprotected", action="store_true",
+        help="send the latents and labels with no mechanism (they give the images back: see the leakage table); "
+        "metrics.json and the report say so",
+    )  # fmt: skip
     p.add_argument(
         "--override",
         action="append",

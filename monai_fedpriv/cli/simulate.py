@@ -79,6 +79,7 @@ def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
             "faults": plan.faults,
             "secure_noise": settings.secure_noise,
             "round_timeout": settings.round_timeout,
+            "latents_unprotected": settings.latents_unprotected,
             "ledger_store": LedgerStore(args.ledger_dir) if args.ledger_dir else LedgerStore.default(),
             "fresh_budget": args.fresh_budget,
         },  # fmt: skip

@@ -35,11 +35,12 @@ def add_strategy_flags(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--strategy", "--aggregator", dest="strategy", choices=STRATEGIES, default="fedavg",
         help="fedavg (Li et al. 2019), fedavgm (server momentum), fedprox (Li et al. 2020), cwt (cyclic weight "
-        "transfer), fedavg-share (a public pool, Zhao et al. 2018), median or trimmed-mean (robust, Yin et al. 2018); "
-        "default fedavg",
+        "transfer), fedavg-share (a public pool, Zhao et al. 2018), splitnn (split learning, Vepakomma et al. 2018), "
+        "fedreplay (latents trained at the server, seed 004), cwt-replay (cyclic transfer with generative replay, "
+        "seed 004), median or trimmed-mean (robust, Yin et al. 2018); default fedavg",
     )  # fmt: skip
     for flag, f in _flag_fields().items():
-        kind = str if f.metadata["choices"] else float
+        kind = str if f.metadata["choices"] or f.metadata.get("text") else int if f.type in ("int", int) else float
         group.add_argument(flag, dest=_dest(flag), type=kind, choices=f.metadata["choices"], default=None,
                            help=f.metadata["help"])  # fmt: skip
 

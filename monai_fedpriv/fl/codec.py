@@ -42,7 +42,9 @@ import torch
 
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.decoding import decode_global, decode_update
+from monai_fedpriv.fl.messages import TENSOR_MESSAGES, Activations
 from monai_fedpriv.fl.positions import encode_positions
+from monai_fedpriv.fl.tensor_codec import TENSOR_MAGIC, ShapeExpect, decode_tensor_message, encode_tensor_message
 from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.wire import CODEC_VERSION, DTYPE_NAMES, DTYPES, GLOBAL_MAGIC, MAGIC, PREFIX, Expected
 
@@ -163,8 +165,9 @@ def encode_global(model: GlobalModel) -> bytes:
 CODECS: dict[str, tuple[Callable[[Any], bytes], Callable[..., Any]]] = {
     ModelUpdate.kind: (encode_update, decode_update),
     GlobalModel.kind: (encode_global, decode_global),
+    **{kind: (encode_tensor_message, decode_tensor_message) for kind in TENSOR_MESSAGES},
 }
-_MAGIC_KINDS = {MAGIC: ModelUpdate.kind, GLOBAL_MAGIC: GlobalModel.kind}
+_MAGIC_KINDS = {MAGIC: ModelUpdate.kind, GLOBAL_MAGIC: GlobalModel.kind, TENSOR_MAGIC: Activations.kind}
 
 
 def encode(message: Any) -> bytes:
@@ -175,8 +178,9 @@ def encode(message: Any) -> bytes:
     return CODECS[kind][0](message)
 
 
-def decode(data: bytes, expect: Expected | None = None) -> Any:
-    """The message in untrusted ``data``, by the kind its magic names (``UpdateError`` on anything else)."""
+def decode(data: bytes, expect: Expected | ShapeExpect | None = None) -> Any:
+    """The message in untrusted ``data``, by the kind its magic names (``UpdateError`` on anything else; every tensor
+    message kind shares one magic and names its kind in the header)."""
     kind = _MAGIC_KINDS.get(bytes(data[:4]))
     if kind is None:
         raise UpdateError(f"malformed message: it starts with {bytes(data[:4])!r}, no known message kind.")

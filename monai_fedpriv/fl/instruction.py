@@ -13,9 +13,13 @@ from typing import Any, ClassVar
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.update import int_problem, shown
 
-__all__ = ["MAX_PROX_MU", "RoundInstruction"]
+__all__ = ["MAX_CUT_BLOCK", "MAX_PROX_MU", "PHASES", "RoundInstruction"]
 
 MAX_PROX_MU = 1.0e6
+MAX_CUT_BLOCK = 16
+#: what a site does in a round: train and send its update; send its dataset upload once (FedReplay); train across
+#: the cut with the server part, batch by batch (SplitNN)
+PHASES = ("train", "upload", "split")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class RoundInstruction:
             transfer, seed 004); overrides the run's local work.
         prox_mu: FedProx's proximal weight ``mu`` (Li et al. 2020): ``mu (w - w_global)`` is added to every step's
             gradient; ``0`` trains exactly as FedAvg.
+        phase: one of :data:`PHASES`.
+        cut_block: where the network is cut (``upload``: the encoder's blocks; ``split``: the site's part), or
+            ``None``.
     """
 
     kind: ClassVar[str] = "instruction"
@@ -36,8 +43,16 @@ class RoundInstruction:
     local_steps: int | None = None
     whole_batches: bool = False
     prox_mu: float = 0.0
+    phase: str = "train"
+    cut_block: int | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.phase, str) or self.phase not in PHASES:
+            raise UpdateError(f"round instruction: phase is {shown(self.phase)}, expected one of {list(PHASES)}.")
+        if self.cut_block is not None and (problem := int_problem("cut_block", self.cut_block, minimum=1)):
+            raise UpdateError(f"round instruction: {problem}.")
+        if self.cut_block is not None and self.cut_block > MAX_CUT_BLOCK:
+            raise UpdateError(f"round instruction: cut_block is {self.cut_block}, at most {MAX_CUT_BLOCK}.")
         if self.local_steps is not None and (problem := int_problem("local_steps", self.local_steps, minimum=1)):
             raise UpdateError(f"round instruction: {problem}.")
         if not isinstance(self.whole_batches, bool):
@@ -73,7 +88,7 @@ class RoundInstruction:
             return cls()
         if not isinstance(raw, Mapping):
             raise UpdateError(f"{where}: expected an object, got {shown(raw)}.")
-        unknown = sorted(set(raw) - {"local_steps", "whole_batches", "prox_mu"})
+        unknown = sorted(set(raw) - {"local_steps", "whole_batches", "prox_mu", "phase", "cut_block"})
         if unknown:
             raise UpdateError(f"{where}: unknown fields {[shown(k) for k in unknown[:5]]}.")
         try:

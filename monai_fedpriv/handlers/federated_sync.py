@@ -106,6 +106,7 @@ class FederatedSync:
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.instruction = RoundInstruction()
+        self.shared_keys: set[str] | None = None  # SplitNN: only the site's own part is sent (a public mask)
         self.logger = logging.getLogger(f"monai_fedpriv.FederatedSync.{site}")
         self.round = 0  # completed rounds as seen by this site
         self.last_update: ModelUpdate | None = None
@@ -240,10 +241,13 @@ class FederatedSync:
             raise RuntimeError(f"{self.site}: round ended before any global model was received.")
         assert self.network is not None and self.optimizer is not None
         local = exchangeable_state(self.network)
+        delta = subtract(local, self._global)
         update = ModelUpdate(
             site=self.site,
             round=self.round + 1,
-            delta=subtract(local, self._global),
+            delta=delta,
+            masks=None if self.shared_keys is None else {
+                k: torch.full_like(v, k in self.shared_keys, dtype=torch.bool) for k, v in delta.items()},
             n_samples=int(self.n_samples or 0),
             local_steps=int(self._steps - self._round_start_steps),
             optimizer_state=(

@@ -55,6 +55,7 @@ class JobSettings:
             an error reply as an answer, so without this a failed site could end the round early).
         secure_noise: privacy noise from OS entropy (default for a deployment); ``False`` seeds it from ``seed``
             (reproducible runs, reported as simulation-only).
+        latents_unprotected: the sites may upload latents no mechanism covers (``--latents-unprotected``).
         sites: the site names.
         data: per site ``{"train": [...], "val": [...]}`` data lists (local runs); a deployed site may instead point
             ``$MONAI_FEDPRIV_DATALIST`` at its own JSON file of that shape.
@@ -85,6 +86,7 @@ class JobSettings:
     round_timeout: int = 3600
     wait_after_min: int = 10
     secure_noise: bool = True
+    latents_unprotected: bool = False
     data: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
     partition: dict[str, Any] = field(default_factory=dict)

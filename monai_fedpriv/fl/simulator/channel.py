@@ -10,14 +10,18 @@ from typing import Any
 
 import torch
 
-from monai_fedpriv.fl.codec import encode_global
+from monai_fedpriv.errors import UpdateError
+from monai_fedpriv.fl.codec import decode, encode, encode_global
 from monai_fedpriv.fl.instruction import RoundInstruction
+from monai_fedpriv.fl.messages import LatentUpload
+from monai_fedpriv.fl.replay.upload import site_upload
 from monai_fedpriv.fl.server.work import WorkBound, instructed_bound
 from monai_fedpriv.fl.simulator.ledgers import SiteLedgers
 from monai_fedpriv.fl.simulator.run_config import LocalWork
 from monai_fedpriv.fl.simulator.server_model import ServerModel
 from monai_fedpriv.fl.simulator.site import SiteRuntime
 from monai_fedpriv.fl.simulator.site_round import train_round
+from monai_fedpriv.fl.tensor_codec import ShapeExpect
 from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
@@ -32,7 +36,7 @@ class InProcessChannel(ServerChannel):
     def __init__(
         self, sites: dict[str, SiteRuntime], transport: InProcessTransport, server_model: ServerModel,
         local_work: LocalWork, max_epochs: int, ledgers: SiteLedgers, secure_noise: bool,
-        round_timeout: float | None = None,
+        round_timeout: float | None = None, latents_unprotected: bool = False, split: Any = None,
     ) -> None:  # fmt: skip
         self.runtimes = sites
         self.sites = list(sites)
@@ -43,6 +47,8 @@ class InProcessChannel(ServerChannel):
         self.ledgers = ledgers
         self.secure_noise = secure_noise
         self.round_timeout = round_timeout
+        self.latents_unprotected = bool(latents_unprotected)
+        self.split = split  # SplitNN's server part (:class:`~monai_fedpriv.fl.split.SplitServer`), or None
         self.snapshots: dict[str, Any] = {}
         self.snapshot()
 
@@ -57,10 +63,24 @@ class InProcessChannel(ServerChannel):
         got = Gathered()
         for name in request.targets:
             site = self.runtimes[name]
+            if request.model.instruction_for(name).phase == "upload":
+                self._upload(site, request, got)
+                got.received_bytes[name] = received
+                continue
+            split = self.split is not None and request.model.instruction_for(name).phase == "split"
+            if split:
+                self.split.begin(name, request.round, request.model.weights)
+                link = self._link(site)
+                link.reset(request.round)
             result, answers, failure = train_round(
                 site, request.round, self.transport, self.snapshots[name], self.max_epochs,
                 self.server_model.evaluators.get(name), timeout=self.round_timeout,
             )  # fmt: skip
+            if split:
+                if not failure:
+                    got.server_weights.update(self.split.weights())
+                result.update(batch_messages=link.messages, batch_bytes_sent=link.bytes_sent,
+                              batch_bytes_received=link.bytes_received)  # fmt: skip
             if site.exhausted_budgets():
                 result.setdefault("privacy", site.privacy_facts())
             got.sites[name], got.received_bytes[name] = result, received
@@ -75,6 +95,34 @@ class InProcessChannel(ServerChannel):
         got.wire_bytes = dict(self.transport.wire_bytes)
         self.snapshot()
         return got
+
+    @staticmethod
+    def _link(site: SiteRuntime) -> Any:
+        from monai_fedpriv.fl.split.link import RemoteSkip
+        from monai_fedpriv.fl.weights import unwrap
+
+        return next(m.link for m in unwrap(site.trainer.network).modules() if isinstance(m, RemoteSkip))
+
+    def _upload(self, site: SiteRuntime, request: RoundRequest, got: Gathered) -> None:
+        """One site's dataset upload, through its filters and the codec (what the server decodes is what crossed
+        the wire); a site whose upload fails is that round's failure, with its reason."""
+        name = site.name
+        got.expected.append(name)
+        try:
+            upload = site_upload(site, request.model, request.round, self.latents_unprotected)
+            data = encode(upload)
+        except Exception as exc:  # noqa: BLE001 - a site's failure is that site's
+            got.failures[name] = f"upload failed: {type(exc).__name__}: {exc}"
+            got.sites[name] = {"privacy": site.privacy_facts()} if site.budgets else {}
+            return
+        try:
+            got.uploads.append(decode(data, ShapeExpect(LatentUpload.kind, name, request.round,
+                                                         {"latents.latents": (None,) * upload.latents.dim(),
+                                                          "labels.labels": (None,) * upload.labels.dim()})))
+        except UpdateError as exc:
+            got.failures[name] = f"undecodable upload: {exc}"
+        got.wire_bytes[name] = len(data)
+        got.sites[name] = {"privacy": site.privacy_facts()} if site.budgets else {}
 
     def work_bounds(
         self, instructions: Mapping[str, RoundInstruction], declared: Mapping[str, int]
@@ -111,13 +159,20 @@ class InProcessChannel(ServerChannel):
             out["noise_source"] = NOISE_SECURE if self.secure_noise else NOISE_SEEDED
         if self.ledgers.summary() is not None:
             out["ledger_store"] = self.ledgers.summary()
+        if self.latents_unprotected:
+            out["latents_unprotected"] = "the sites were allowed to upload latents no mechanism protects"
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sites": self.snapshots, "run_id": self.ledgers.run_id}
+        out = {"sites": self.snapshots, "run_id": self.ledgers.run_id}
+        if self.split is not None:
+            out["split"] = self.split.state_dict()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, site in self.runtimes.items():
             site.load_state_dict(state["sites"][name], self.max_epochs)
         self.snapshot()
         self.ledgers.run_id = str(state.get("run_id") or self.ledgers.run_id)
+        if self.split is not None:
+            self.split.load_state_dict(state.get("split") or {})

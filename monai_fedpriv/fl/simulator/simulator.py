@@ -70,6 +70,8 @@ class FederatedSimulator:
             earlier runs spent on its cases and records its releases there (``None``: this run's ledger only).
         fresh_budget: start every site's budget at zero even if the store holds earlier spending (stated in
             ``metrics.json``).
+        latents_unprotected: the sites may send a dataset upload (FedReplay's latents) that no filter covers
+            (``--latents-unprotected``; stated in ``metrics.json``).
 
     Example::
 
@@ -87,6 +89,7 @@ class FederatedSimulator:
         min_sites: int | None = None, faults: Sequence[Fault] = (), secure_noise: bool = False,
         on_round: Callable[[dict[str, Any]], None] | None = None, partition: str | None = None,
         round_timeout: float | None = None, ledger_store: Any = None, fresh_budget: bool = False,
+        latents_unprotected: bool = False,
     ) -> None:  # fmt: skip
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds should be an int >= 1, got {rounds!r}.")
@@ -96,6 +99,9 @@ class FederatedSimulator:
         self.strategy = strategy or FedAvg()
         if (problem := self.strategy.work_problem(local_work.steps, min_sites)) is not None:
             raise ValueError(problem)
+        if rounds < self.strategy.min_rounds:
+            raise ValueError(f"--rounds {rounds}: --strategy {self.strategy.name} needs at least "
+                             f"{self.strategy.min_rounds} rounds.")  # fmt: skip
         refuse_public(train_sites)
         # FedAvg+Share: each site's private cases followed by the public pool
         self.train_sites = self.strategy.site_data({k: list(v) for k, v in train_sites.items()}, int(seed))
@@ -120,6 +126,7 @@ class FederatedSimulator:
         self.partition = partition
         self.round_timeout = round_timeout or None
         self.ledgers = SiteLedgers(ledger_store, fresh_budget)
+        self.latents_unprotected = bool(latents_unprotected)
         self.transport = InProcessTransport(tamper=self.faults.tamper if self.faults.faults else None,
                                             tamper_bytes=self.faults.tamper_bytes if self.faults.faults else None)
         self.sites: dict[str, Any] = {}
@@ -153,9 +160,54 @@ class FederatedSimulator:
             check_patients_at_one_site({s: [c for c in v if not is_public(c)] for s, v in self.train_sites.items()})
         weights = server_model.match_sites({n: site.network for n, site in self.sites.items()})
         channel = InProcessChannel(self.sites, self.transport, server_model, self.local_work, self.max_epochs,
-                                   self.ledgers, self.secure_noise, self.round_timeout)  # fmt: skip
+                                   self.ledgers, self.secure_noise, self.round_timeout,
+                                   self.latents_unprotected, self._split_server(server_model))  # fmt: skip
         self.loop = RunLoop(channel, self.server, self.rounds, self._describe_run(), self.output_dir, weights,
-                            self.label, log=self._print if self.progress else None, on_round=self.on_round)  # fmt: skip
+                            self.label, log=self._print if self.progress else None, on_round=self.on_round,
+                            server_training=self._server_training())  # fmt: skip
+
+    def _split_server(self, server_model: ServerModel) -> Any:
+        """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it.
+
+        Raises:
+            PrivacyConfigError: a privacy setting on a SplitNN run (the per-batch features and gradients would leave
+                the sites unprotected next to a claim on the weights).
+        """
+        if not self.strategy.splits_network:
+            return None
+        from monai_fedpriv.bundle.loader import load_bundle
+        from monai_fedpriv.errors import PrivacyConfigError
+        from monai_fedpriv.fl.split import CodecLink, SplitServer, install_split
+        from monai_fedpriv.privacy.grad_sample import plain_copy
+
+        claims = [n for n, site in self.sites.items() if site.budgets or site.dp_sgd or site.sync.chain.protects]
+        if claims:
+            raise PrivacyConfigError(
+                f"--strategy splitnn sends each batch's cut-layer features and gradients, which no mechanism here "
+                f"covers; a privacy setting on the weights (sites {claims}) would claim a protection the run does not "
+                f"have. Drop --privacy / --share for SplitNN."
+            )
+        spec = type(self.bundle)(self.bundle.root, self.bundle.config_files[:1], dict(self.bundle.overrides))
+        common = {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
+        server = SplitServer(plain_copy(server_model.network),
+                             lambda part: load_bundle(spec, {**common, "network": part}).get_parsed_content(
+                                 "optimizer"))  # fmt: skip
+        for name, site in self.sites.items():
+            site.sync.shared_keys = set(install_split(site.trainer.network, CodecLink(name, server)))
+        return server
+
+    def _server_training(self) -> Any:
+        """FedReplay's training at the server, after every site was checked to cover its upload (or opted out)."""
+        if not self.strategy.trains_at_server:
+            return None
+        from monai_fedpriv.fl.messages import LatentUpload
+        from monai_fedpriv.fl.replay import LatentTrainer
+        from monai_fedpriv.fl.replay.upload import UNPROTECTED_FLAG
+
+        for site in self.sites.values():
+            site.sync.chain.require_covered(LatentUpload.kind, self.latents_unprotected, UNPROTECTED_FLAG)
+        return LatentTrainer(self.bundle, self.seed, self.device, self.overrides,
+                             getattr(self.strategy, "cut_block", 1), getattr(self.strategy, "server_epochs", 1))
 
     def _print(self, line: str) -> None:
         print(f"[{self.label}] {line}", flush=True)
@@ -172,6 +224,8 @@ class FederatedSimulator:
         )  # fmt: skip
         if self.ledgers.describe() is not None:
             described["ledger_store"] = self.ledgers.describe()
+        if self.latents_unprotected:
+            described["latents_unprotected"] = True
         return described
 
     def run(self, resume: bool = False) -> dict[str, Any]:

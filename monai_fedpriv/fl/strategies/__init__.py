@@ -4,7 +4,8 @@ model (pure, transport-free), in one registry: ``name -> (strategy class, settin
 * :class:`FedAvg` (weighted by local steps, samples or uniform; Li et al. 2019, Alg. 3) and :class:`FedAvgM`
   (server momentum; Hsu et al. 2019);
 * :class:`FedProx` (Li et al. 2020), :class:`CyclicWeightTransfer` (Chang et al. 2018), :class:`FedAvgShare`
-  (Zhao et al. 2018): the heterogeneity methods of seed 004;
+  (Zhao et al. 2018): the heterogeneity methods of seed 004, and :class:`FedReplay` (seed 004), whose rounds
+  include a one-time upload and training at the server;
 * :class:`CoordinateMedian` and :class:`TrimmedMean` for untrusted federations (Yin et al. 2018).
 """
 
@@ -15,7 +16,8 @@ from typing import Any
 
 from monai_fedpriv.fl.strategies.base import Strategy
 from monai_fedpriv.fl.strategies.fedavg import FedAvg, FedAvgM, weighted_delta
-from monai_fedpriv.fl.strategies.methods import CyclicWeightTransfer, FedAvgShare, FedProx
+from monai_fedpriv.fl.strategies.methods import CyclicWeightTransfer, FedAvgShare, FedProx, SplitNN
+from monai_fedpriv.fl.strategies.replay import FedReplay
 from monai_fedpriv.fl.strategies.robust import CoordinateMedian, TrimmedMean, trimmed_delta
 from monai_fedpriv.fl.strategies.settings import (
     WEIGHTINGS,
@@ -24,15 +26,17 @@ from monai_fedpriv.fl.strategies.settings import (
     FedAvgSettings,
     FedAvgShareSettings,
     FedProxSettings,
+    FedReplaySettings,
     MedianSettings,
+    SplitNNSettings,
     TrimmedMeanSettings,
     check_settings,
 )
 
 __all__ = [
     "REGISTRY", "STRATEGIES", "WEIGHTINGS", "CoordinateMedian", "CyclicWeightTransfer", "FedAvg", "FedAvgM",
-    "FedAvgShare", "FedProx", "Strategy", "TrimmedMean", "build_strategy", "strategy_settings", "trimmed_delta",
-    "weighted_delta",
+    "FedAvgShare", "FedProx", "FedReplay", "SplitNN", "Strategy", "TrimmedMean", "build_strategy",
+    "strategy_settings", "trimmed_delta", "weighted_delta",
 ]  # fmt: skip
 
 #: ``--strategy NAME -> (class, settings dataclass)``
@@ -42,6 +46,8 @@ REGISTRY: dict[str, tuple[type[Strategy], type]] = {
     "fedprox": (FedProx, FedProxSettings),
     "cwt": (CyclicWeightTransfer, CWTSettings),
     "fedavg-share": (FedAvgShare, FedAvgShareSettings),
+    "splitnn": (SplitNN, SplitNNSettings),
+    "fedreplay": (FedReplay, FedReplaySettings),
     "median": (CoordinateMedian, MedianSettings),
     "trimmed-mean": (TrimmedMean, TrimmedMeanSettings),
 }

@@ -37,6 +37,20 @@ class Strategy(ABC):
     sites_per_round: int | None = None
     #: whether the strategy sets each round's local work itself (then ``--local-steps`` would cut it short)
     sets_local_work: bool = False
+    #: whether some rounds train at the server on what the sites uploaded (FedReplay)
+    trains_at_server: bool = False
+    #: whether some rounds train across a cut, batch by batch (SplitNN)
+    splits_network: bool = False
+
+    @property
+    def min_rounds(self) -> int:
+        """The fewest rounds a run of this strategy needs (FedReplay: encoder, upload and one server round)."""
+        return 1
+
+    def round_kind(self, rnd: int) -> str:
+        """What round ``rnd`` is: ``"train"`` (asked sites train and send updates, or train across the cut),
+        ``"upload"`` (asked sites send a dataset once) or ``"server"`` (the server trains; no site is asked)."""
+        return "train"
 
     def work_problem(self, local_steps: int | None, min_sites: int | None) -> str | None:
         """Why a run's local work or ``--min-sites`` cannot be honoured by this strategy's rounds, or ``None``:

@@ -5,6 +5,7 @@ FedAvg's aggregation with its own round instructions or data.
   each step's gradient (:class:`~monai_fedpriv.handlers.proximal.ProximalTerm`); the server averages as FedAvg.
 * :class:`CyclicWeightTransfer` (Chang et al. 2018): one site per round in a fixed order trains ``floor(|D_k| / b)``
   iterations on the model the previous site passed on; the "aggregate" of one update is that site's model.
+* :class:`SplitNN` (Vepakomma et al. 2018): cyclic like CWT, each site training across a cut with the server part;
 * :class:`FedAvgShare` (Zhao et al. 2018): a public pool drawn from the sites' data before training is mixed into
   every site's batches (:mod:`monai_fedpriv.data.share_pool`); the server averages as FedAvg.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from monai_fedpriv.fl.instruction import RoundInstruction
 from monai_fedpriv.fl.strategies.fedavg import FedAvg
 
-__all__ = ["CyclicWeightTransfer", "FedAvgShare", "FedProx"]
+__all__ = ["CyclicWeightTransfer", "FedAvgShare", "FedProx", "SplitNN"]
 
 
 class FedProx(FedAvg):
@@ -88,6 +89,20 @@ class CyclicWeightTransfer(FedAvg):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.order = list(state["order"]) if state.get("order") is not None else self.order
         self.last = state.get("last")
+
+
+class SplitNN(CyclicWeightTransfer):
+    """SplitNN in the peer-to-peer mode seed 004 compares (Vepakomma et al. 2018): one site per round in the fixed
+    order trains ``floor(|D_k| / b)`` iterations across the cut, batch by batch with the server part
+    (:mod:`monai_fedpriv.fl.split`), and passes its own part (the first down block and the head of a U-Net) to the
+    next site; the server part stays at the server."""
+
+    name = "splitnn"
+    splits_network = True
+
+    def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
+        chosen = super().configure_round(rnd, sites)
+        return {site: RoundInstruction(whole_batches=True, phase="split", cut_block=1) for site in chosen}
 
 
 class FedAvgShare(FedAvg):

@@ -11,22 +11,26 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
-    "CWTSettings", "FedAvgMSettings", "FedAvgSettings", "FedAvgShareSettings", "FedProxSettings", "MedianSettings",
-    "TrimmedMeanSettings", "WEIGHTINGS", "check_settings", "setting",
+    "CWTSettings", "FedAvgMSettings", "FedAvgSettings", "FedAvgShareSettings", "FedProxSettings", "FedReplaySettings",
+    "MedianSettings", "SplitNNSettings", "TrimmedMeanSettings", "WEIGHTINGS", "check_settings", "setting",
 ]  # fmt: skip
 
 WEIGHTINGS = ("steps", "samples", "uniform")
 
 
 def setting(default: Any, flag: str, help: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, choices: tuple[str, ...] | None = None) -> Any:
-    """A settings field with its flag, help and range (``low``/``high`` inclusive unless ``*_open``)."""
+            low_open: bool = False, high_open: bool = False, choices: tuple[str, ...] | None = None,
+            text: bool = False) -> Any:
+    """A settings field with its flag, help and range (``low``/``high`` inclusive unless ``*_open``; ``text``: a
+    free string, a site name, checked where it is used)."""
     meta = {"flag": flag, "help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "choices": choices}  # fmt: skip
+            "choices": choices, "text": text}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
 def _problem(value: Any, meta: dict[str, Any]) -> str | None:
+    if meta.get("text"):
+        return None if isinstance(value, str) and len(value) <= 64 else "should be a name of at most 64 characters"
     if meta["choices"] is not None:
         return None if value in meta["choices"] else f"should be one of {list(meta['choices'])}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -80,6 +84,23 @@ class FedAvgShareSettings(FedAvgSettings):
 @dataclass(frozen=True)
 class CWTSettings:
     """Cyclic weight transfer has no settings: one site per round in site order, ``floor(|D_k| / b)`` steps."""
+
+
+@dataclass(frozen=True)
+class SplitNNSettings:
+    """SplitNN has no settings: a U-shaped cut after the first block, one site per round in site order."""
+
+
+@dataclass(frozen=True)
+class FedReplaySettings:
+    cut_block: int = setting(1, "--cut-block", "FedReplay/SplitNN: encoding blocks on the site's side of the cut "
+                             "(seed 004 cuts after the first; default 1)", low=1, high=8)  # fmt: skip
+    encoder_site: str = setting("", "--encoder-site", "FedReplay: the site that trains the auxiliary encoder "
+                                "(default: the one with the most training cases)", text=True)  # fmt: skip
+    encoder_rounds: int = setting(1, "--encoder-rounds", "FedReplay: rounds (one epoch each) of encoder training at "
+                                  "the encoder site (default 1)", low=1, high=1000)  # fmt: skip
+    server_epochs: int = setting(1, "--server-epochs", "FedReplay: passes over the pooled latents per server round "
+                                 "(default 1)", low=1, high=1000)  # fmt: skip
 
 
 @dataclass(frozen=True)

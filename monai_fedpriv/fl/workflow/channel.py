@@ -43,6 +43,9 @@ class Gathered:
         received_bytes: bytes each site received (the global model with its instructions).
         scored: sites' scores of the previous round's global model on their own validation cases (NVIDIA FLARE).
         left: sites that left the federation this round (their budget ran out, or they sent nothing).
+        uploads: the decoded dataset uploads of an upload round (FedReplay).
+        server_weights: weights the server side trained during the round (SplitNN's server part), merged into the
+            aggregate.
     """
 
     updates: list[ModelUpdate] = field(default_factory=list)
@@ -53,6 +56,8 @@ class Gathered:
     received_bytes: dict[str, int] = field(default_factory=dict)
     scored: dict[str, dict[str, Any]] = field(default_factory=dict)
     left: list[str] = field(default_factory=list)
+    uploads: list[Any] = field(default_factory=list)
+    server_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ServerChannel(ABC):

@@ -15,6 +15,7 @@ from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
 from monai_fedpriv.fl.workflow.state import RunState
 from monai_fedpriv.fl.workflow.stop import Stop, StopKind, StopPolicy, budget_stop_reason
+from monai_fedpriv.fl.workflow.uploads import ServerTraining, screen_uploads, upload_facts
 from monai_fedpriv.utils.files import atomic_torch_save, write_json
 
 __all__ = ["RunLoop"]
@@ -36,12 +37,14 @@ class RunLoop:
         checkpoint: the checkpoint's path (default ``folder/checkpoints/latest.pt``).
         log: called with one progress line per round (``None``: silent).
         on_round: called with the metrics after every completed round.
+        server_training: training at the server for strategies whose rounds include it (FedReplay).
     """
 
     def __init__(
         self, channel: ServerChannel, server: ServerRound, rounds: int, fingerprint: dict[str, Any], folder: Path,
         weights: dict[str, Any], label: str = "federated", checkpoint: Path | None = None,
         log: Callable[[str], None] | None = None, on_round: Callable[[dict[str, Any]], None] | None = None,
+        server_training: ServerTraining | None = None,
     ) -> None:  # fmt: skip
         self.channel = channel
         self.server = server
@@ -53,8 +56,12 @@ class RunLoop:
         self.label = label
         self.log = log
         self.on_round = on_round
+        self.server_training = server_training
         self.state = RunState(weights=dict(weights), active=list(channel.sites))
         self.strategy.start(channel.sites)
+        if self.strategy.trains_at_server and server_training is None:
+            raise ValueError(f"--strategy {self.strategy.name} trains at the server, but the run has no server "
+                             f"training.")  # fmt: skip
 
     # ---------------------------------------------------------------- the rounds
     def resume(self) -> None:
@@ -62,6 +69,8 @@ class RunLoop:
         self.state = RunState.load(self.checkpoint, self.fingerprint, self.rounds)
         self.strategy.load_state_dict(self.state.strategy)
         self.channel.load_state_dict(self.state.channel)
+        if self.server_training is not None:
+            self.server_training.load_state_dict(self.state.server)
         self.channel.publish(GlobalModel(self.state.round, self.state.weights, self.state.optimizer_state))
 
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -99,6 +108,12 @@ class RunLoop:
 
     def _round(self, rnd: int) -> bool:
         t0 = time.perf_counter()
+        kind = self.strategy.round_kind(rnd)
+        if kind == "server":  # nothing crosses the wire: the server trains on what was uploaded
+            assert self.server_training is not None
+            self.state.weights, facts = self.server_training.train(rnd, self.state.weights)
+            self._complete(rnd, {}, 0, t0, server=facts)
+            return True
         instructions = self.strategy.configure_round(rnd, self.state.active)
         model = GlobalModel(rnd - 1, self.state.weights, self.state.optimizer_state, instructions=instructions)
         request = RoundRequest(rnd, model, list(instructions), self._last_trained())
@@ -106,6 +121,17 @@ class RunLoop:
         self._note_scores(got.scored)
         if self.channel.aborted():
             return False
+        if kind == "upload":
+            sites, rejected = self._uploads(rnd, request, got)
+        else:
+            sites, rejected = self._aggregate(rnd, request, got, instructions)
+        self.state.active = [s for s in self.state.active if s not in got.left]
+        self._complete(rnd, sites, rejected, t0)
+        return True
+
+    def _aggregate(self, rnd: int, request: RoundRequest, got: Gathered, instructions: dict) -> tuple[dict, int]:
+        """A training round's server side: screen and aggregate the updates (and take what the server side
+        trained itself)."""
         outcome = self.server(
             rnd, self.state.weights, got.updates, got.expected, got.failures, wire_bytes=got.wire_bytes,
             work_bounds=self.channel.work_bounds(instructions, self.state.declared),
@@ -113,37 +139,68 @@ class RunLoop:
         sites = self._site_entries(request, got, outcome.sites)
         for name in outcome.accepted:  # declared once, after screening weighed the claim
             self.state.declared.setdefault(name, int(outcome.sites[name]["n_samples"]))
-        self.state.active = [s for s in self.state.active if s not in got.left]
         if outcome.failed:
-            self.state.stopped = Stop(rnd, StopKind.ROUND_FAILED, outcome.failed, {"round": rnd, "sites": sites})
-            self.write_metrics()
-            raise FederationError(
-                f"{outcome.failed.rstrip('.')}. The federation stopped; the last completed round ({rnd - 1}) and its "
-                f"checkpoint are intact in {self.folder}: fix the cause and --resume."
-            )
+            self._fail(rnd, outcome.failed, sites, got)
         assert outcome.weights is not None
-        self.state.weights, self.state.optimizer_state = outcome.weights, outcome.optimizer_state
+        self.state.weights = {**outcome.weights, **got.server_weights}
+        self.state.optimizer_state = outcome.optimizer_state
+        return sites, len(outcome.rejected)
+
+    def _uploads(self, rnd: int, request: RoundRequest, got: Gathered) -> tuple[dict, int]:
+        """An upload round's server side: screen each site's dataset upload and hand the accepted ones to the
+        server's training; the global model does not change."""
+        assert self.server_training is not None
+        accepted, rejected = screen_uploads(got.uploads, request.targets, rnd)
+        screened: dict[str, dict[str, Any]] = {}
+        for upload in accepted:
+            facts = upload_facts(upload, got.wire_bytes.get(upload.site))
+            screened[upload.site] = {"accepted": True, "upload": facts}
+            self.state.uploads[upload.site] = facts
+        for name, reason in {**got.failures, **rejected}.items():
+            screened[name] = {"accepted": False, "reason": reason}
+            logger.warning(f"round {rnd}: {reason}")
+        for name in request.targets:
+            screened.setdefault(name, {"accepted": False, "reason": "sent no upload"})
+        sites = self._site_entries(request, got, screened)
+        if not accepted:
+            self._fail(rnd, f"round {rnd}: no site's upload was acceptable", sites, got)
+        self.server_training.receive(accepted)
+        return sites, len(request.targets) - len(accepted)
+
+    def _fail(self, rnd: int, why: str, sites: dict, got: Gathered) -> None:
+        self.state.active = [s for s in self.state.active if s not in got.left]
+        self.state.stopped = Stop(rnd, StopKind.ROUND_FAILED, why, {"round": rnd, "sites": sites})
+        self.write_metrics()
+        raise FederationError(
+            f"{why.rstrip('.')}. The federation stopped; the last completed round ({rnd - 1}) and its "
+            f"checkpoint are intact in {self.folder}: fix the cause and --resume."
+        )
+
+    def _complete(self, rnd: int, sites: dict[str, dict], rejected: int, t0: float, **extra: Any) -> None:
+        """Score the round's global model, record the round, checkpoint it and report it."""
         scores = self.channel.score(self.state.weights)
         for name, entry in sites.items():
             if name in (scores.get("per_site") or {}):
                 entry["global_dice"] = scores["per_site"][name]
-        record = round_record(rnd, sites, scores, len(outcome.rejected), time.perf_counter() - t0, self.state.history)
+        record = round_record(rnd, sites, scores, rejected, time.perf_counter() - t0, self.state.history)
+        record.update(extra)
         self._budget_stop(rnd, record)
         self.state.history.append(record)
         self.state.round = rnd
         self.state.strategy = self.strategy.state_dict()
+        if self.server_training is not None:
+            self.state.server = self.server_training.state_dict()
         self.channel.publish(GlobalModel(rnd, self.state.weights, self.state.optimizer_state))
         self._all_left(rnd)
         self._save()
         metrics = self.write_metrics()
         if self.log is not None:
             dice = record["global"]["dice"]
-            cells = " | ".join(progress_cell(n, r) for n, r in sites.items())
+            cells = " | ".join(progress_cell(n, r) for n, r in sites.items()) or "server training"
             self.log(f"round {rnd}/{self.rounds} | {cells} | global dice "
                      f"{'-' if dice is None else f'{dice:.3f}'} | {record['seconds']:.1f}s")  # fmt: skip
         if self.on_round is not None:
             self.on_round(metrics)
-        return True
 
     def _site_entries(self, request: RoundRequest, got: Gathered, screened: dict[str, dict]) -> dict[str, dict]:
         """Each asked site's record entry, in the federation's order: its own report, the server's screening, the
@@ -155,6 +212,10 @@ class RunLoop:
             if name in got.received_bytes:
                 entry["bytes_received"] = got.received_bytes[name]
             entry["messages"] = int(name in got.received_bytes) + int(name in got.wire_bytes)
+            if "batch_messages" in entry:  # SplitNN: every batch's features and gradients crossed the wire too
+                entry["messages"] += int(entry["batch_messages"])
+                entry["bytes_sent"] = int(entry.get("bytes_sent") or 0) + int(entry["batch_bytes_sent"])
+                entry["bytes_received"] = int(entry.get("bytes_received") or 0) + int(entry["batch_bytes_received"])
             sites[name] = entry
         return sites
 
@@ -207,6 +268,8 @@ class RunLoop:
             "final": final_summary(self.state.history),
         }
         out.update(self.channel.describe())
+        if self.state.uploads:
+            out["upload"] = dict(self.state.uploads)
         if self.state.stopped is not None:
             out["stopped"] = self.state.stopped.to_json()
         return out

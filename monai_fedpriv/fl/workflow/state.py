@@ -31,6 +31,8 @@ class RunState:
         strategy: the strategy's state (server momentum...).
         declared: ``{site: samples}`` declared with each site's first accepted update (work bounds).
         channel: the transport's own state (in-process sites; what remote sites reported once).
+        uploads: ``{site: facts}`` of each site's accepted dataset upload (FedReplay), for ``metrics.json``.
+        server: the state of training at the server (the uploaded pool, the server trainer's optimiser).
     """
 
     weights: dict[str, torch.Tensor]
@@ -42,13 +44,16 @@ class RunState:
     strategy: dict[str, Any] = field(default_factory=dict)
     declared: dict[str, int] = field(default_factory=dict)
     channel: dict[str, Any] = field(default_factory=dict)
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    server: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
         state = {
             "version": CHECKPOINT_VERSION, "fingerprint": fingerprint, "round": self.round, "weights": self.weights,
             "optimizer_state": self.optimizer_state, "history": self.history, "active": self.active,
             "stopped": None if self.stopped is None else {**self.stopped.to_json(), "kind": self.stopped.kind.value},
-            "strategy": self.strategy, "declared": self.declared, "channel": self.channel,
+            "strategy": self.strategy, "declared": self.declared, "channel": self.channel, "uploads": self.uploads,
+            "server": self.server,
         }  # fmt: skip
         atomic_torch_save(state, path)
 
@@ -61,4 +66,5 @@ class RunState:
             optimizer_state=raw["optimizer_state"], history=list(raw["history"]),
             stopped=Stop.from_json(stopped, StopKind(stopped["kind"])) if stopped else None,
             strategy=dict(raw["strategy"]), declared=dict(raw["declared"]), channel=dict(raw["channel"]),
+            uploads=dict(raw.get("uploads") or {}), server=dict(raw.get("server") or {}),
         )  # fmt: skip

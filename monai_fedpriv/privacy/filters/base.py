@@ -9,8 +9,8 @@ in the shape of MONAI's ``monai.fl.utils.filters.Filter`` and NVFlare's DXO filt
 ``"update.delta"``, ``"update.optimizer_state"``; a bare field name is a field of ``"update"``, the kind a site's
 trainer sends every round). Every tensor field of every kind a site can send is listed in :data:`SENT_FIELDS`; a
 new kind of message (per-batch tensors, a dataset upload) is added there with its fields, and is then under the same
-rule. As soon as one filter of a chain protects anything (it privatizes or limits what is shared),
-every tensor field the site sends must be covered by some filter of the chain: :meth:`FilterChain.check_coverage`
+rule. As soon as one filter of a chain protects any field of a kind (it privatizes or limits what is shared), every
+tensor field of that kind the site sends must be covered by some filter of the chain: :meth:`FilterChain.check_coverage`
 refuses the combination when the site is built, and :meth:`FilterChain.__call__` checks the outgoing update again, so
 an unprotected tensor never leaves a site next to a privacy claim. (Example: ``--momentum aggregate`` sends the
 optimiser moments; an SVT filter on the weight delta does not cover them, so the combination is refused; under DP-SGD
@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 from monai_fedpriv.errors import PrivacyConfigError, UpdateError
+from monai_fedpriv.fl.messages import TENSOR_MESSAGES
 from monai_fedpriv.fl.update import ModelUpdate
 
 __all__ = [
@@ -34,13 +35,18 @@ __all__ = [
     "UpdateFilter",
     "copy_update",
     "covered_fields",
+    "handled_kinds",
     "meta_with_privacy",
     "privacy_meta",
     "qualified",
 ]
 
-#: Every tensor field of every message kind a site can send (``masks`` travel with, and are covered with, delta).
-SENT_FIELDS: dict[str, tuple[str, ...]] = {ModelUpdate.kind: ("delta", "optimizer_state")}
+#: Every tensor field of every message kind a site can send (``masks`` travel with, and are covered with, delta):
+#: the round's update, SplitNN's per-batch activations and gradients, a dataset upload's latents and labels.
+SENT_FIELDS: dict[str, tuple[str, ...]] = {
+    ModelUpdate.kind: ("delta", "optimizer_state"),
+    **{kind: cls.tensor_fields for kind, cls in TENSOR_MESSAGES.items()},
+}
 #: The same as ``"kind.field"`` names.
 TENSOR_FIELDS = tuple(f"{kind}.{name}" for kind, names in SENT_FIELDS.items() for name in names)
 
@@ -89,6 +95,12 @@ def covered_fields(f: Any) -> frozenset[str]:
     return covers
 
 
+def handled_kinds(f: Any) -> frozenset[str]:
+    """The message kinds a filter acts on: those of the fields it covers, or an update's for a filter that covers
+    nothing (reporters and audits of the round's update)."""
+    return frozenset(name.split(".", 1)[0] for name in covered_fields(f)) or frozenset({ModelUpdate.kind})
+
+
 class FilterChain(UpdateFilter):
     """Apply filters in order; fail closed.
 
@@ -128,8 +140,14 @@ class FilterChain(UpdateFilter):
 
     @property
     def protects(self) -> bool:
-        """Whether any filter of the chain protects something (then every sent field must be covered)."""
+        """Whether any filter of the chain protects something (then every sent field of its kind must be covered)."""
         return bool(self.covers)
+
+    def protects_kind(self, kind: str) -> bool:
+        """Whether the chain protects some field of messages of ``kind`` (then it must cover all of them): a
+        message of one kind is judged by the protection claimed for that kind (FedReplay's latent mechanism makes
+        no claim about the encoder site's weight update, which says for itself what protects it)."""
+        return any(name.startswith(f"{kind}.") for name in self.covers)
 
     def check_coverage(self, sent_fields: Iterable[str]) -> None:
         """Refuse a chain that protects some of what a site sends but not all of it.
@@ -145,9 +163,7 @@ class FilterChain(UpdateFilter):
         unknown = sent - set(TENSOR_FIELDS)
         if unknown:  # a field no filter could ever declare: refused whether or not the chain protects anything
             raise PrivacyConfigError(f"the site would send {sorted(unknown)}, which are not known message fields.")
-        if not self.protects:
-            return
-        missing = sorted(sent - self.covers)
+        missing = sorted(n for n in sent - self.covers if self.protects_kind(n.split(".", 1)[0]))
         if missing:
             names = [f"{type(f).__name__} (covers {sorted(covered_fields(f)) or 'nothing'})" for f in self.filters]
             hint = (
@@ -161,36 +177,57 @@ class FilterChain(UpdateFilter):
                 f"{sorted(self.covers)}: {', '.join(names)}.{hint}"
             )
 
-    def __call__(self, update: ModelUpdate) -> ModelUpdate:
+    def require_covered(self, kind: str, unprotected: bool, flag: str) -> None:
+        """Refuse to send messages of ``kind`` whose fields the chain does not all cover, unless the site opted in
+        to sending them unprotected (``flag`` names the opt-in in the refusal).
+
+        Raises:
+            PrivacyConfigError: naming the uncovered fields and ``flag``.
+        """
+        missing = sorted({f"{kind}.{name}" for name in SENT_FIELDS[kind]} - self.covers)
+        if missing and not unprotected:
+            raise PrivacyConfigError(
+                f"the site would send {missing} that no filter covers; add the mechanism that protects them, or pass "
+                f"{flag} to send them unprotected (the run's report and metrics.json then say so)."
+            )
+
+    def __call__(self, update: Any) -> Any:
+        """Filter one outgoing message (an update, or any kind of :data:`SENT_FIELDS`): each filter that acts on
+        its kind, in order; then the coverage check."""
+        kind = getattr(update, "kind", None)
+        if kind not in SENT_FIELDS:
+            raise RuntimeError(f"a site cannot send a {type(update).__name__} (kind {kind!r}); nothing was sent.")
         current = update
         for i, f in enumerate(self.filters):
+            if kind not in handled_kinds(f):
+                continue
             name = f"filter #{i} ({type(f).__name__})"
             try:
                 out = f(current)
             except Exception as exc:
                 raise RuntimeError(
-                    f"{name} failed on the update of {update.site!r} round {update.round}: {exc}"
+                    f"{name} failed on the {kind} of {update.site!r} round {update.round}: {exc}"
                 ) from exc
-            if not isinstance(out, ModelUpdate):
-                raise RuntimeError(f"{name} returned {type(out).__name__}, expected a ModelUpdate.")
+            if type(out) is not type(current):
+                raise RuntimeError(f"{name} returned {type(out).__name__}, expected a {type(current).__name__}.")
             if out is current:
-                raise RuntimeError(f"{name} returned its input object; filters must return a new ModelUpdate.")
+                raise RuntimeError(f"{name} returned its input object; filters must return a new message.")
             current = out
         if current is update:  # an empty chain: still never hand back the caller's object
-            current = copy_update(update)
+            current = copy_update(update) if isinstance(update, ModelUpdate) else copy.deepcopy(update)
         self._enforce(current)
         return current
 
-    def _enforce(self, update: ModelUpdate) -> None:
-        """The outgoing update carries no tensor field that the chain does not cover (when it protects any)."""
-        if not self.protects:
+    def _enforce(self, update: Any) -> None:
+        """The outgoing message carries no tensor field that the chain does not cover (when it protects any)."""
+        if not self.protects_kind(update.kind):
             return
-        present = {qualified(name) for name in SENT_FIELDS[update.kind] if getattr(update, name) is not None}
+        present = {f"{update.kind}.{name}" for name in SENT_FIELDS[update.kind] if getattr(update, name) is not None}
         missing = sorted(present - self.covers)
         if missing:
             raise RuntimeError(
-                f"the update of {update.site!r} round {update.round} carries {missing}, which no filter covers; "
-                f"nothing was sent."
+                f"the {update.kind} of {update.site!r} round {update.round} carries {missing}, which no filter "
+                f"covers; nothing was sent."
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""Training FedReplay's primary model at the server (seed 004, Algorithm 2, lines 8-10) with the bundle's own
+trainer: the bundle's ``train#trainer`` (its loss, optimiser, inferer and post-processing) built from its config with
+the network replaced by the primary model (the layers after the cut, :mod:`monai_fedpriv.networks.unet_cut`) and the
+loader replaced by one over the pooled latents. The pool, the optimiser's state and the shuffling are part of the run's
+checkpoint, so a resumed run trains exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from torch.utils.data import DataLoader, Dataset
+
+from monai_fedpriv.bundle.loader import BundleSpec, load_bundle
+from monai_fedpriv.data.stream import derive_seed
+from monai_fedpriv.fl.messages import LatentUpload
+from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
+from monai_fedpriv.fl.workflow.uploads import ServerTraining
+from monai_fedpriv.networks.unet_cut import encoder_and_primary
+
+__all__ = ["LatentPool", "LatentTrainer"]
+
+
+class LatentPool(Dataset):
+    """The union of the sites' uploads (``{"image": latent, "label": mask}`` items, in site order); labels are
+    thresholded at 0.5 (post-processing of a mechanism's noisy labels; exact for clean masks)."""
+
+    def __init__(self) -> None:
+        self.latents: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.sites: list[str] = []
+
+    def add(self, upload: LatentUpload) -> None:
+        self.latents.append(upload.latents.detach().to(torch.float32).cpu())
+        self.labels.append((upload.labels.detach().to(torch.float32) > 0.5).to(torch.float32).cpu())
+        self.sites.append(upload.site)
+        self._index = [(k, i) for k, t in enumerate(self.latents) for i in range(t.shape[0])]
+
+    def __len__(self) -> int:
+        return sum(int(t.shape[0]) for t in self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        k, i = self._index[index]
+        return {"image": self.latents[k][i], "label": self.labels[k][i]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"latents": self.latents, "labels": self.labels, "sites": self.sites}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.latents, self.labels, self.sites = [], [], []
+        saved = (state.get("latents", []), state.get("labels", []), state.get("sites", []))
+        for lat, lab, site in zip(*saved, strict=True):
+            self.latents.append(lat)
+            self.labels.append(lab)
+            self.sites.append(site)
+        self._index = [(k, i) for k, t in enumerate(self.latents) for i in range(t.shape[0])]
+
+
+class LatentTrainer(ServerTraining):
+    """FedReplay's server phase.
+
+    Args:
+        bundle: the run's bundle (its ``train.json``: trainer, loss, optimiser, batch size).
+        seed: run seed (the shuffling of every server round derives from it).
+        device: training device.
+        overrides: the run's bundle overrides (data set, ...).
+        cut_block: where the encoder ends.
+        epochs: passes over the pool per server round.
+    """
+
+    def __init__(self, bundle: BundleSpec, seed: int, device: str | torch.device, overrides: Mapping[str, Any],
+                 cut_block: int, epochs: int = 1) -> None:  # fmt: skip
+        self.bundle = BundleSpec(bundle.root, bundle.config_files[:1], dict(bundle.overrides))  # no site overrides
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.overrides = dict(overrides)
+        self.cut_block = int(cut_block)
+        self.epochs = int(epochs)
+        self.pool = LatentPool()
+        self.optimizer_state: dict[str, Any] | None = None
+
+    def receive(self, uploads: Sequence[LatentUpload]) -> None:
+        for upload in uploads:
+            self.pool.add(upload)
+
+    def _trainer(self, network: torch.nn.Module, loader: DataLoader) -> Any:
+        common = {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
+        parser = load_bundle(self.bundle, {
+            **common, "network": network, "train#dataloader": loader, "train#trainer#max_epochs": self.epochs,
+            "train#trainer#train_handlers": [],
+        })  # fmt: skip
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.logger.setLevel(logging.CRITICAL)
+        return trainer
+
+    def train(self, rnd: int, weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from monai_fedpriv.fl.simulator.server_model import initial_network
+
+        if len(self.pool) == 0:
+            raise RuntimeError("FedReplay's server phase has no uploaded latents to train on.")
+        _, network = initial_network(self.bundle, self.seed, self.device, self.overrides)
+        load_exchangeable_state(network, weights)
+        _, primary = encoder_and_primary(network, self.cut_block)
+        primary.train()
+        batch_size = int(load_bundle(self.bundle, dict(self.overrides), required=()).get_parsed_content(
+            "train#dataloader#batch_size"))  # fmt: skip
+        shuffle = torch.Generator().manual_seed(derive_seed(self.seed, "server-training", rnd))
+        loader = DataLoader(self.pool, batch_size=batch_size, shuffle=True, generator=shuffle)
+        trainer = self._trainer(primary, loader)
+        if self.optimizer_state is not None:
+            trainer.optimizer.load_state_dict(self.optimizer_state)
+        losses: list[float] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(_loss(e.state.output))))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, "server-training-rng", rnd))
+            trainer.run()
+        self.optimizer_state = trainer.optimizer.state_dict()
+        facts = {"phase": "server", "items": len(self.pool), "epochs": self.epochs, "steps": len(losses),
+                 "loss": sum(losses) / len(losses) if losses else None}  # fmt: skip
+        return exchangeable_state(network), facts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict(), "optimizer": self.optimizer_state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pool.load_state_dict(state.get("pool") or {})
+        self.optimizer_state = state.get("optimizer")
+
+
+def _loss(output: Any) -> float:
+    out = output[0] if isinstance(output, list) else output
+    return float(out["loss"]) if isinstance(out, dict) and "loss" in out else float("nan")

@@ -1,0 +1,78 @@
+"""A site's side of FedReplay's upload (seed 004, Algorithm 2, lines 1-3): encode every training item once with
+the auxiliary encoder (the first ``cut_block`` blocks of the global model it was sent) and send the latents with
+their labels, through the site's filter chain. Without a filter covering the latents (the Gaussian mechanism of
+:mod:`monai_fedpriv.privacy.filters.latents`) the upload is refused unless the site opted in with
+``--latents-unprotected``; the upload then says ``protected: false``.
+
+The items are the bundle's training items as its own preprocessing makes them (crops, slices, augmentation seeded
+per item from the site's seed), so the server trains on what the site would have trained on; ``items_per_unit``
+(the most items one case gave) is what the mechanism's sensitivity needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.transforms import Randomizable
+
+from monai_fedpriv.data.stream import derive_seed
+from monai_fedpriv.fl.messages import LatentUpload
+from monai_fedpriv.fl.update import GlobalModel
+from monai_fedpriv.fl.weights import load_exchangeable_state
+from monai_fedpriv.networks.unet_cut import encoder_and_primary
+from monai_fedpriv.privacy.grad_sample import plain_copy
+
+__all__ = ["UNPROTECTED_FLAG", "encode_dataset", "site_upload"]
+
+UNPROTECTED_FLAG = "--latents-unprotected"
+
+
+def _items(sample: Any) -> list[dict[str, Any]]:
+    return list(sample) if isinstance(sample, (list, tuple)) else [sample]
+
+
+def encode_dataset(encoder: torch.nn.Module, dataset: Any, seed: int, batch: int = 16) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor, int]:
+    """``(latents, labels, items_per_unit)`` of every item of ``dataset`` (one pass; a random transform seeded per
+    case from ``seed``)."""
+    base = getattr(dataset, "base", dataset)
+    transform = getattr(base, "transform", None)
+    latents, labels, per_case = [], [], 1
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if pending:
+            images = torch.stack([torch.as_tensor(p["image"]) for p in pending]).float()
+            with torch.no_grad():
+                latents.append(encoder(images).detach().cpu())
+            labels.append(torch.stack([torch.as_tensor(p["label"]).float() for p in pending]).cpu())
+            pending.clear()
+
+    for index in range(len(base)):
+        if isinstance(transform, Randomizable):
+            transform.set_random_state(seed=derive_seed(seed, "upload", index))
+        items = _items(base[index])
+        per_case = max(per_case, len(items))
+        pending += items
+        if len(pending) >= batch:
+            flush()
+    flush()
+    return torch.cat(latents), torch.cat(labels), per_case
+
+
+def site_upload(site: Any, model: GlobalModel, rnd: int, unprotected: bool) -> LatentUpload:
+    """Encode ``site``'s training items with the encoder of ``model`` and filter the upload through the site's
+    chain (``PrivacyConfigError`` when nothing covers the latents and ``unprotected`` is false; a refused release
+    sends nothing)."""
+    site.sync.chain.require_covered(LatentUpload.kind, unprotected, UNPROTECTED_FLAG)
+    instruction = model.instruction_for(site.name)
+    network = plain_copy(site.network)
+    load_exchangeable_state(network, model.weights)
+    encoder, _ = encoder_and_primary(network, int(instruction.cut_block or 1))
+    encoder.eval()
+    with site.rng.active():
+        latents, labels, per_case = encode_dataset(encoder, site.trainer.data_loader.dataset,
+                                                   derive_seed(site.name, "upload", rnd))  # fmt: skip
+    upload = LatentUpload(site.name, rnd, latents, labels, {"items_per_unit": per_case, "protected": False})
+    return site.sync.chain(upload)
