@@ -121,6 +121,20 @@ def mutate_header(head: dict, rng: np.random.Generator) -> bytes:
     return json.dumps(head).encode()
 
 
+def flip_payload(data: bytes, payload: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with 1 to 7 bytes of its payload flipped (NaN and Inf patterns included, by chance)."""
+    buf = bytearray(payload)
+    for i in rng.integers(0, len(buf), size=int(rng.integers(1, 8))):
+        buf[int(i)] ^= int(rng.integers(1, 256))
+    return data[: len(data) - len(payload)] + bytes(buf)
+
+
+def truncate_or_extend(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` cut anywhere, sometimes followed by a few random bytes."""
+    cut = int(rng.integers(0, len(data) + 1))
+    return data[:cut] + (rng.bytes(int(rng.integers(0, 4))) if rng.random() < 0.3 else b"")
+
+
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     """A hostile variant of a valid encoding."""
     prefix, head, payload = split(data)
@@ -128,13 +142,9 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     if kind <= 1:
         return pack(prefix[:4], mutate_header(head, rng), payload)
     if kind == 2 and payload:  # flipped payload bytes (values and position blocks)
-        buf = bytearray(payload)
-        for i in rng.integers(0, len(buf), size=int(rng.integers(1, 8))):
-            buf[i] ^= int(rng.integers(1, 256))
-        return data[: len(data) - len(payload)] + bytes(buf)
+        return flip_payload(data, payload, rng)
     if kind == 3:  # truncated or extended anywhere
-        cut = int(rng.integers(0, len(data) + 1))
-        return data[:cut] + (rng.bytes(int(rng.integers(0, 4))) if rng.random() < 0.3 else b"")
+        return truncate_or_extend(data, rng)
     if kind == 4:  # flipped bytes of the compressed header or the prefix
         buf = bytearray(data)
         i = int(rng.integers(0, min(len(buf), 9 + 40)))

@@ -142,7 +142,7 @@ def test_fedavg_share_mixes_a_public_pool_that_dp_sgd_does_not_count(tiny_bundle
         assert facts["public_units"] == len(pool)
 
 
-@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "cwt-replay"])  # its resume: test_split_and_replay
 def test_every_strategy_resumes_exactly(tiny_bundle, tmp_path, name):
     options = {"fedprox": {"prox_mu": 0.5}, "fedavg-share": {"share_data_fraction": 0.2}}.get(name, {})
     kw = {"latents_unprotected": True} if name == "fedreplay" else {}

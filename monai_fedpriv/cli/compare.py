@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai_fedpriv.cli.options import OptionError, check_number, check_output_folder
-from monai_fedpriv.experiments.compare import STRATEGY_NAMES, STRATEGY_OPTIONS, CompareSettings, cell_argv
+from monai_fedpriv.experiments.compare import (
+    STRATEGY_NAMES,
+    STRATEGY_OPTIONS,
+    UPLOADING,
+    CompareSettings,
+    cell_argv,
+)
 
 __all__ = ["build_compare_parser", "check_cells", "compare_main", "parse_names", "settings_from_args"]
 
@@ -44,6 +50,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox-mu", type=float, default=None, help="FedProx proximal weight (fedprox cells only)")
     p.add_argument("--share-data-fraction", type=float, default=None,
                    help="fraction of data shared globally (fedavg-share cells only)")  # fmt: skip
+    p.add_argument("--latents-unprotected", action="store_true",
+                   help="fedreplay / cwt-replay cells: send the latents (codes) with no mechanism; the report says so")
     p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p
@@ -68,6 +76,13 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     for strategy, (field, flag) in STRATEGY_OPTIONS.items():
         if getattr(args, field) is not None and strategy not in strategies:
             raise OptionError(f"{flag} is used by the {strategy} strategy only; add it to --strategies or drop {flag}.")
+    if args.latents_unprotected and not set(UPLOADING) & set(strategies):
+        raise OptionError("--latents-unprotected is used by the fedreplay and cwt-replay cells only; add one to "
+                          "--strategies or drop it.")  # fmt: skip
+    uploading = [s for s in strategies if s in UPLOADING]
+    if uploading and not args.latents_unprotected:
+        raise OptionError(f"--strategies {', '.join(uploading)}: their sites upload latents (codes) that no mechanism "
+                          f"of a compare grid covers; pass --latents-unprotected to run them (the report says so).")
     check_number("--prox-mu", args.prox_mu, low=0)
     check_number("--share-data-fraction", args.share_data_fraction, low=0, high=1, low_open=True)
     check_output_folder(args.output)
@@ -76,7 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         local_epochs=args.local_epochs, local_steps=args.local_steps, seed=args.seed, data=args.data,
         layout=args.layout, config_files=tuple(args.config_files), overrides=tuple(args.override),
         privacy=args.privacy, threads=args.threads, device=args.device, prox_mu=args.prox_mu,
-        share_data_fraction=args.share_data_fraction,
+        share_data_fraction=args.share_data_fraction, latents_unprotected=args.latents_unprotected,
     )  # fmt: skip
 
 

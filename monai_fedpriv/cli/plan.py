@@ -129,9 +129,9 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         raise OptionError(f"--rounds {args.rounds}: --strategy {method.name} needs at least {method.min_rounds} "
                           f"rounds.")  # fmt: skip
     uploads = getattr(args, "latents_unprotected", False) or getattr(args, "latent_noise_multiplier", None) is not None
-    if uploads and not method.trains_at_server:
+    if uploads and not method.upload_kind:
         raise OptionError(f"--latents-unprotected / --latent-noise-multiplier: --strategy {method.name} sends no "
-                          f"dataset upload (--strategy fedreplay does).")  # fmt: skip
+                          f"latents (--strategy fedreplay and cwt-replay do).")  # fmt: skip
     train = method.site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
     job = {"wait_after_min": args.wait_after_min} if getattr(args, "wait_after_min", None) is not None else {}
     settings = JobSettings(

@@ -23,8 +23,8 @@ from monai_fedpriv.errors import FederationError
 from monai_fedpriv.fl.strategies import STRATEGIES
 from monai_fedpriv.utils.files import json_safe, write_json
 
-__all__ = ["STRATEGY_NAMES", "CompareSettings", "cell_argv", "cell_dir", "check_output", "collect",
-           "forgetting_matrix", "run_grid", "strategy_flags", "summarise_cell"]  # fmt: skip
+__all__ = ["CYCLIC", "STRATEGY_NAMES", "UPLOADING", "CompareSettings", "cell_argv", "cell_dir", "check_output",
+           "collect", "forgetting_matrix", "run_grid", "strategy_flags", "summarise_cell"]  # fmt: skip
 
 #: the strategies a grid may name: the registry's
 STRATEGY_NAMES = STRATEGIES
@@ -35,6 +35,11 @@ STRATEGY_OPTIONS = {
     "fedprox": ("prox_mu", "--prox-mu"),
     "fedavg-share": ("share_data_fraction", "--share-data-fraction"),
 }
+#: the strategies whose sites upload latents (FedReplay) or generator codes (CWT+Replay): their cells get
+#: ``--latents-unprotected`` when the grid was given it (no mechanism covers CWT+Replay's codes)
+UPLOADING = ("fedreplay", "cwt-replay")
+#: cyclic strategies (one site a round), whose catastrophic forgetting the grid reports
+CYCLIC = ("cwt", "splitnn", "cwt-replay")
 #: settings that do not change a result (not recorded), and the grid (which a resume may grow)
 _NOT_RECORDED, _GRID = ("output", "threads", "device"), ("strategies", "partitions")
 
@@ -61,6 +66,7 @@ class CompareSettings:
     device: str = "cpu"
     prox_mu: float | None = None
     share_data_fraction: float | None = None
+    latents_unprotected: bool = False
 
     def recorded(self) -> dict[str, Any]:
         """``compare.json``'s ``settings``: everything that defines the result, and the grid."""
@@ -78,6 +84,8 @@ def strategy_flags(strategy: str, settings: CompareSettings) -> list[str]:
         value = getattr(settings, field)
         if value is not None:
             flags += [flag, str(value)]
+    if strategy in UPLOADING and settings.latents_unprotected:
+        flags.append("--latents-unprotected")
     return flags
 
 
@@ -116,6 +124,8 @@ def forgetting_matrix(metrics: dict[str, Any]) -> list[list[float | None]]:
     sites = list(metrics["config"]["sites"])
     last: dict[str, dict[str, Any]] = {}
     for record in metrics["rounds"]:
+        if "server" in record or any("upload" in r for r in record["sites"].values()):
+            continue  # FedReplay's server rounds, CWT+Replay's generator visits: no model was trained at a site
         trained = list(record["sites"])
         if len(trained) != 1:
             raise ValueError(f"round {record['round']} trained {len(trained)} sites; cyclic weight transfer: one.")
@@ -189,7 +199,7 @@ def collect(settings: CompareSettings, errors: dict[str, str] | None = None) -> 
     """``compare.json`` from the cells' ``metrics.json`` files as they are now."""
     cells: list[dict[str, Any]] = []
     centralised: dict[str, Any] = {}
-    forgetting: dict[str, list[list[float | None]] | None] = {}
+    forgetting: dict[str, dict[str, list[list[float | None]] | None]] = {s: {} for s in CYCLIC}
     for partition in settings.partitions:
         for strategy in settings.strategies:
             name = cell_dir(settings.output, strategy, partition).name
@@ -199,17 +209,20 @@ def collect(settings: CompareSettings, errors: dict[str, str] | None = None) -> 
                 entry.update(summarise_cell(m))
                 if "baselines" in m:
                     centralised[partition] = m["baselines"]["centralised"]["global_dice"]
-                if strategy == "cwt":
+                if strategy in CYCLIC:
                     try:
-                        forgetting[partition] = forgetting_matrix(m)
+                        forgetting[strategy][partition] = forgetting_matrix(m)
                     except ValueError:  # not one site per round: not a cyclic run
-                        forgetting[partition] = None
+                        forgetting[strategy][partition] = None
             if errors and name in errors:
                 entry["error"] = errors[name]
             cells.append(entry)
     out: dict[str, Any] = {"settings": settings.recorded(), "cells": cells, "centralised": centralised}
     if "cwt" in settings.strategies:
-        out["forgetting"] = forgetting
+        out["forgetting"] = forgetting["cwt"]
+    cyclic = {s: forgetting[s] for s in CYCLIC if s in settings.strategies}
+    if cyclic:
+        out["forgetting_by_strategy"] = cyclic
     return out
 
 
@@ -248,5 +261,10 @@ def run_grid(settings: CompareSettings, run_cell: Callable[[list[str]], int] | N
             errors[folder.name] = str(exc)
         write_json(collect(settings, errors), out / "compare.json")
     result = collect(settings, errors)
+    from monai_fedpriv.experiments.leakage_study import grid_leakage
+
+    leakage = grid_leakage(settings, log)
+    if leakage is not None:
+        result["leakage"] = leakage
     write_json(result, out / "compare.json")
     return result

@@ -184,4 +184,9 @@ def decode(data: bytes, expect: Expected | ShapeExpect | None = None) -> Any:
     kind = _MAGIC_KINDS.get(bytes(data[:4]))
     if kind is None:
         raise UpdateError(f"malformed message: it starts with {bytes(data[:4])!r}, no known message kind.")
+    tensor_kind = kind in TENSOR_MESSAGES
+    if expect is not None and isinstance(expect, ShapeExpect) != tensor_kind:  # the sender picks the magic
+        wanted = expect.kind if isinstance(expect, ShapeExpect) else "an update or a global model"
+        raise UpdateError(f"malformed message: it is {'a tensor message' if tensor_kind else f'a {kind}'}, the "
+                          f"receiver expects {wanted}.")  # fmt: skip
     return CODECS[kind][1](data, expect)

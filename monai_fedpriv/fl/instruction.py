@@ -17,9 +17,10 @@ __all__ = ["MAX_CUT_BLOCK", "MAX_PROX_MU", "PHASES", "RoundInstruction"]
 
 MAX_PROX_MU = 1.0e6
 MAX_CUT_BLOCK = 16
+MAX_EPOCHS = 10_000
 #: what a site does in a round: train and send its update; send its dataset upload once (FedReplay); train across
-#: the cut with the server part, batch by batch (SplitNN)
-PHASES = ("train", "upload", "split")
+#: the cut with the server part, batch by batch (SplitNN); train the generator it is handed (CWT+Replay)
+PHASES = ("train", "upload", "split", "generator")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class RoundInstruction:
         phase: one of :data:`PHASES`.
         cut_block: where the network is cut (``upload``: the encoder's blocks; ``split``: the site's part), or
             ``None``.
+        epochs: passes over the site's items (``generator``: CWT+Replay's local generator epochs ``M``), or ``None``.
     """
 
     kind: ClassVar[str] = "instruction"
@@ -45,12 +47,17 @@ class RoundInstruction:
     prox_mu: float = 0.0
     phase: str = "train"
     cut_block: int | None = None
+    epochs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.phase, str) or self.phase not in PHASES:
             raise UpdateError(f"round instruction: phase is {shown(self.phase)}, expected one of {list(PHASES)}.")
         if self.cut_block is not None and (problem := int_problem("cut_block", self.cut_block, minimum=1)):
             raise UpdateError(f"round instruction: {problem}.")
+        if self.epochs is not None and (problem := int_problem("epochs", self.epochs, minimum=1)):
+            raise UpdateError(f"round instruction: {problem}.")
+        if self.epochs is not None and self.epochs > MAX_EPOCHS:
+            raise UpdateError(f"round instruction: epochs is {self.epochs}, at most {MAX_EPOCHS}.")
         if self.cut_block is not None and self.cut_block > MAX_CUT_BLOCK:
             raise UpdateError(f"round instruction: cut_block is {self.cut_block}, at most {MAX_CUT_BLOCK}.")
         if self.local_steps is not None and (problem := int_problem("local_steps", self.local_steps, minimum=1)):
@@ -88,7 +95,7 @@ class RoundInstruction:
             return cls()
         if not isinstance(raw, Mapping):
             raise UpdateError(f"{where}: expected an object, got {shown(raw)}.")
-        unknown = sorted(set(raw) - {"local_steps", "whole_batches", "prox_mu", "phase", "cut_block"})
+        unknown = sorted(set(raw) - {"local_steps", "whole_batches", "prox_mu", "phase", "cut_block", "epochs"})
         if unknown:
             raise UpdateError(f"{where}: unknown fields {[shown(k) for k in unknown[:5]]}.")
         try:

@@ -4,7 +4,9 @@
   learning for health"): a site's cut-layer features forward and the server's answer; the gradient with respect to
   the server's output back and the gradient with respect to the cut-layer features in return.
 * :class:`LatentUpload` is a dataset sent once: FedReplay's latents of a site's training items with their labels
-  (seed 004, Algorithm 2), or CWT+Replay's generator codes.
+  (seed 004, Algorithm 2).
+* :class:`GeneratorState` is CWT+Replay's auxiliary generator with the codes of every item it was trained on so far
+  (seed 004, Algorithm 1): a site returns it after its visit, the server hands it to the next site.
 
 Each has a ``kind`` (the codec's registry, :mod:`monai_fedpriv.fl.codec`) and ``tensor_fields`` (the fields listed in
 :data:`monai_fedpriv.privacy.filters.base.SENT_FIELDS`, so the filter chain's coverage rule holds for them as for
@@ -21,7 +23,10 @@ import torch
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.update import int_problem, site_problem, tensor_bytes
 
-__all__ = ["Activations", "BatchTensors", "Gradients", "LatentUpload", "TENSOR_MESSAGES", "check_message_fields"]
+__all__ = [
+    "Activations", "BatchTensors", "GeneratorState", "Gradients", "LatentUpload", "TENSOR_MESSAGES",
+    "check_message_fields",
+]  # fmt: skip
 
 
 @dataclass
@@ -74,6 +79,7 @@ class LatentUpload:
 
     kind: ClassVar[str] = "latents"
     tensor_fields: ClassVar[tuple[str, ...]] = ("latents", "labels")
+    field_keys: ClassVar[dict[str, tuple[str, ...]]] = {"latents": ("latents",), "labels": ("labels",)}
 
     site: str
     round: int
@@ -98,8 +104,39 @@ class LatentUpload:
         return tensor_bytes(self.latents) + tensor_bytes(self.labels)
 
 
+@dataclass
+class GeneratorState:
+    """CWT+Replay's generator weights and the accumulated codes ``e`` (which decode to image and mask pairs)."""
+
+    kind: ClassVar[str] = "generator"
+    tensor_fields: ClassVar[tuple[str, ...]] = ("weights", "codes")
+    field_keys: ClassVar[dict[str, tuple[str, ...]]] = {"codes": ("codes",)}
+
+    site: str
+    round: int
+    weights: dict[str, torch.Tensor]
+    codes: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+
+    def fields(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"weights": self.weights, "codes": {"codes": self.codes}}
+
+    @classmethod
+    def build(cls, site: str, rnd: int, step: int, fields: dict[str, dict[str, torch.Tensor]],
+              meta: dict[str, Any]) -> GeneratorState:  # fmt: skip
+        return cls(site, rnd, fields["weights"], fields["codes"]["codes"], meta, step)
+
+    @property
+    def items(self) -> int:
+        return int(self.codes.shape[0]) if self.codes.dim() else 0
+
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.weights.values()) + tensor_bytes(self.codes)
+
+
 #: ``kind -> class`` of the messages :mod:`monai_fedpriv.fl.tensor_codec` encodes
-TENSOR_MESSAGES: dict[str, Any] = {cls.kind: cls for cls in (Activations, Gradients, LatentUpload)}
+TENSOR_MESSAGES: dict[str, Any] = {cls.kind: cls for cls in (Activations, Gradients, LatentUpload, GeneratorState)}
 
 
 def check_message_fields(message: Any) -> None:
@@ -119,6 +156,10 @@ def check_message_fields(message: Any) -> None:
                     problem = f"{name} ({key!r}) contains NaN or Inf values"
                 if problem:
                     break
+    if problem is None and isinstance(message, GeneratorState) and (
+        message.codes.dtype != torch.int64 or message.codes.dim() < 2 or (message.codes.numel() and (
+            int(message.codes.min()) < 0 or int(message.codes.max()) >= 2**20))):  # fmt: skip
+        problem = f"codes {list(message.codes.shape)} {message.codes.dtype} should be int64 indices, one grid per item"
     if problem is None and isinstance(message, LatentUpload):
         if message.latents.dim() < 2 or message.labels.dim() < 1 or message.labels.shape[0] != message.items:
             problem = (f"latents {list(message.latents.shape)} and labels {list(message.labels.shape)} should hold "

@@ -79,7 +79,7 @@ def _header(data: bytes, expect: ShapeExpect | None) -> tuple[dict[str, Any], in
     if set(header) != set(_FIELDS):
         raise UpdateError(f"{who}: header fields {shown(sorted(header))}, expected {list(_FIELDS)}.")
     kind = header["kind"]
-    if kind not in TENSOR_MESSAGES or (expect is not None and kind != expect.kind):
+    if not isinstance(kind, str) or kind not in TENSOR_MESSAGES or (expect is not None and kind != expect.kind):
         wanted = expect.kind if expect is not None else sorted(TENSOR_MESSAGES)
         raise UpdateError(f"{who}: kind {shown(kind)}, expected {wanted}.")
     problem = site_problem(header["site"]) or int_problem("round", header["round"], 1) or \
@@ -109,6 +109,10 @@ def decode_tensor_message(data: bytes, expect: ShapeExpect | None = None) -> Any
     if not isinstance(raw_fields, dict) or set(raw_fields) != set(cls.tensor_fields):
         raise UpdateError(f"{who}: fields {shown(raw_fields)}, expected {list(cls.tensor_fields)}.")
     entries = {name: read_entries(raw_fields[name], name, False, None, who) for name in cls.tensor_fields}
+    for name, keys in getattr(cls, "field_keys", {}).items():  # fields that hold fixed tensors (an upload's)
+        got = [e.key for e in entries[name]]
+        if got != list(keys):
+            raise UpdateError(f"{who}: field {name!r} holds tensors {shown(got)}, expected {list(keys)}.")
     described = sum(e.val_bytes for es in entries.values() for e in es)
     if described != len(data) - start:
         raise UpdateError(f"{who}: its header describes {described} payload bytes, the message holds "
@@ -118,7 +122,8 @@ def decode_tensor_message(data: bytes, expect: ShapeExpect | None = None) -> Any
             raise UpdateError(f"{who}: {described} payload bytes, more than the {expect.max_bytes} expected.")
         sent = {f"{name}.{e.key}": e.shape for name, es in entries.items() for e in es}
         if set(sent) != set(expect.shapes):
-            raise UpdateError(f"{who}: tensors {sorted(sent)[:5]}, expected {sorted(expect.shapes)[:5]}.")
+            extra, missing = sorted(set(sent) - set(expect.shapes)), sorted(set(expect.shapes) - set(sent))
+            raise UpdateError(f"{who}: unexpected tensors {shown(extra, 120)}, missing tensors {shown(missing, 120)}.")
         for key, shape in sent.items():
             if not _fits(shape, tuple(expect.shapes[key])):
                 want = ["*" if w is None else w for w in expect.shapes[key]]

@@ -127,6 +127,10 @@ def write_compare_report(result: dict[str, Any], output: Path) -> Path:
         per = (sent + (received or 0)) / messages if sent is not None and messages else None
         lines.append(f"| {strategy} | {_bytes(sent)} | {_bytes(received)} | {_f(messages, 0)} | {_bytes(per)} |")
     lines += _forgetting_lines(result)
+    lines += _leakage_lines(result)
+    if s.get("latents_unprotected"):
+        lines += ["", "**The fedreplay / cwt-replay cells sent their latents (codes) unprotected** "
+                  "(`--latents-unprotected`): see the leakage table for what they give back."]  # fmt: skip
     stopped = [c for c in result["cells"] if c.get("error")]
     if stopped:
         lines += ["", "## Stopped cells", "", *[f"- {c['strategy']} on {c['partition']}: {c['error']}"
@@ -139,24 +143,43 @@ def write_compare_report(result: dict[str, Any], output: Path) -> Path:
 
 
 def _forgetting_lines(result: dict[str, Any]) -> list[str]:
-    forgetting = result.get("forgetting")
-    if forgetting is None:
+    by_strategy = result.get("forgetting_by_strategy") or (
+        {"cwt": result["forgetting"]} if result.get("forgetting") is not None else {})
+    if not by_strategy:
         return []
-    lines = ["", "## Cyclic weight transfer: catastrophic forgetting (cf. Qu et al., Table 1)", "",
+    lines = ["", "## Cyclic methods: catastrophic forgetting (cf. Qu et al., Table 1)", "",
              "Row: the model right after the last round in which that site trained; column: its Dice on that "
              "site's validation cases (Qu et al. scored the institutions' training data). A value that drops "
-             "down a column, once the model has moved on to other sites, is forgetting."]  # fmt: skip
+             "down a column, once the model has moved on to other sites, is forgetting. CWT+Replay's generator "
+             "visits are left out (no segmentation model was trained in them)."]  # fmt: skip
+    for strategy, forgetting in by_strategy.items():
+        lines += _matrices(result, strategy, forgetting)
+    return lines
+
+
+def _matrices(result: dict[str, Any], strategy: str, forgetting: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for partition, matrix in forgetting.items():
-        lines += ["", f"**{partition}**", ""]
+        lines += ["", f"**{strategy}, {partition}**", ""]
         if not matrix:
-            lines.append("No matrix: the cwt run did not train exactly one site per round.")
+            lines.append(f"No matrix: the {strategy} run did not train exactly one site per round.")
             continue
-        cell: dict[str, Any] = _cells(result).get(("cwt", partition), {})
+        cell: dict[str, Any] = _cells(result).get((strategy, partition), {})
         sites = list(cell.get("sites") or [f"site-{j + 1}" for j in range(len(matrix))])
         lines += ["| model after \\ data of | " + " | ".join(sites) + " |", "|---|" + "---|" * len(sites)]
         for name, row in zip(sites, matrix, strict=False):
             lines.append(f"| {name} | " + " | ".join(_f(v) for v in row) + " |")
     return lines
+
+
+def _leakage_lines(result: dict[str, Any]) -> list[str]:
+    rows = result.get("leakage")
+    if not rows:
+        return []
+    from monai_fedpriv.attacks.leakage import leakage_markdown
+
+    return ["", "## Leakage: FedReplay's latents against FedAvg's update (cf. Qu et al., Table 2)", "",
+            leakage_markdown(rows)]  # fmt: skip
 
 
 def _default_data_note() -> list[str]:

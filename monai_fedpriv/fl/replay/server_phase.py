@@ -26,8 +26,9 @@ __all__ = ["LatentPool", "LatentTrainer"]
 
 
 class LatentPool(Dataset):
-    """The union of the sites' uploads (``{"image": latent, "label": mask}`` items, in site order); labels are
-    thresholded at 0.5 (post-processing of a mechanism's noisy labels; exact for clean masks)."""
+    """The union of the sites' uploads (``{"image": latent, "label": label}`` items, in site order). Labels come
+    back as the bundle trains on them: masks thresholded at 0.5, one-hot class maps (``meta["labels"] == "onehot"``)
+    as their argmax; both are post-processing of a mechanism's noisy labels and exact for clean ones."""
 
     def __init__(self) -> None:
         self.latents: list[torch.Tensor] = []
@@ -36,7 +37,12 @@ class LatentPool(Dataset):
 
     def add(self, upload: LatentUpload) -> None:
         self.latents.append(upload.latents.detach().to(torch.float32).cpu())
-        self.labels.append((upload.labels.detach().to(torch.float32) > 0.5).to(torch.float32).cpu())
+        labels = upload.labels.detach().to(torch.float32).cpu()
+        if upload.meta.get("labels") == "onehot":
+            labels = labels.argmax(dim=1, keepdim=True).to(torch.float32)
+        else:
+            labels = (labels > 0.5).to(torch.float32)
+        self.labels.append(labels)
         self.sites.append(upload.site)
         self._index = [(k, i) for k, t in enumerate(self.latents) for i in range(t.shape[0])]
 

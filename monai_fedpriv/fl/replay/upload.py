@@ -23,7 +23,7 @@ from monai_fedpriv.fl.weights import load_exchangeable_state
 from monai_fedpriv.networks.unet_cut import encoder_and_primary
 from monai_fedpriv.privacy.grad_sample import plain_copy
 
-__all__ = ["UNPROTECTED_FLAG", "encode_dataset", "site_upload"]
+__all__ = ["UNPROTECTED_FLAG", "dataset_items", "encode_dataset", "site_upload"]
 
 UNPROTECTED_FLAG = "--latents-unprotected"
 
@@ -32,33 +32,32 @@ def _items(sample: Any) -> list[dict[str, Any]]:
     return list(sample) if isinstance(sample, (list, tuple)) else [sample]
 
 
-def encode_dataset(encoder: torch.nn.Module, dataset: Any, seed: int, batch: int = 16) -> tuple[torch.Tensor,
-                                                                                               torch.Tensor, int]:
-    """``(latents, labels, items_per_unit)`` of every item of ``dataset`` (one pass; a random transform seeded per
-    case from ``seed``)."""
-    base = getattr(dataset, "base", dataset)
+def dataset_items(dataset: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(images, labels, items_per_unit)``: every training item of ``dataset`` as the bundle's preprocessing makes
+    it (one pass; a random transform seeded per case from ``seed``), and the most items one case gave."""
+    base = dataset
+    while hasattr(base, "base"):  # the stream's seeding wrapper, CWT+Replay's mix: the site's own items only
+        base = base.base
     transform = getattr(base, "transform", None)
-    latents, labels, per_case = [], [], 1
-    pending: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        if pending:
-            images = torch.stack([torch.as_tensor(p["image"]) for p in pending]).float()
-            with torch.no_grad():
-                latents.append(encoder(images).detach().cpu())
-            labels.append(torch.stack([torch.as_tensor(p["label"]).float() for p in pending]).cpu())
-            pending.clear()
-
+    images, labels, per_case = [], [], 1
     for index in range(len(base)):
         if isinstance(transform, Randomizable):
             transform.set_random_state(seed=derive_seed(seed, "upload", index))
         items = _items(base[index])
         per_case = max(per_case, len(items))
-        pending += items
-        if len(pending) >= batch:
-            flush()
-    flush()
-    return torch.cat(latents), torch.cat(labels), per_case
+        images += [torch.as_tensor(p["image"]).float() for p in items]
+        labels += [torch.as_tensor(p["label"]).float() for p in items]
+    return torch.stack(images), torch.stack(labels), per_case
+
+
+def encode_dataset(encoder: torch.nn.Module, dataset: Any, seed: int, batch: int = 16) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor, int]:
+    """``(latents, labels, items_per_unit)`` of every item of ``dataset`` (:func:`dataset_items`) under
+    ``encoder``."""
+    images, labels, per_case = dataset_items(dataset, seed)
+    with torch.no_grad():
+        latents = torch.cat([encoder(images[i : i + batch]).detach().cpu() for i in range(0, len(images), batch)])
+    return latents, labels, per_case
 
 
 def site_upload(site: Any, model: GlobalModel, rnd: int, unprotected: bool) -> LatentUpload:
@@ -69,10 +68,26 @@ def site_upload(site: Any, model: GlobalModel, rnd: int, unprotected: bool) -> L
     instruction = model.instruction_for(site.name)
     network = plain_copy(site.network)
     load_exchangeable_state(network, model.weights)
-    encoder, _ = encoder_and_primary(network, int(instruction.cut_block or 1))
+    encoder, primary = encoder_and_primary(network, int(instruction.cut_block or 1))
     encoder.eval()
     with site.rng.active():
         latents, labels, per_case = encode_dataset(encoder, site.trainer.data_loader.dataset,
                                                    derive_seed(site.name, "upload", rnd))  # fmt: skip
-    upload = LatentUpload(site.name, rnd, latents, labels, {"items_per_unit": per_case, "protected": False})
-    return site.sync.chain(upload)
+    labels, encoding = _label_rows(labels, primary, latents)
+    meta = {"items_per_unit": per_case, "protected": False, "labels": encoding}
+    return site.sync.chain(LatentUpload(site.name, rnd, latents, labels, meta))
+
+
+def _label_rows(labels: torch.Tensor, primary: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Labels as the upload carries them: binary masks as they are (``"mask"``), class-index maps one-hot over the
+    network's output channels (``"onehot"``: values in [0, 1], so the latent mechanism's bound holds; the server
+    takes the argmax back)."""
+    if bool(((labels == 0) | (labels == 1)).all()):
+        return labels, "mask"
+    with torch.no_grad():
+        classes = int(primary.eval()(latents[:1]).shape[1])
+    if labels.shape[1] != 1 or int(labels.max()) >= classes or int(labels.min()) < 0:
+        raise ValueError(f"labels {list(labels.shape[1:])} with values up to {float(labels.max()):g} are neither "
+                         f"masks nor class indices below the network's {classes} outputs.")  # fmt: skip
+    onehot = torch.nn.functional.one_hot(labels[:, 0].long(), classes)
+    return onehot.movedim(-1, 1).to(torch.float32), "onehot"

@@ -61,6 +61,11 @@ def progress_cell(site: str, result: dict[str, Any]) -> str:
     if "stopped" in result and "loss" not in result:
         reason = "privacy budget" if str(result["stopped"]).startswith("privacy budget") else result["stopped"]
         return f"{site} stopped ({reason})"
+    if isinstance(result.get("upload"), dict):
+        up = result["upload"]
+        eps = (up.get("privacy") or {}).get("epsilon")
+        shield = f"eps {eps:.2f}" if isinstance(eps, (int, float)) else "unprotected"
+        return f"{site} sent {up.get('kind')} ({up.get('items')} items, {up.get('bytes', 0) / 1e6:.2f} MB, {shield})"
     if "loss" not in result:
         return f"{site} idle"
     cell = ("(stopping) " if "stopped" in result else "") + f"{site} loss {result['loss']:.3f}"

@@ -13,7 +13,7 @@ import torch
 from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.codec import decode, encode, encode_global
 from monai_fedpriv.fl.instruction import RoundInstruction
-from monai_fedpriv.fl.messages import LatentUpload
+from monai_fedpriv.fl.messages import GeneratorState
 from monai_fedpriv.fl.replay.upload import site_upload
 from monai_fedpriv.fl.server.work import WorkBound, instructed_bound
 from monai_fedpriv.fl.simulator.ledgers import SiteLedgers
@@ -37,6 +37,7 @@ class InProcessChannel(ServerChannel):
         self, sites: dict[str, SiteRuntime], transport: InProcessTransport, server_model: ServerModel,
         local_work: LocalWork, max_epochs: int, ledgers: SiteLedgers, secure_noise: bool,
         round_timeout: float | None = None, latents_unprotected: bool = False, split: Any = None,
+        keeper: Any = None,
     ) -> None:  # fmt: skip
         self.runtimes = sites
         self.sites = list(sites)
@@ -49,6 +50,7 @@ class InProcessChannel(ServerChannel):
         self.round_timeout = round_timeout
         self.latents_unprotected = bool(latents_unprotected)
         self.split = split  # SplitNN's server part (:class:`~monai_fedpriv.fl.split.SplitServer`), or None
+        self.keeper = keeper  # what the server keeps of uploads (CWT+Replay's generator relay), or None
         self.snapshots: dict[str, Any] = {}
         self.snapshot()
 
@@ -63,10 +65,12 @@ class InProcessChannel(ServerChannel):
         got = Gathered()
         for name in request.targets:
             site = self.runtimes[name]
-            if request.model.instruction_for(name).phase == "upload":
-                self._upload(site, request, got)
-                got.received_bytes[name] = received
+            phase = request.model.instruction_for(name).phase
+            if phase in ("upload", "generator"):
+                got.received_bytes[name] = received + self._upload(site, request, got, phase)
                 continue
+            if self._generator() is not None:  # CWT+Replay: this round's replayed pairs, from the generator sent
+                received += self._refresh_replay(site, request.round)
             split = self.split is not None and request.model.instruction_for(name).phase == "split"
             if split:
                 self.split.begin(name, request.round, request.model.weights)
@@ -92,7 +96,7 @@ class InProcessChannel(ServerChannel):
                 got.left.append(name)
         got.updates = self.transport.collect()
         got.failures.update(self.transport.take_rejected())  # bytes that did not decode: that site's rejection
-        got.wire_bytes = dict(self.transport.wire_bytes)
+        got.wire_bytes.update(self.transport.wire_bytes)  # updates' bytes, next to any upload's
         self.snapshot()
         return got
 
@@ -103,26 +107,61 @@ class InProcessChannel(ServerChannel):
 
         return next(m.link for m in unwrap(site.trainer.network).modules() if isinstance(m, RemoteSkip))
 
-    def _upload(self, site: SiteRuntime, request: RoundRequest, got: Gathered) -> None:
-        """One site's dataset upload, through its filters and the codec (what the server decodes is what crossed
-        the wire); a site whose upload fails is that round's failure, with its reason."""
+    def _generator(self) -> Any:
+        """The generator CWT+Replay's server holds now (``None`` for other strategies or before the first visit)."""
+        return getattr(self.keeper, "current", None)
+
+    def _handed(self, site: SiteRuntime) -> tuple[Any, int]:
+        """The generator as the site receives it: through the codec, decoded as untrusted (and its bytes)."""
+        current = self._generator()
+        if current is None:
+            return None, 0
+        data = encode(GeneratorState("server", max(1, current.round), current.weights, current.codes))
+        return decode(data, ShapeExpect(GeneratorState.kind, "server", None, {
+            **{f"weights.{k}": tuple(v.shape) for k, v in current.weights.items()},
+            "codes.codes": (None, *current.codes.shape[1:])})), len(data)  # fmt: skip
+
+    def _refresh_replay(self, site: SiteRuntime, rnd: int) -> int:
+        from monai_fedpriv.generative.site import ReplayMix, fill_replay
+
+        state, size = self._handed(site)
+        mix = site.trainer.data_loader.dataset.base
+        if isinstance(mix, ReplayMix):
+            with site.rng.active():
+                fill_replay(site, mix, state, rnd, self.keeper.seed)
+        return size
+
+    def _upload(self, site: SiteRuntime, request: RoundRequest, got: Gathered, phase: str) -> int:
+        """One site's upload (FedReplay's latents, or CWT+Replay's generator visit), through its filters and the
+        codec (what the server decodes is what crossed the wire); a site whose upload fails is that round's failure,
+        with its reason. Returns the bytes the site received beyond the global model (the generator handed)."""
         name = site.name
         got.expected.append(name)
+        handed = 0
         try:
-            upload = site_upload(site, request.model, request.round, self.latents_unprotected)
+            if phase == "generator":
+                from monai_fedpriv.generative.site import generator_visit
+
+                state, handed = self._handed(site)
+                epochs = request.model.instruction_for(name).epochs or 1
+                with site.rng.active():
+                    upload = site.sync.chain(generator_visit(site, state, request.round, self.keeper.seed, epochs))
+            else:
+                upload = site_upload(site, request.model, request.round, self.latents_unprotected)
             data = encode(upload)
         except Exception as exc:  # noqa: BLE001 - a site's failure is that site's
             got.failures[name] = f"upload failed: {type(exc).__name__}: {exc}"
             got.sites[name] = {"privacy": site.privacy_facts()} if site.budgets else {}
-            return
+            return handed
         try:
-            got.uploads.append(decode(data, ShapeExpect(LatentUpload.kind, name, request.round,
-                                                         {"latents.latents": (None,) * upload.latents.dim(),
-                                                          "labels.labels": (None,) * upload.labels.dim()})))
+            shapes = {f"{field}.{key}": (None,) * t.dim() for field, ts in upload.fields().items()
+                      for key, t in ts.items()}  # fmt: skip
+            got.uploads.append(decode(data, ShapeExpect(upload.kind, name, request.round, shapes)))
         except UpdateError as exc:
             got.failures[name] = f"undecodable upload: {exc}"
         got.wire_bytes[name] = len(data)
         got.sites[name] = {"privacy": site.privacy_facts()} if site.budgets else {}
+        return handed
 
     def work_bounds(
         self, instructions: Mapping[str, RoundInstruction], declared: Mapping[str, int]

@@ -159,12 +159,13 @@ class FederatedSimulator:
             # a patient at two sites would be counted twice (the public pool is everyone's and never counted)
             check_patients_at_one_site({s: [c for c in v if not is_public(c)] for s, v in self.train_sites.items()})
         weights = server_model.match_sites({n: site.network for n, site in self.sites.items()})
+        keeper = self._server_training()
         channel = InProcessChannel(self.sites, self.transport, server_model, self.local_work, self.max_epochs,
                                    self.ledgers, self.secure_noise, self.round_timeout,
-                                   self.latents_unprotected, self._split_server(server_model))  # fmt: skip
+                                   self.latents_unprotected, self._split_server(server_model), keeper)  # fmt: skip
         self.loop = RunLoop(channel, self.server, self.rounds, self._describe_run(), self.output_dir, weights,
                             self.label, log=self._print if self.progress else None, on_round=self.on_round,
-                            server_training=self._server_training())  # fmt: skip
+                            server_training=keeper)  # fmt: skip
 
     def _split_server(self, server_model: ServerModel) -> Any:
         """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it.
@@ -197,15 +198,24 @@ class FederatedSimulator:
         return server
 
     def _server_training(self) -> Any:
-        """FedReplay's training at the server, after every site was checked to cover its upload (or opted out)."""
-        if not self.strategy.trains_at_server:
+        """What the server keeps of the sites' uploads (FedReplay's pool and training, CWT+Replay's generator),
+        after every site was checked to cover what it uploads or to have opted out (``PrivacyConfigError``)."""
+        kind = self.strategy.upload_kind
+        if not kind:
             return None
-        from monai_fedpriv.fl.messages import LatentUpload
-        from monai_fedpriv.fl.replay import LatentTrainer
         from monai_fedpriv.fl.replay.upload import UNPROTECTED_FLAG
 
         for site in self.sites.values():
-            site.sync.chain.require_covered(LatentUpload.kind, self.latents_unprotected, UNPROTECTED_FLAG)
+            site.sync.chain.require_covered(kind, self.latents_unprotected, UNPROTECTED_FLAG)
+        if kind == "generator":
+            from monai_fedpriv.generative.relay import GeneratorRelay
+            from monai_fedpriv.generative.site import install_replay
+
+            for site in self.sites.values():
+                install_replay(site)
+            return GeneratorRelay({n: len(d) * 64 for n, d in self.train_sites.items()}, self.seed)  # <= 64 a case
+        from monai_fedpriv.fl.replay import LatentTrainer
+
         return LatentTrainer(self.bundle, self.seed, self.device, self.overrides,
                              getattr(self.strategy, "cut_block", 1), getattr(self.strategy, "server_epochs", 1))
 

@@ -17,10 +17,11 @@ from typing import Any
 from monai_fedpriv.fl.strategies.base import Strategy
 from monai_fedpriv.fl.strategies.fedavg import FedAvg, FedAvgM, weighted_delta
 from monai_fedpriv.fl.strategies.methods import CyclicWeightTransfer, FedAvgShare, FedProx, SplitNN
-from monai_fedpriv.fl.strategies.replay import FedReplay
+from monai_fedpriv.fl.strategies.replay import CWTReplay, FedReplay
 from monai_fedpriv.fl.strategies.robust import CoordinateMedian, TrimmedMean, trimmed_delta
 from monai_fedpriv.fl.strategies.settings import (
     WEIGHTINGS,
+    CWTReplaySettings,
     CWTSettings,
     FedAvgMSettings,
     FedAvgSettings,
@@ -34,8 +35,8 @@ from monai_fedpriv.fl.strategies.settings import (
 )
 
 __all__ = [
-    "REGISTRY", "STRATEGIES", "WEIGHTINGS", "CoordinateMedian", "CyclicWeightTransfer", "FedAvg", "FedAvgM",
-    "FedAvgShare", "FedProx", "FedReplay", "SplitNN", "Strategy", "TrimmedMean", "build_strategy",
+    "REGISTRY", "STRATEGIES", "WEIGHTINGS", "CWTReplay", "CoordinateMedian", "CyclicWeightTransfer", "FedAvg",
+    "FedAvgM", "FedAvgShare", "FedProx", "FedReplay", "SplitNN", "Strategy", "TrimmedMean", "build_strategy",
     "strategy_settings", "trimmed_delta", "weighted_delta",
 ]  # fmt: skip
 
@@ -48,6 +49,7 @@ REGISTRY: dict[str, tuple[type[Strategy], type]] = {
     "fedavg-share": (FedAvgShare, FedAvgShareSettings),
     "splitnn": (SplitNN, SplitNNSettings),
     "fedreplay": (FedReplay, FedReplaySettings),
+    "cwt-replay": (CWTReplay, CWTReplaySettings),
     "median": (CoordinateMedian, MedianSettings),
     "trimmed-mean": (TrimmedMean, TrimmedMeanSettings),
 }

@@ -37,8 +37,9 @@ class Strategy(ABC):
     sites_per_round: int | None = None
     #: whether the strategy sets each round's local work itself (then ``--local-steps`` would cut it short)
     sets_local_work: bool = False
-    #: whether some rounds train at the server on what the sites uploaded (FedReplay)
-    trains_at_server: bool = False
+    #: what the sites upload in the strategy's upload rounds, kept by the server's ``ServerTraining``: ``"latents"``
+    #: (FedReplay: pooled and trained on at the server), ``"generator"`` (CWT+Replay: handed on), or ``None``
+    upload_kind: str | None = None
     #: whether some rounds train across a cut, batch by batch (SplitNN)
     splits_network: bool = False
 

@@ -1,4 +1,6 @@
-"""FedReplay (seed 004, Qu et al., "Handling data heterogeneity with generative replay in collaborative learning for
+"""The generative-replay methods of seed 004: FedReplay and CWT+Replay.
+
+FedReplay (seed 004, Qu et al., "Handling data heterogeneity with generative replay in collaborative learning for
 medical imaging", section 3.2 and Algorithm 2) as phases of the one run loop:
 
 1. ``encoder_rounds`` rounds in which only the encoder site (by default the one with the most training cases, as the
@@ -20,8 +22,9 @@ from typing import Any
 
 from monai_fedpriv.fl.instruction import RoundInstruction
 from monai_fedpriv.fl.strategies.fedavg import FedAvg
+from monai_fedpriv.fl.strategies.methods import CyclicWeightTransfer
 
-__all__ = ["FedReplay"]
+__all__ = ["CWTReplay", "FedReplay"]
 
 
 class FedReplay(FedAvg):
@@ -36,7 +39,7 @@ class FedReplay(FedAvg):
 
     name = "fedreplay"
     sets_local_work = True
-    trains_at_server = True
+    upload_kind = "latents"
 
     def __init__(self, cut_block: int = 1, encoder_site: str | None = None, encoder_rounds: int = 1,
                  server_epochs: int = 1) -> None:  # fmt: skip
@@ -87,3 +90,50 @@ class FedReplay(FedAvg):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.encoder_site = state.get("encoder_site") or self.encoder_site
+
+
+class CWTReplay(CyclicWeightTransfer):
+    """CWT+Replay (seed 004, Algorithm 1): a generator visits every site once in site order (one round each; the site
+    trains it ``generator_epochs`` epochs on its own image and mask pairs plus pairs replayed by the generator as it
+    received it, and returns it with the codes of its items appended); then cyclic weight transfer of the
+    segmentation model, each site training on its own items and as many replayed pairs decoded from the codes of
+    every site (:mod:`monai_fedpriv.generative`).
+
+    What leaves a site: the generator and the codes of its items, which decode to images and masks (no mechanism
+    covers them: a run needs ``--latents-unprotected``), and in the transfer rounds its model, as in CWT.
+
+    Args:
+        generator_epochs: local generator epochs ``M`` per visit.
+    """
+
+    name = "cwt-replay"
+    upload_kind = "generator"
+
+    def __init__(self, generator_epochs: int = 1, sites: Sequence[str] | None = None) -> None:
+        super().__init__(sites)
+        self.generator_epochs = int(generator_epochs)
+        self.n_sites: int | None = None
+
+    @property
+    def min_rounds(self) -> int:
+        return (self.n_sites or 1) + 1
+
+    def site_data(self, train: Mapping[str, list[dict[str, Any]]], seed: int) -> dict[str, list[dict[str, Any]]]:
+        self.n_sites = len(train)
+        return super().site_data(train, seed)
+
+    def start(self, sites: Sequence[str]) -> None:
+        super().start(sites)
+        self.n_sites = len(sites)
+
+    def round_kind(self, rnd: int) -> str:
+        return "upload" if rnd <= len(self.order or ()) else "train"
+
+    def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
+        if self.round_kind(rnd) == "upload":
+            site = (self.order or list(sites))[rnd - 1]
+            return {site: RoundInstruction(phase="generator", epochs=self.generator_epochs)} if site in sites else {}
+        return super().configure_round(rnd, sites)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "generator_epochs": self.generator_epochs}

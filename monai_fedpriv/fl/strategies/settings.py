@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = [
-    "CWTSettings", "FedAvgMSettings", "FedAvgSettings", "FedAvgShareSettings", "FedProxSettings", "FedReplaySettings",
-    "MedianSettings", "SplitNNSettings", "TrimmedMeanSettings", "WEIGHTINGS", "check_settings", "setting",
+    "CWTReplaySettings", "CWTSettings", "FedAvgMSettings", "FedAvgSettings", "FedAvgShareSettings", "FedProxSettings",
+    "FedReplaySettings", "MedianSettings", "SplitNNSettings", "TrimmedMeanSettings", "WEIGHTINGS", "check_settings",
+    "setting",
 ]  # fmt: skip
 
 WEIGHTINGS = ("steps", "samples", "uniform")
@@ -101,6 +102,12 @@ class FedReplaySettings:
                                   "the encoder site (default 1)", low=1, high=1000)  # fmt: skip
     server_epochs: int = setting(1, "--server-epochs", "FedReplay: passes over the pooled latents per server round "
                                  "(default 1)", low=1, high=1000)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CWTReplaySettings:
+    generator_epochs: int = setting(1, "--generator-epochs", "CWT+Replay: local epochs of the generator at each site's "
+                                    "visit (default 1)", low=1, high=1000)  # fmt: skip
 
 
 @dataclass(frozen=True)

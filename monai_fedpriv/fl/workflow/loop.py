@@ -15,7 +15,7 @@ from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
 from monai_fedpriv.fl.workflow.state import RunState
 from monai_fedpriv.fl.workflow.stop import Stop, StopKind, StopPolicy, budget_stop_reason
-from monai_fedpriv.fl.workflow.uploads import ServerTraining, screen_uploads, upload_facts
+from monai_fedpriv.fl.workflow.uploads import ServerTraining
 from monai_fedpriv.utils.files import atomic_torch_save, write_json
 
 __all__ = ["RunLoop"]
@@ -59,9 +59,9 @@ class RunLoop:
         self.server_training = server_training
         self.state = RunState(weights=dict(weights), active=list(channel.sites))
         self.strategy.start(channel.sites)
-        if self.strategy.trains_at_server and server_training is None:
-            raise ValueError(f"--strategy {self.strategy.name} trains at the server, but the run has no server "
-                             f"training.")  # fmt: skip
+        if self.strategy.upload_kind and server_training is None:
+            raise ValueError(f"--strategy {self.strategy.name} keeps its sites' uploads at the server, but the run "
+                             f"has nothing to keep them.")  # fmt: skip
 
     # ---------------------------------------------------------------- the rounds
     def resume(self) -> None:
@@ -150,17 +150,17 @@ class RunLoop:
         """An upload round's server side: screen each site's dataset upload and hand the accepted ones to the
         server's training; the global model does not change."""
         assert self.server_training is not None
-        accepted, rejected = screen_uploads(got.uploads, request.targets, rnd)
+        accepted, rejected = self.server_training.screen(got.uploads, request.targets, rnd)
         screened: dict[str, dict[str, Any]] = {}
         for upload in accepted:
-            facts = upload_facts(upload, got.wire_bytes.get(upload.site))
-            screened[upload.site] = {"accepted": True, "upload": facts}
+            facts = self.server_training.facts(upload, got.wire_bytes.get(upload.site))
+            screened[upload.site] = {"accepted": True, "upload": facts, "bytes_sent": facts["bytes"]}
             self.state.uploads[upload.site] = facts
         for name, reason in {**got.failures, **rejected}.items():
-            screened[name] = {"accepted": False, "reason": reason}
+            screened[name] = {"accepted": False, "rejected": reason}
             logger.warning(f"round {rnd}: {reason}")
         for name in request.targets:
-            screened.setdefault(name, {"accepted": False, "reason": "sent no upload"})
+            screened.setdefault(name, {"accepted": False, "rejected": "sent no upload"})
         sites = self._site_entries(request, got, screened)
         if not accepted:
             self._fail(rnd, f"round {rnd}: no site's upload was acceptable", sites, got)

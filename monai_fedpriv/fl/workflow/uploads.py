@@ -19,11 +19,20 @@ MAX_UPLOAD_ITEMS = 1_000_000
 
 
 class ServerTraining(ABC):
-    """Training at the server on what the sites uploaded (FedReplay's primary model on the pooled latents)."""
+    """What the server keeps of the sites' uploads and does with it: FedReplay's pool and the training of its
+    primary model; CWT+Replay's generator, handed from site to site."""
+
+    def screen(self, uploads: Sequence[Any], asked: Sequence[str], rnd: int) -> tuple[list[Any], dict[str, str]]:
+        """``(accepted, {site: why rejected})`` of one upload round (default: :func:`screen_uploads`)."""
+        return screen_uploads(uploads, asked, rnd)
+
+    def facts(self, upload: Any, wire_bytes: int | None) -> dict[str, Any]:
+        """``metrics.json``'s ``upload[<site>]`` entry (default: :func:`upload_facts`)."""
+        return upload_facts(upload, wire_bytes)
 
     @abstractmethod
-    def receive(self, uploads: Sequence[LatentUpload]) -> None:
-        """Add the round's accepted uploads to the pool."""
+    def receive(self, uploads: Sequence[Any]) -> None:
+        """Keep the round's accepted uploads."""
 
     @abstractmethod
     def train(self, rnd: int, weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
