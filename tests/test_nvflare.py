@@ -399,3 +399,40 @@ def test_a_resumed_site_restores_what_it_saved_whenever_the_server_last_asked_it
     store.save(4, {"active": True, "round": 4}, b"again", {"round": 4})
     _, replay = _restore(site, store, 3, {"last_trained": {"site-2": 2}})  # answered round 4 before the kill
     assert replay == (4, b"again", {"round": 4})
+
+
+@pytest.mark.slow
+def test_simulator_job_of_fedreplay_trains_what_the_in_process_run_trains(bundle, tmp_path):
+    method = ("--strategy", "fedreplay", "--latents-unprotected", "--local-epochs", "1")
+    export(bundle, tmp_path / "job", 4, *method)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = simulate(bundle, tmp_path / "sim", 4, *method)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    assert metrics["upload"].keys() == reference["upload"].keys() == {"site-1", "site-2", "site-3"}
+    for site, facts in metrics["upload"].items():
+        assert facts["items"] == reference["upload"][site]["items"] and facts["protected"] is False
+        assert facts["bytes"] == reference["upload"][site]["bytes"]
+    assert [("server" in r) for r in metrics["rounds"]] == [False, False, True, True]
+
+
+@pytest.mark.slow
+def test_simulator_job_of_cwt_replay_trains_what_the_in_process_run_trains(tmp_path):
+    from monai_fedpriv.data.synthetic import write_brats_folder
+
+    data = write_brats_folder(tmp_path / "BraTS", 6, shape=(16, 16, 16), institutions=("CBICA", "TCIA_08"))
+    flair = Path(__file__).resolve().parents[1] / "bundles" / "brain_tumour_2d_flair"
+    flags = [str(flair), "--data", str(data), "--sites", "2", "--rounds", "4", "--strategy", "cwt-replay",
+             "--latents-unprotected", "--override", "patch_size=[32,32]", "--override", "batch_size=4"]  # fmt: skip
+    assert main(["export-nvflare", *flags, "--output", str(tmp_path / "job")]) == 0
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    assert main(["simulate", *flags, "--output", str(tmp_path / "sim"), "--no-report"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = json.loads((tmp_path / "sim" / "metrics.json").read_text())
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    assert [list(r["sites"]) for r in metrics["rounds"]] == [["site-1"], ["site-2"], ["site-1"], ["site-2"]]
+    for site, facts in metrics["upload"].items():
+        assert facts["kind"] == "generator" and facts["items"] == reference["upload"][site]["items"]
+        assert facts["bytes"] == reference["upload"][site]["bytes"]

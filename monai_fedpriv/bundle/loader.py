@@ -96,6 +96,13 @@ class BundleSpec:
     config_files: tuple[str, ...] = ("train.json",)
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def own_configs(self) -> BundleSpec:
+        """The bundle with its own config files only: the package's shared overrides (privacy, sharing,
+        federation: ``dp.json``, ``budget.json``, ``fed.json``...) left out, for a trainer the server runs itself."""
+        own = tuple(n for n in self.config_files if (Path(self.root) / "configs" / n).is_file()
+                    or not (SHARED_CONFIGS / n).is_file())  # fmt: skip
+        return BundleSpec(self.root, own, dict(self.overrides))
+
     def config_paths(self) -> list[Path]:
         """Each config file: under the bundle's ``configs/``, else the package's shared override of that name."""
         out = []

@@ -28,8 +28,6 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NOT_ON_FLARE = {
     "splitnn": "SplitNN exchanges features and gradients every batch, and this job's NVIDIA FLARE Client API loop "
     "exchanges one model per task; run SplitNN with monai-fedpriv simulate.",
-    "fedreplay": "the exported job's controller does not yet hold FedReplay's upload round and server training; run "
-    "it with monai-fedpriv simulate.",
 }
 
 

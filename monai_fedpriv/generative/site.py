@@ -22,7 +22,7 @@ from monai_fedpriv.fl.replay.upload import _items, dataset_items
 from monai_fedpriv.generative.cyclic import replay_pairs, train_generator_at_site
 from monai_fedpriv.generative.generator import ReplayGenerator, build_generator
 
-__all__ = ["ReplayMix", "fill_replay", "generator_visit", "install_replay", "site_generator"]
+__all__ = ["ReplayMix", "fill_replay", "generator_visit", "install_replay", "read_generator", "site_generator"]
 
 #: the generator's learning rate (the seed's eta_G = 4e-4 with Adam)
 GENERATOR_LR = 4e-4
@@ -77,6 +77,17 @@ def _pairs(site: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise DataError(f"{site.name}: CWT+Replay's generator models one binary mask per item; this bundle's labels "
                         f"are {list(labels.shape[1:])} with values beyond 0 and 1.")  # fmt: skip
     return images, labels, per_case
+
+
+def read_generator(data: bytes) -> GeneratorState:
+    """The generator a site is handed, from untrusted bytes (``UpdateError`` on anything but a generator)."""
+    from monai_fedpriv.errors import UpdateError
+    from monai_fedpriv.fl.codec import decode
+
+    message = decode(data)
+    if not isinstance(message, GeneratorState):
+        raise UpdateError(f"the task's generator is a {type(message).__name__}, not a generator.")
+    return message
 
 
 def site_generator(state: GeneratorState | None, images: torch.Tensor, seed: int) -> ReplayGenerator:

@@ -14,8 +14,9 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from monai_fedpriv.bundle.loader import BundleSpec
 from monai_fedpriv.errors import UpdateError
-from monai_fedpriv.fl.codec import Expected, decode_update, encode_global
+from monai_fedpriv.fl.codec import Expected, decode, decode_update, encode, encode_global
 from monai_fedpriv.fl.instruction import RoundInstruction
+from monai_fedpriv.fl.messages import GeneratorState, LatentUpload
 from monai_fedpriv.fl.nvflare.answers import MalformedAnswer, Rejected, client_name, privacy_problem, read_answer
 from monai_fedpriv.fl.nvflare.settings import JobSettings
 from monai_fedpriv.fl.server.work import WorkBound, bundle_work, work_bounds
@@ -35,19 +36,22 @@ class FlareChannel(ServerChannel):
         settings: the job's settings.
         bundle: the job's bundle (its batch size and DP setting bound the sites' work claims).
         required: ``n targets -> acceptable answers needed`` (the server round's ``--min-sites``).
+        keeper: what the server keeps of the sites' uploads (CWT+Replay's generator travels with every task).
     """
 
     def __init__(self, controller: Any, settings: JobSettings, bundle: BundleSpec,
-                 required: Callable[[int], int]) -> None:  # fmt: skip
-        self.controller, self.settings, self.required = controller, settings, required
+                 required: Callable[[int], int], keeper: Any = None) -> None:  # fmt: skip
+        self.controller, self.settings, self.required, self.keeper = controller, settings, required, keeper
         self.sites = list(settings.sites)
         self.batch_size, self.dp_sgd = bundle_work(bundle, settings.seed)
         self.reported: dict[str, Any] = {"setup": {}, "metric": None, "privacy": False}
 
     def gather(self, request: RoundRequest) -> Gathered:
         blob = encode_global(request.model)
-        results = self._broadcast("train", blob, request.targets, request.round, request.last_trained)
-        got = Gathered(received_bytes={name: len(blob) for name in request.targets})
+        extras = self._extras()
+        results = self._broadcast("train", blob, request.targets, request.round, request.last_trained, extras)
+        size = len(blob) + sum(len(v) for v in extras.values())
+        got = Gathered(received_bytes={name: size for name in request.targets})
         moments = MOMENTS if self.settings.momentum == "aggregate" else 0
         rank = {name: k for k, name in enumerate(self.sites)}
         for res in sorted(results, key=lambda r: rank.get(client_name(r), len(rank))):
@@ -72,9 +76,18 @@ class FlareChannel(ServerChannel):
                 got.expected.append(name)
         return got
 
-    def _broadcast(self, task: str, blob: bytes, targets: list[str], rnd: int, last: dict | None = None) -> list:
+    def _extras(self) -> dict[str, bytes]:
+        """Messages every task carries besides the global model: CWT+Replay's generator, once a site trained it."""
+        current = getattr(self.keeper, "current", None)
+        if current is None:
+            return {}
+        return {"generator": encode(GeneratorState("server", max(1, current.round), current.weights, current.codes))}
+
+    def _broadcast(self, task: str, blob: bytes, targets: list[str], rnd: int, last: dict | None = None,
+                   extras: Mapping[str, bytes] | None = None) -> list:  # fmt: skip
         meta = {"round": rnd, "validate": task == "validate", "last_trained": dict(last or {})}
-        data = FLModel(params_type=ParamsType.FULL, params={"global": blob}, current_round=rnd - 1,
+        params = {"global": blob, **dict(extras or {})}
+        data = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd - 1,
                        total_rounds=self.settings.rounds, meta=meta)
         need = None if task == "validate" else min(self.required(len(targets)), len(targets))
         timeout = int(self.settings.round_timeout) or (600 if task == "validate" else 0)
@@ -87,6 +100,10 @@ class FlareChannel(ServerChannel):
         answer = read_answer(dict(res.meta or {}))
         blob = (res.params or {}).get("update")
         update = None
+        phase = request.model.instruction_for(name).phase
+        if phase in ("upload", "generator"):
+            self._read_upload(request, name, phase, blob, answer, got)
+            return
         if not answer.failed and isinstance(blob, (bytes, bytearray)):
             # untrusted bytes, decoded against the model, the site asked and the round: nothing larger is allocated
             expect = Expected.of(request.model.weights, site=name, round=request.round, moments=moments)
@@ -109,6 +126,29 @@ class FlareChannel(ServerChannel):
             got.updates.append(update)
         if answer.result.get("stopped"):
             got.left.append(name)
+
+    def _read_upload(self, request: RoundRequest, name: str, phase: str, blob: Any, answer: Any,
+                     got: Gathered) -> None:  # fmt: skip
+        """A site's dataset upload or generator visit: decoded as untrusted bytes of the kind asked (from the site
+        asked, of the round in progress), screened by the loop."""
+        got.sites[name] = answer.result
+        got.expected.append(name)
+        self._note(name, answer.setup, answer.scored, answer.result)
+        if answer.scored:
+            got.scored[name] = answer.scored
+        if answer.failed or not isinstance(blob, (bytes, bytearray)):
+            got.failures[name] = answer.failed or "sent no upload"
+            return
+        kind = LatentUpload.kind if phase == "upload" else GeneratorState.kind
+        try:
+            message = decode(bytes(blob))
+            if message.kind != kind or message.site != name or message.round != request.round:
+                raise UpdateError(f"it is a {message.kind} of {message.site!r} round {message.round}, expected a "
+                                  f"{kind} of {name!r} round {request.round}")  # fmt: skip
+        except Exception as exc:  # noqa: BLE001
+            raise Rejected(f"undecodable upload: {exc if isinstance(exc, UpdateError) else repr(exc)}") from None
+        got.uploads.append(message)
+        got.wire_bytes[name] = len(blob)
 
     def _note(self, name: str, setup: dict | None, scored: dict, result: dict) -> None:
         if setup:

@@ -37,7 +37,9 @@ from monai_fedpriv.fl.nvflare.transport import NVFlareTransport, Task
 from monai_fedpriv.fl.simulator.faults import FaultInjector, parse_fault
 from monai_fedpriv.fl.simulator.site import SiteRuntime, SiteSpec, build_site
 from monai_fedpriv.fl.simulator.site_round import train_round
+from monai_fedpriv.fl.strategies import build_strategy
 from monai_fedpriv.fl.weights import exchangeable_state, load_exchangeable_state
+from monai_fedpriv.generative.site import fill_replay, read_generator
 from monai_fedpriv.privacy.grad_sample import plain_copy
 from monai_fedpriv.privacy.ledger_store import FRESH_ENV, LedgerStore, new_run_id
 from monai_fedpriv.utils.files import atomic_torch_save, atomic_write_text
@@ -114,6 +116,11 @@ class _Site:
         with torch.random.fork_rng(devices=[]):
             self.site: SiteRuntime = build_site(self.bundle, name, train, self.spec, transport)
         faults.attach(name, self.site.trainer, self.site.round_in_training)
+        self.mix = None
+        if build_strategy(**settings.strategy).upload_kind == "generator":  # CWT+Replay: replay joins the stream
+            from monai_fedpriv.generative.site import install_replay
+
+            self.mix = install_replay(self.site)
         self.max_epochs = settings.rounds * (settings.local_epochs or 1)
         self.evaluator = self._evaluator(val)
 
@@ -207,10 +214,43 @@ def _train(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, snaps
     if not site.site.active:
         meta["result"] = {"stopped": "the site stopped earlier", "privacy": site.site.privacy_facts()}
         return meta
+    phase = task.model.instruction_for(site.name).phase
+    generator = read_generator(task.extras["generator"]) if "generator" in task.extras else None
+    if phase in ("upload", "generator"):
+        return _upload(site, rnd, task, transport, generator, meta)
+    if generator is not None and site.mix is not None:  # CWT+Replay: this round's replayed pairs
+        with site.site.rng.active():
+            fill_replay(site.site, site.mix, generator, rnd, site.settings.seed)
     result, _, failure = train_round(site.site, rnd, transport, snapshot, site.max_epochs, site.evaluator)
     meta["result"] = result
     if failure:
         meta["failed"] = failure
+    return meta
+
+
+def _upload(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, generator: Any,
+            meta: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """FedReplay's latent upload or CWT+Replay's generator visit, through the site's filters; its bytes answer the
+    task (a failure is the answer's ``failed``, nothing is sent)."""
+    from monai_fedpriv.fl.codec import encode
+    from monai_fedpriv.fl.replay.upload import site_upload
+    from monai_fedpriv.generative.site import generator_visit
+
+    instruction = task.model.instruction_for(site.name)
+    message: Any
+    try:
+        if instruction.phase == "generator":
+            with site.site.rng.active():
+                message = generator_visit(site.site, generator, rnd, site.settings.seed, instruction.epochs or 1)
+            message = site.site.sync.chain(message)
+        else:
+            message = site_upload(site.site, task.model, rnd, site.settings.latents_unprotected)
+        transport.send_message(site.name, encode(message))
+        meta["result"] = {"privacy": site.site.privacy_facts()} if site.site.budgets else {}
+    except Exception as exc:  # noqa: BLE001 - the site's failure, reported; nothing was sent
+        logger.warning(f"{site.name}: its upload of round {rnd} failed: {exc}")
+        meta["result"] = {"privacy": site.site.privacy_facts()} if site.site.budgets else {}
+        meta["failed"] = f"upload failed: {type(exc).__name__}: {exc}"
     return meta
 
 

@@ -19,6 +19,7 @@ from monai_fedpriv.bundle.loader import BundleSpec, parser_get
 from monai_fedpriv.errors import FederationError, ResumeError
 from monai_fedpriv.fl.nvflare.channel import FlareChannel
 from monai_fedpriv.fl.nvflare.settings import JOB_ARCHIVE, JobSettings, open_job_archive
+from monai_fedpriv.fl.replay.keeper import server_keeper
 from monai_fedpriv.fl.server import ScreenSettings, ServerRound
 from monai_fedpriv.fl.simulator.server_model import initial_network
 from monai_fedpriv.fl.strategies import build_strategy
@@ -74,11 +75,17 @@ class FedPrivController(ModelController):
         state_dir = settings.state_root() / "server"
         self.check_resume(settings, state_dir)
         bundle = BundleSpec(job_dir / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
-        server = ServerRound(build_strategy(**settings.strategy), ScreenSettings(**settings.screen), settings.min_sites)
-        channel = FlareChannel(self, settings, bundle, server.required)
+        strategy = build_strategy(**settings.strategy)
+        cases = {site: len(settings.data.get(site, {}).get("train", [])) for site in settings.sites}
+        strategy.site_data({site: settings.data.get(site, {}).get("train", []) for site in settings.sites},
+                           settings.seed)  # what FedReplay's encoder-site choice and CWT+Replay's visits count
+        keeper = server_keeper(strategy, bundle, settings.seed, "cpu", settings.overrides, cases)
+        server = ServerRound(strategy, ScreenSettings(**settings.screen), settings.min_sites)
+        channel = FlareChannel(self, settings, bundle, server.required, keeper)
         weights = {} if settings.resume else initial_weights(bundle, settings.seed)
         loop = RunLoop(channel, server, settings.rounds, settings.describe(), state_dir, weights,
-                       label="federated (NVIDIA FLARE)", checkpoint=state_dir / "checkpoint.pt", log=self.info)
+                       label="federated (NVIDIA FLARE)", checkpoint=state_dir / "checkpoint.pt", log=self.info,
+                       server_training=keeper)  # fmt: skip
         try:
             loop.run(resume=settings.resume)
         except FederationError as exc:

@@ -43,6 +43,8 @@ class Task:
     name: str
     model: GlobalModel
     meta: dict[str, Any] = field(default_factory=dict)
+    #: other encoded messages the task carries (CWT+Replay's generator: ``"generator"``), still undecoded
+    extras: dict[str, bytes] = field(default_factory=dict)
 
 
 class NVFlareTransport(Transport):
@@ -69,7 +71,7 @@ class NVFlareTransport(Transport):
         self.tamper = tamper
         self.tamper_bytes = tamper_bytes
         self.current: GlobalModel | None = None
-        self.pending: dict[str, tuple[bytes, ModelUpdate]] = {}
+        self.pending: dict[str, tuple[bytes, ModelUpdate | None]] = {}
         self.expected: Expected | None = None
 
     def expect(self, weights: Mapping[str, torch.Tensor]) -> None:
@@ -93,7 +95,9 @@ class NVFlareTransport(Transport):
         self.current = decode_global(bytes(blob), self.expected)
         if self.expected is None:
             self.expect(self.current.weights)
-        return Task(str(self.flare.get_task_name()), self.current, dict(model.meta or {}))
+        extras = {k: bytes(v) for k, v in (model.params or {}).items()
+                  if k != "global" and isinstance(v, (bytes, bytearray))}  # fmt: skip
+        return Task(str(self.flare.get_task_name()), self.current, dict(model.meta or {}), extras)
 
     # -- what FederatedSync calls -------------------------------------------------------------------------------
     def receive(self, site: str) -> GlobalModel:
@@ -119,6 +123,12 @@ class NVFlareTransport(Transport):
             data = self.tamper_bytes(update, data)
         self.pending[sender] = (data, update)
 
+    def send_message(self, site: str, data: bytes) -> None:
+        """Answer this round with the encoded bytes of another message kind (a dataset upload, a generator)."""
+        if site in self.pending:
+            raise RuntimeError(f"{site} sent two answers in one round.")
+        self.pending[site] = (data, None)
+
     def has_update(self, site: str) -> bool:
         return site in self.pending
 
@@ -130,6 +140,8 @@ class NVFlareTransport(Transport):
         if sent is None:
             return None, dict(meta)
         blob, update = sent
+        if update is None:  # another message kind: no steps to claim
+            return blob, dict(meta)
         return blob, {**meta, NUM_STEPS: int(update.local_steps), "dense_bytes": update.dense_bytes()}
 
     def reply_bytes(self, blob: bytes | None, meta: dict[str, Any]) -> int:

@@ -80,7 +80,7 @@ class LatentTrainer(ServerTraining):
 
     def __init__(self, bundle: BundleSpec, seed: int, device: str | torch.device, overrides: Mapping[str, Any],
                  cut_block: int, epochs: int = 1) -> None:  # fmt: skip
-        self.bundle = BundleSpec(bundle.root, bundle.config_files[:1], dict(bundle.overrides))  # no site overrides
+        self.bundle = bundle.own_configs()  # the sites' privacy and federation overrides are theirs
         self.seed = int(seed)
         self.device = torch.device(device)
         self.overrides = dict(overrides)

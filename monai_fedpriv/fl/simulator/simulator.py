@@ -188,7 +188,7 @@ class FederatedSimulator:
                 f"covers; a privacy setting on the weights (sites {claims}) would claim a protection the run does not "
                 f"have. Drop --privacy / --share for SplitNN."
             )
-        spec = type(self.bundle)(self.bundle.root, self.bundle.config_files[:1], dict(self.bundle.overrides))
+        spec = self.bundle.own_configs()
         common = {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
         server = SplitServer(plain_copy(server_model.network),
                              lambda part: load_bundle(spec, {**common, "network": part}).get_parsed_content(
@@ -208,16 +208,14 @@ class FederatedSimulator:
         for site in self.sites.values():
             site.sync.chain.require_covered(kind, self.latents_unprotected, UNPROTECTED_FLAG)
         if kind == "generator":
-            from monai_fedpriv.generative.relay import GeneratorRelay
             from monai_fedpriv.generative.site import install_replay
 
             for site in self.sites.values():
                 install_replay(site)
-            return GeneratorRelay({n: len(d) * 64 for n, d in self.train_sites.items()}, self.seed)  # <= 64 a case
-        from monai_fedpriv.fl.replay import LatentTrainer
+        from monai_fedpriv.fl.replay.keeper import server_keeper
 
-        return LatentTrainer(self.bundle, self.seed, self.device, self.overrides,
-                             getattr(self.strategy, "cut_block", 1), getattr(self.strategy, "server_epochs", 1))
+        return server_keeper(self.strategy, self.bundle, self.seed, self.device, self.overrides,
+                             {n: len(d) for n, d in self.train_sites.items()})
 
     def _print(self, line: str) -> None:
         print(f"[{self.label}] {line}", flush=True)
