@@ -68,6 +68,18 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def job_and_reference(bundle: Path, tmp_path: Path, rounds: int, *method: str) -> tuple[dict, dict]:
+    """``(metrics of the exported job run in FLARE's simulator, metrics of the same run in process)``, after
+    checking that both trained the same weights."""
+    export(bundle, tmp_path / "job", rounds, *method)
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--no-report"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    reference = simulate(bundle, tmp_path / "sim", rounds, *method)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    return metrics, reference
+
+
 def site_epsilons(metrics: dict) -> dict[str, float]:
     return dict(metrics["rounds"][-1]["global"]["privacy"]["per_site"])
 
@@ -186,12 +198,7 @@ def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_p
 @pytest.mark.parametrize("method", [("--strategy", "fedprox", "--prox-mu", "0.5"),
                                     ("--strategy", "cwt", "--local-epochs", "1")])  # CWT sets its own steps
 def test_simulator_job_of_a_method_trains_what_the_in_process_run_trains(bundle, tmp_path, method):
-    export(bundle, tmp_path / "job", 3, *method)
-    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
-                 "--no-report"]) == 0  # fmt: skip
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    reference = simulate(bundle, tmp_path / "sim", 3, *method)
-    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    metrics, reference = job_and_reference(bundle, tmp_path, 3, *method)
     assert metrics["strategy"] == reference["strategy"] and metrics["strategy"]["name"] == method[1]
     assert [list(r["sites"]) for r in metrics["rounds"]] == [list(r["sites"]) for r in reference["rounds"]]
     for ours, theirs in zip(metrics["rounds"], reference["rounds"], strict=True):
@@ -404,12 +411,7 @@ def test_a_resumed_site_restores_what_it_saved_whenever_the_server_last_asked_it
 @pytest.mark.slow
 def test_simulator_job_of_fedreplay_trains_what_the_in_process_run_trains(bundle, tmp_path):
     method = ("--strategy", "fedreplay", "--latents-unprotected", "--local-epochs", "1")
-    export(bundle, tmp_path / "job", 4, *method)
-    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
-                 "--no-report"]) == 0  # fmt: skip
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    reference = simulate(bundle, tmp_path / "sim", 4, *method)
-    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
+    metrics, reference = job_and_reference(bundle, tmp_path, 4, *method)
     assert metrics["upload"].keys() == reference["upload"].keys() == {"site-1", "site-2", "site-3"}
     for site, facts in metrics["upload"].items():
         assert facts["items"] == reference["upload"][site]["items"] and facts["protected"] is False
