@@ -50,6 +50,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--prox-mu", type=float, default=None, help="FedProx proximal weight (fedprox cells only)")
     p.add_argument("--share-data-fraction", type=float, default=None,
                    help="fraction of data shared globally (fedavg-share cells only)")  # fmt: skip
+    p.add_argument("--generator-epochs", type=int, default=None,
+                   help="CWT+Replay's generator epochs per site visit (cwt-replay cells only)")
     p.add_argument("--latents-unprotected", action="store_true",
                    help="fedreplay / cwt-replay cells: send the latents (codes) with no mechanism; the report says so")
     p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
@@ -84,6 +86,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         raise OptionError(f"--strategies {', '.join(uploading)}: their sites upload latents (codes) that no mechanism "
                           f"of a compare grid covers; pass --latents-unprotected to run them (the report says so).")
     check_number("--prox-mu", args.prox_mu, low=0)
+    check_number("--generator-epochs", args.generator_epochs, low=1, integer=True)
     check_number("--share-data-fraction", args.share_data_fraction, low=0, high=1, low_open=True)
     check_output_folder(args.output)
     return CompareSettings(
@@ -92,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         layout=args.layout, config_files=tuple(args.config_files), overrides=tuple(args.override),
         privacy=args.privacy, threads=args.threads, device=args.device, prox_mu=args.prox_mu,
         share_data_fraction=args.share_data_fraction, latents_unprotected=args.latents_unprotected,
+        generator_epochs=args.generator_epochs,
     )  # fmt: skip
 
 

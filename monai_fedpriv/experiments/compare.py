@@ -34,6 +34,7 @@ STRATEGY_FLAG = "--strategy"
 STRATEGY_OPTIONS = {
     "fedprox": ("prox_mu", "--prox-mu"),
     "fedavg-share": ("share_data_fraction", "--share-data-fraction"),
+    "cwt-replay": ("generator_epochs", "--generator-epochs"),
 }
 #: the strategies whose sites upload latents (FedReplay) or generator codes (CWT+Replay): their cells get
 #: ``--latents-unprotected`` when the grid was given it (no mechanism covers CWT+Replay's codes)
@@ -67,6 +68,7 @@ class CompareSettings:
     prox_mu: float | None = None
     share_data_fraction: float | None = None
     latents_unprotected: bool = False
+    generator_epochs: int | None = None
 
     def recorded(self) -> dict[str, Any]:
         """``compare.json``'s ``settings``: everything that defines the result, and the grid."""
