@@ -15,6 +15,7 @@ from PIL import Image
 
 from monai_fedpriv.attacks import ThreatModel, intensity_label, load_victim_image
 from monai_fedpriv.attacks.cli import attack_main, load_bundle_model, release_epsilon
+from monai_fedpriv.cli import main
 from monai_fedpriv.errors import BundleError, DataError
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.handlers.attack_evaluator import ReconstructionAttackEvaluator
@@ -209,3 +210,19 @@ def test_a_victim_and_label_in_any_readable_format_are_read_once_and_checked_on_
     nib.save(nib.MGHImage(np.zeros((30, 32, 3), dtype=np.int32), np.eye(4)), tmp_path / "other.mgz")
     with pytest.raises(DataError, match="one grid"):
         victim.load_victim(tmp_path / "v.mgz", tmp_path / "other.mgz", 2, size=16)
+
+
+def test_cli_puts_fedreplays_latents_beside_the_update_in_attack_json(bundle, capsys):
+    record = _run(bundle, bundle / "table", "--iterations", "150", "--latent-cuts", "1,2",
+                  "--latent-noise-multiplier", "2")  # fmt: skip
+    rows = record["leakage"]
+    assert [(r["method"], r["what"], r["cut_block"], r["latent_mechanism"]) for r in rows] == [
+        ("fedavg", "update", None, False), ("fedreplay", "latents", 1, False), ("fedreplay", "latents", 1, True),
+        ("fedreplay", "latents", 2, False), ("fedreplay", "latents", 2, True)]  # fmt: skip
+    assert rows[0]["ssim"] == record["ssim"] and rows[0]["psnr"] == record["psnr"]
+    assert all(r["epsilon"] > 0 for r in rows if r["latent_mechanism"])
+    clean, noised = rows[1], rows[2]
+    assert clean["ssim"] > noised["ssim"] + 0.2  # the mechanism hides what one block's latents give back
+    argv = [str(bundle / "bundle"), "--victim", str(bundle / "victim.nii.gz"), "--output", str(bundle / "x")]
+    assert main(["attack", *argv, "--latent-cuts", "0"]) == 2
+    assert "--latent-cuts" in capsys.readouterr().err

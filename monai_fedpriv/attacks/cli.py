@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=1000, help="attack iterations (default 1000)")
     p.add_argument("--restarts", type=int, default=4, help="random restarts run side by side (default 4)")
     p.add_argument("--tv-weight", type=float, default=5e-2, help="total-variation weight alpha of Eq. 1")
+    p.add_argument("--latent-cuts", default=None, metavar="N,M",
+                   help="also invert FedReplay's latents of the same victim at these cuts (e.g. 1,2; seed 004 Table "
+                   "2): attack.json's 'leakage' rows, scored as the update")  # fmt: skip
+    p.add_argument("--latent-noise-multiplier", type=float, default=None,
+                   help="with --latent-cuts: also invert the latents after the latent Gaussian mechanism (clip 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the DP noise and the attack's initialisation")
     p.add_argument("--checkpoint", default=None, help="weights to load into the network (the global model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the attack (1 is best on a busy CPU)")
@@ -107,10 +112,44 @@ def check_args(args: argparse.Namespace) -> None:
     check_number("--max-grad-norm", args.max_grad_norm, low=0, low_open=True)
     check_share_flags(args)
     check_number("--threads", args.threads, low=1, integer=True)
+    check_number("--latent-noise-multiplier", args.latent_noise_multiplier, low=0, low_open=True)
+    if args.latent_noise_multiplier is not None and args.latent_cuts is None:
+        raise OptionError("--latent-noise-multiplier goes with --latent-cuts.")
+    latent_cuts(args)
     if args.device is not None:
         from monai_fedpriv.cli.options import check_device
 
         check_device(args.device)
+
+
+def latent_cuts(args: argparse.Namespace) -> tuple[int, ...]:
+    """The cuts of ``--latent-cuts`` (``OptionError`` naming the flag on anything but positive integers)."""
+    from monai_fedpriv.cli.options import OptionError
+
+    if args.latent_cuts is None:
+        return ()
+    try:
+        cuts = tuple(int(c) for c in str(args.latent_cuts).split(",") if c.strip())
+    except ValueError:
+        cuts = ()
+    if not cuts or any(c < 1 for c in cuts):
+        raise OptionError(f"--latent-cuts {args.latent_cuts!r}: comma-separated encoder depths >= 1, e.g. 1,2.")
+    return cuts
+
+
+def _leakage(args: argparse.Namespace, network: Any, loss: Any, image: Any, label: Any, pixel_range: Any,
+             record: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """Seed 004's Table 2 for this victim: the update just attacked, then FedReplay's latents at each cut."""
+    from monai_fedpriv.attacks.leakage import leakage_rows
+
+    update = {"method": "fedavg", "what": "update", "cut_block": None, "ssim": record["ssim"], "psnr": record["psnr"],
+              "latent_mechanism": False, "epsilon": record.get("epsilon"), "victim": 0, "dice": None}  # fmt: skip
+    noise = (None,) if args.latent_noise_multiplier is None else (None, args.latent_noise_multiplier)
+    rows = leakage_rows(network, [(image, label)], loss=loss, pixel_range=pixel_range,
+                        activation=bundle_activation(args.bundle_dir), cut_blocks=latent_cuts(args),
+                        latent_noise=noise, include_update=False, iterations=args.iterations,
+                        restarts=args.restarts, seed=args.seed, num_threads=args.threads)  # fmt: skip
+    return [update, *rows]
 
 
 def run_attack(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,6 +192,8 @@ def run_attack(args: argparse.Namespace) -> dict[str, Any]:
         activation=bundle_activation(args.bundle_dir),
     )  # fmt: skip
     record["mask_source"] = source
+    if args.latent_cuts is not None:
+        record["leakage"] = _leakage(args, network, loss, image, label, pixel_range, record)
     if victim:
         record["victim"] = victim
     out = Path(args.output)
