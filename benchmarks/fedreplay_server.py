@@ -16,9 +16,7 @@ Target (issue 18): ``server_phase / bundle_trainer`` close to 1 (the server phas
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +30,9 @@ from monai_fedpriv.fl.replay import LatentTrainer
 from monai_fedpriv.fl.simulator.server_model import initial_network
 from monai_fedpriv.fl.weights import exchangeable_state
 from monai_fedpriv.networks.unet_cut import encoder_and_primary
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import emit, interleaved_medians  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "brain_tumour_2d_flair"
 
@@ -68,21 +69,10 @@ def main() -> None:
                           loss_function=DiceCELoss(sigmoid=True)).run()  # fmt: skip
 
     runs = {"server_phase": server_phase, "bundle_trainer": bundle_trainer}
-    times: dict[str, list[float]] = {n: [] for n in runs}
-    for fn in runs.values():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    med = interleaved_medians(runs, args.repeats)
     out = {"size": args.size, "items": args.items, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "median_seconds": med, "server_phase_over_bundle_trainer": med["server_phase"] / med["bundle_trainer"]}
-    print(json.dumps(out, indent=1))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

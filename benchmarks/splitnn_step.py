@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,9 @@ import torch
 from monai_fedpriv.fl.split import CodecLink, SplitServer, install_split
 from monai_fedpriv.networks import build_network
 from monai_fedpriv.networks.unet_cut import LocalLink, RemoteCall, server_part, unet_levels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import emit, interleaved_medians  # noqa: E402
 
 
 def _step(net: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -81,25 +82,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.8).float()
-    names = ["local", "split", "split_memory"]
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for name in names:  # warm-up
-        _step(*setups[name], x, y)
-    for _ in range(args.repeats):
-        for name in names:
-            t0 = time.perf_counter()
-            _step(*setups[name], x, y)
-            times[name].append(time.perf_counter() - t0)
-    med = {n: statistics.median(v) for n, v in times.items()}
+    runs = {name: (lambda name=name: _step(*setups[name], x, y)) for name in ("local", "split", "split_memory")}
+    med = interleaved_medians(runs, args.repeats)
     link = setups["_link"]
     out = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
            "median_seconds": med, "split_over_local": med["split"] / med["local"],
            "split_memory_over_local": med["split_memory"] / med["local"],
            "bytes_per_step": (link.bytes_sent + link.bytes_received) / (args.repeats + 1)}  # fmt: skip
-    print(json.dumps(out, indent=1))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
 
 
 if __name__ == "__main__":
