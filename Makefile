@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-all lint bench clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,11 @@ demo: install
 		--partition institution --baselines --output $(DEMO_DIR)
 	@echo "report: $(DEMO_DIR)/report.md"
 
+# the default suite leaves out the long end-to-end runs (marked slow: NVIDIA FLARE jobs, POC kills, whole bundles)
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 lint: install

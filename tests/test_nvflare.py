@@ -178,7 +178,7 @@ def test_run_nvflare_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- simulator
-@pytest.mark.slow
+# not marked slow: the default suite runs one real NVIDIA FLARE job end to end
 def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_path):
     export(bundle, tmp_path / "job", 2)
     assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run")]) == 0
