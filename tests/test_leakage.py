@@ -95,8 +95,8 @@ def test_mask_dice_for_regions_and_classes():
 
 def test_markdown_has_every_row_and_reads_the_numbers(rows):
     text = leakage_markdown(rows)
-    for label in ("FedAvg update", "cut 1 (Eq. 2), clean", "cut 2 (Eq. 2), clean", "cut 1 (Eq. 2), mechanism eps",
-                  "cut 2 (Eq. 2), mechanism eps"):  # fmt: skip
+    for label in ("FedAvg update", "cut 1 (Eq. 2), clean", "block 2's output alone (Eq. 2), clean",
+                  "cut 1 (Eq. 2), mechanism eps", "block 2's output alone (Eq. 2), mechanism eps"):  # fmt: skip
         assert sum(label in line for line in text.splitlines() if line.startswith("|")) == 1
     assert len([line for line in text.splitlines() if line.startswith("| ")]) == 1 + 5
     base = {"what": "latents", "latent_mechanism": False, "epsilon": None, "victim": 0, "dice": None}

@@ -25,7 +25,7 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 # ---------------------------------------------------------------------------------------------------- SplitNN
 def test_splitnn_trains_both_parts_and_counts_every_batch(tiny_bundle, tmp_path):
-    sim = _sim(tiny_bundle, tmp_path, 2, build_strategy("splitnn"), n_sites=2)
+    sim = _sim(tiny_bundle, tmp_path, 2, build_strategy("splitnn"), n_sites=2, latents_unprotected=True)
     sim.setup()
     start = {k: v.clone() for k, v in sim.global_weights.items()}
     m = sim.run()
@@ -56,7 +56,7 @@ def test_splitnn_sends_only_the_sites_part_of_the_weights(tiny_bundle, tmp_path)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inprocess, "encode_update", spy)
-        sim = _sim(tiny_bundle, tmp_path, 1, build_strategy("splitnn"), n_sites=2)
+        sim = _sim(tiny_bundle, tmp_path, 1, build_strategy("splitnn"), n_sites=2, latents_unprotected=True)
         sim.run()
     own = set(site_keys(sim.channel.server_model.network))
     (update,) = sent
@@ -70,13 +70,20 @@ def test_splitnn_refuses_a_privacy_setting(tiny_data, tmp_path):
 
     split = _split(_dp_bundle(tiny_data), 2)
     sim = FederatedSimulator(_dp_bundle(tiny_data), split.train, split.val, 1, LocalWork(epochs=1), tmp_path,
-                             progress=False, strategy=build_strategy("splitnn"))  # fmt: skip
+                             progress=False, strategy=build_strategy("splitnn"), latents_unprotected=True)  # fmt: skip
     with pytest.raises(PrivacyConfigError, match="cut-layer features"):
+        sim.setup()
+    plain = _split(BundleSpec(BUNDLE_DIR, ("train.json",), {"dataset_dir": str(tiny_data), "batch_size": 4}), 2)
+    sim = FederatedSimulator(BundleSpec(BUNDLE_DIR, ("train.json",), {"dataset_dir": str(tiny_data), "batch_size": 4}),
+                             plain.train, plain.val, 1, LocalWork(epochs=1), tmp_path / "b", progress=False,
+                             strategy=build_strategy("splitnn"))  # fmt: skip
+    with pytest.raises(PrivacyConfigError, match="--latents-unprotected"):  # the features leave unprotected
         sim.setup()
 
 
 def test_export_nvflare_refuses_splitnn_in_one_line(tmp_path, capsys):
-    assert main(["export-nvflare", str(BUNDLE_DIR), "--strategy", "splitnn", "--output", str(tmp_path / "j")]) == 2
+    assert main(["export-nvflare", str(BUNDLE_DIR), "--strategy", "splitnn", "--latents-unprotected", "--output",
+                 str(tmp_path / "j")]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "every batch" in err[0]
 
@@ -145,3 +152,82 @@ def test_cwt_replay_resumes_exactly(brats, tmp_path):
     a = torch.load(tmp_path / "full" / "federated" / "models" / "model.pt")
     b = torch.load(tmp_path / "cut" / "federated" / "models" / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------- hostile input
+def test_the_split_server_answers_anything_odd_with_an_update_error(tiny_bundle, tmp_path):
+    from monai_fedpriv.errors import UpdateError
+    from monai_fedpriv.fl.codec import encode
+    from monai_fedpriv.fl.messages import Activations
+
+    sim = _sim(tiny_bundle, tmp_path, 1, build_strategy("splitnn"), n_sites=2, latents_unprotected=True)
+    sim.setup()
+    server = sim.channel.split
+    server.begin("site-1", 1, sim.global_weights)
+    channels = server.in_channels
+    for x in (torch.zeros(2, channels, 8, 8, dtype=torch.float64), torch.zeros(2, channels + 1, 8, 8),
+              torch.zeros(2, channels, 1, 1)):  # fmt: skip
+        with pytest.raises(UpdateError):
+            server.handle(encode(Activations("site-1", 1, 1, {"x": x}, {"train": True})))
+    with pytest.raises(UpdateError, match="site"):  # another site's features while site-1 is served
+        server.handle(encode(Activations("site-2", 1, 1, {"x": torch.zeros(2, channels, 8, 8)}, {"train": True})))
+    ok = server.handle(encode(Activations("site-1", 1, 1, {"x": torch.zeros(2, channels, 8, 8)}, {"train": False})))
+    assert len(ok) > 0
+
+
+def test_the_generator_relay_keeps_the_structure_and_the_earlier_codes():
+    from monai_fedpriv.fl.messages import GeneratorState
+    from monai_fedpriv.generative import build_generator
+    from monai_fedpriv.generative.relay import GeneratorRelay
+
+    ref = build_generator(2, 3, seed=0)
+    relay = GeneratorRelay({"site-1": 8, "site-2": 8}, 0, ref)
+    good = {k: v.clone() for k, v in ref.state_dict().items()}
+    codes = torch.zeros(4, 4, 4, dtype=torch.int64)
+    bad = {**good, "extra": torch.zeros(1)}
+    accepted, rejected = relay.screen([GeneratorState("site-1", 1, bad, codes)], ["site-1"], 1)
+    assert not accepted and "structure" in rejected["site-1"]
+    high = torch.full((4, 4, 4), ref.num_embeddings, dtype=torch.int64)
+    accepted, rejected = relay.screen([GeneratorState("site-1", 1, good, high)], ["site-1"], 1)
+    assert not accepted and "codebook" in rejected["site-1"]
+    accepted, _ = relay.screen([GeneratorState("site-1", 1, good, codes)], ["site-1"], 1)
+    relay.receive(accepted)
+    changed = torch.cat([codes + 1, codes])
+    accepted, rejected = relay.screen([GeneratorState("site-2", 2, good, changed)], ["site-2"], 2)
+    assert not accepted and "earlier sites' codes" in rejected["site-2"]
+    accepted, rejected = relay.screen([GeneratorState("site-2", 2, good, torch.cat([codes, codes]))], ["site-1"], 2)
+    assert not accepted and "not the one site asked" in rejected["site-2"]
+
+
+def test_a_hostile_first_upload_neither_sets_the_shape_nor_stops_the_round(tiny_bundle, tmp_path):
+    from monai_fedpriv.fl.messages import LatentUpload
+
+    sim = _sim(tiny_bundle, tmp_path, 3, build_strategy("fedreplay"), n_sites=2, latents_unprotected=True)
+    sim.setup()
+    keeper = sim.loop.server_training
+    network = sim.channel.server_model.network
+    from monai_fedpriv.networks.unet_cut import encoder_and_primary
+
+    encoder, _ = encoder_and_primary(network, 1)
+    with torch.no_grad():
+        latents = encoder(torch.zeros(2, 1, 32, 32))
+    classes = int(getattr(network, "out_channels", 4))
+    honest = LatentUpload("site-2", 2, latents, torch.zeros(2, classes, 32, 32), {"labels": "onehot"})
+    tiny = LatentUpload("site-1", 2, torch.zeros(2, 1, 1, 1), torch.zeros(2, 1, 1, 1), {"labels": "onehot"})
+    odd = LatentUpload("site-1", 2, latents, torch.zeros(2), {"labels": "onehot"})
+    for hostile in (tiny, odd):
+        accepted, rejected = keeper.screen([hostile, honest], ["site-1", "site-2"], 2)
+        assert accepted == [honest] and "site-1" in rejected
+
+
+def test_cwt_replay_and_splitnn_refuse_privacy_claims_and_export_needs_the_opt_in(brats, tmp_path, capsys):
+    base = ["--data", str(brats), "--sites", "2", "--rounds", "3", "--override", "patch_size=[32,32]"]
+    flair = str(BUNDLES / "brain_tumour_2d_flair")
+    for argv, words in ((["simulate", flair, *base, "--strategy", "cwt-replay", "--latents-unprotected", "--privacy",
+                          "medium", "--output", str(tmp_path / "a")], "drop --privacy"),
+                        (["export-nvflare", flair, *base, "--strategy", "cwt-replay", "--output", str(tmp_path / "j")],
+                         "--latents-unprotected"),
+                        (["export-nvflare", flair, *base, "--strategy", "fedreplay", "--output", str(tmp_path / "k")],
+                         "--latents-unprotected")):  # fmt: skip
+        assert main(argv) == 2
+        assert words in capsys.readouterr().err

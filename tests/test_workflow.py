@@ -145,7 +145,7 @@ def test_fedavg_share_mixes_a_public_pool_that_dp_sgd_does_not_count(tiny_bundle
 @pytest.mark.parametrize("name", [s for s in STRATEGIES if s != "cwt-replay"])  # its resume: test_split_and_replay
 def test_every_strategy_resumes_exactly(tiny_bundle, tmp_path, name):
     options = {"fedprox": {"prox_mu": 0.5}, "fedavg-share": {"share_data_fraction": 0.2}}.get(name, {})
-    kw = {"latents_unprotected": True} if name == "fedreplay" else {}
+    kw = {"latents_unprotected": True} if name in ("fedreplay", "splitnn") else {}
     rounds = 4 if name == "fedreplay" else 3  # FedReplay: encoder, upload, two server rounds (cut in the server phase)
     full = _sim(tiny_bundle, tmp_path / "full", rounds, build_strategy(name, **options), n_sites=3, **kw).run()
     _sim(tiny_bundle, tmp_path / "cut", rounds - 1, build_strategy(name, **options), n_sites=3, **kw).run()

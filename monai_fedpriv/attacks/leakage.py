@@ -238,7 +238,8 @@ def _label(key: tuple[Any, ...]) -> str:
     method, cut, eps = key
     if method == "fedavg":
         return "FedAvg update (1 local step, Eq. 1)"
-    return f"FedReplay latents, cut {cut} (Eq. 2), " + ("clean" if eps is None else f"mechanism eps {eps:.3g}")
+    what = "cut 1" if cut == 1 else f"block {cut}'s output alone"
+    return f"FedReplay latents, {what} (Eq. 2), " + ("clean" if eps is None else f"mechanism eps {eps:.3g} (k = 1)")
 
 
 def _reading(stats: dict[tuple[Any, ...], dict[str, Any]], floor: float) -> str:
@@ -271,7 +272,9 @@ def _reading(stats: dict[tuple[Any, ...], dict[str, Any]], floor: float) -> str:
         parts.append(said(key) + (f"; it leaks {' and '.join(against)}." if against else "."))
     if len(clean) > 1:
         deep, shallow = clean[max(clean)], clean[min(clean)]
-        parts.append(f"The deeper cut leaks {versus(deep, shallow)} the shallower one (seed 004: deeper leaks less).")
+        parts.append(f"The deeper block's output alone leaks {versus(deep, shallow)} the first block's (seed 004: "
+                     f"deeper leaks less); a U-Net's FedReplay upload at a deeper cut also carries the first block's "
+                     f"features, so it leaks as the cut-1 row.")  # fmt: skip
     parts.append("Seed 004 found FedAvg and FedReplay alike on 224x224 retina images (PSNR 11.82 vs 11.64 dB).")
     return " ".join(parts)
 

@@ -53,7 +53,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-epochs", type=int, default=None,
                    help="CWT+Replay's generator epochs per site visit (cwt-replay cells only)")
     p.add_argument("--latents-unprotected", action="store_true",
-                   help="fedreplay / cwt-replay cells: send the latents (codes) with no mechanism; the report says so")
+                   help="splitnn / fedreplay / cwt-replay cells: send features, latents, codes with no mechanism; the "
+                   "report says so")
     p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return p
@@ -79,8 +80,8 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         if getattr(args, field) is not None and strategy not in strategies:
             raise OptionError(f"{flag} is used by the {strategy} strategy only; add it to --strategies or drop {flag}.")
     if args.latents_unprotected and not set(UPLOADING) & set(strategies):
-        raise OptionError("--latents-unprotected is used by the fedreplay and cwt-replay cells only; add one to "
-                          "--strategies or drop it.")  # fmt: skip
+        raise OptionError("--latents-unprotected is used by the splitnn, fedreplay and cwt-replay cells only; add one "
+                          "to --strategies or drop it.")  # fmt: skip
     uploading = [s for s in strategies if s in UPLOADING]
     if uploading and not args.latents_unprotected:
         raise OptionError(f"--strategies {', '.join(uploading)}: their sites upload latents (codes) that no mechanism "

@@ -125,14 +125,15 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     method = build_strategy(**strategy)
     if (problem := method.work_problem(local_work.steps, args.min_sites)) is not None:
         raise OptionError(problem)
-    if args.rounds < method.min_rounds:
+    private = args.privacy != "none" or getattr(args, "share", "none") != "none"
+    problem = method.exposure_problem(bool(getattr(args, "latents_unprotected", False)),
+                                      getattr(args, "latent_noise_multiplier", None) is not None, private)
+    if problem is not None:
+        raise OptionError(problem)
+    train = method.site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
+    if args.rounds < method.min_rounds:  # CWT+Replay's count its sites (site_data)
         raise OptionError(f"--rounds {args.rounds}: --strategy {method.name} needs at least {method.min_rounds} "
                           f"rounds.")  # fmt: skip
-    uploads = getattr(args, "latents_unprotected", False) or getattr(args, "latent_noise_multiplier", None) is not None
-    if uploads and not method.upload_kind:
-        raise OptionError(f"--latents-unprotected / --latent-noise-multiplier: --strategy {method.name} sends no "
-                          f"latents (--strategy fedreplay and cwt-replay do).")  # fmt: skip
-    train = method.site_data(split.train, args.seed)  # FedAvg+Share: private cases + pool
     job = {"wait_after_min": args.wait_after_min} if getattr(args, "wait_after_min", None) is not None else {}
     settings = JobSettings(
         name=getattr(args, "name", None) or Path(args.output).name, bundle=Path(args.bundle_dir).resolve().name,

@@ -36,9 +36,9 @@ STRATEGY_OPTIONS = {
     "fedavg-share": ("share_data_fraction", "--share-data-fraction"),
     "cwt-replay": ("generator_epochs", "--generator-epochs"),
 }
-#: the strategies whose sites upload latents (FedReplay) or generator codes (CWT+Replay): their cells get
-#: ``--latents-unprotected`` when the grid was given it (no mechanism covers CWT+Replay's codes)
-UPLOADING = ("fedreplay", "cwt-replay")
+#: the strategies whose sites send features (SplitNN, every batch), latents (FedReplay) or generator codes
+#: (CWT+Replay): their cells get ``--latents-unprotected`` when the grid was given it
+UPLOADING = ("splitnn", "fedreplay", "cwt-replay")
 #: cyclic strategies (one site a round), whose catastrophic forgetting the grid reports
 CYCLIC = ("cwt", "splitnn", "cwt-replay")
 #: settings that do not change a result (not recorded), and the grid (which a resume may grow)

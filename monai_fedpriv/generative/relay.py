@@ -16,6 +16,10 @@ from monai_fedpriv.fl.workflow.uploads import ServerTraining
 __all__ = ["GeneratorRelay"]
 
 
+def _shapes(weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in weights.items()}
+
+
 class GeneratorRelay(ServerTraining):
     """The generator in transit between sites.
 
@@ -24,9 +28,12 @@ class GeneratorRelay(ServerTraining):
         seed: the run seed (the generator's initialisation and every site's replay draws derive from it).
     """
 
-    def __init__(self, max_new: Mapping[str, int], seed: int = 0) -> None:
+    def __init__(self, max_new: Mapping[str, int], seed: int = 0, reference: Any = None) -> None:
         self.max_new = dict(max_new)
         self.seed = int(seed)
+        #: the generator every visit must return the structure of (``None``: the first visit's sets it)
+        self.shapes = None if reference is None else _shapes(reference.state_dict())
+        self.num_embeddings = None if reference is None else int(reference.num_embeddings)
         self.current: GeneratorState | None = None
 
     def screen(self, uploads: Sequence[Any], asked: Sequence[str], rnd: int) -> tuple[list[Any], dict[str, str]]:
@@ -49,14 +56,16 @@ class GeneratorRelay(ServerTraining):
             return f"its generator is of round {up.round}, not {rnd}"
         old = self.current
         n_old = 0 if old is None else old.items
+        shapes = self.shapes or (None if old is None else _shapes(old.weights))
+        if shapes is not None and _shapes(up.weights) != shapes:
+            return "its generator's structure differs from the one the server hands out"
+        if self.num_embeddings is not None and up.codes.numel() and int(up.codes.max()) >= self.num_embeddings:
+            return f"its codes reach {int(up.codes.max())}, past the codebook's {self.num_embeddings} entries"
         if not 0 < up.items - n_old <= self.max_new.get(up.site, 0):
             return f"it added {up.items - n_old} codes, not 1 to {self.max_new.get(up.site, 0)}"
         if old is not None:
             if tuple(up.codes.shape[1:]) != tuple(old.codes.shape[1:]) or not torch.equal(up.codes[:n_old], old.codes):
                 return "the earlier sites' codes were changed"
-            shapes = {k: tuple(v.shape) for k, v in old.weights.items()}
-            if {k: tuple(v.shape) for k, v in up.weights.items()} != shapes:
-                return "its generator's structure differs from the one it was handed"
         return None
 
     def facts(self, upload: Any, wire_bytes: int | None) -> dict[str, Any]:

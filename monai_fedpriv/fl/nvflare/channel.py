@@ -193,6 +193,8 @@ class FlareChannel(ServerChannel):
             out["noise_source"] = NOISE_SECURE if self.settings.secure_noise else NOISE_SEEDED
         if self.settings.data_summary:
             out["data"] = self.settings.data_summary
+        if self.settings.latents_unprotected:
+            out["latents_unprotected"] = "the sites were allowed to send features, latents or codes unprotected"
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -89,6 +89,47 @@ class LatentTrainer(ServerTraining):
         self.pool = LatentPool()
         self.optimizer_state: dict[str, Any] | None = None
 
+    def screen(self, uploads: Sequence[Any], asked: Sequence[str], rnd: int) -> tuple[list[Any], dict[str, str]]:
+        """The shared screening, then what this server's primary model can take: each accepted upload's first item
+        goes through the primary model (the cut's channels and resolution), its labels match the model's outputs in
+        shape, encoding (``meta["labels"]``) and range."""
+        from monai_fedpriv.fl.workflow.uploads import screen_uploads
+
+        fit, unfit = [], {}
+        for upload in uploads:  # first: no site's upload becomes the others' reference unless the model takes it
+            problem = self._problem(upload) if isinstance(upload, LatentUpload) else "it is not a latent upload"
+            if problem is None:
+                fit.append(upload)
+            else:
+                unfit[upload.site] = f"upload from {upload.site!r} (round {rnd}) rejected: {problem}"
+        accepted, rejected = screen_uploads(fit, asked, rnd)
+        return accepted, {**unfit, **rejected}
+
+    def _problem(self, upload: LatentUpload) -> str | None:
+        encoding, labels = upload.meta.get("labels"), upload.labels
+        if encoding not in ("mask", "onehot"):
+            return f"its labels are encoded as {encoding!r}, not 'mask' or 'onehot'"
+        if not labels.is_floating_point() or labels.dim() != upload.latents.dim() or \
+                not bool((labels.abs() <= 1e6).all()):  # fmt: skip
+            return f"its labels {list(labels.shape)} {labels.dtype} are not float maps beside the latents"
+        try:
+            with torch.no_grad():
+                out = self._reference()(upload.latents[:1].to(torch.float32))
+        except Exception as exc:  # noqa: BLE001 - latents the primary model cannot take
+            return f"the primary model cannot take its latents {list(upload.latents.shape[1:])}: {exc}"[:300]
+        if tuple(out.shape[1:]) != tuple(labels.shape[1:]):
+            return f"its labels are {list(labels.shape[1:])}, the model outputs {list(out.shape[1:])}"
+        return None
+
+    def _reference(self) -> torch.nn.Module:
+        """The primary model of round 0 (its structure is all the screening needs)."""
+        if getattr(self, "_primary", None) is None:
+            from monai_fedpriv.fl.simulator.server_model import initial_network
+
+            _, network = initial_network(self.bundle, self.seed, "cpu", self.overrides)
+            self._primary = encoder_and_primary(network, self.cut_block)[1].eval()
+        return self._primary
+
     def receive(self, uploads: Sequence[LatentUpload]) -> None:
         for upload in uploads:
             self.pool.add(upload)

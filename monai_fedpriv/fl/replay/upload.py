@@ -73,16 +73,22 @@ def site_upload(site: Any, model: GlobalModel, rnd: int, unprotected: bool) -> L
     with site.rng.active():
         latents, labels, per_case = encode_dataset(encoder, site.trainer.data_loader.dataset,
                                                    derive_seed(site.name, "upload", rnd))  # fmt: skip
-    labels, encoding = _label_rows(labels, primary, latents)
+    from monai_fedpriv.bundle.loader import parser_get
+
+    labels, encoding = _label_rows(labels, primary, latents, parser_get(site.parser, "eval_activation") or "softmax")
     meta = {"items_per_unit": per_case, "protected": False, "labels": encoding}
     return site.sync.chain(LatentUpload(site.name, rnd, latents, labels, meta))
 
 
-def _label_rows(labels: torch.Tensor, primary: torch.nn.Module, latents: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Labels as the upload carries them: binary masks as they are (``"mask"``), class-index maps one-hot over the
-    network's output channels (``"onehot"``: values in [0, 1], so the latent mechanism's bound holds; the server
-    takes the argmax back)."""
-    if bool(((labels == 0) | (labels == 1)).all()):
+def _label_rows(labels: torch.Tensor, primary: torch.nn.Module, latents: torch.Tensor,
+                activation: str) -> tuple[torch.Tensor, str]:  # fmt: skip
+    """Labels as the upload carries them, by the bundle's output convention (never by what a site's data hold, which
+    would tell the server whether the site has a class): a sigmoid bundle's binary region masks as they are
+    (``"mask"``), a softmax bundle's class-index maps one-hot over the network's output channels (``"onehot"``:
+    values in [0, 1], so the latent mechanism's bound holds; the server takes the argmax back)."""
+    if activation == "sigmoid":
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("a sigmoid bundle's labels should be binary region masks.")
         return labels, "mask"
     with torch.no_grad():
         classes = int(primary.eval()(latents[:1]).shape[1])

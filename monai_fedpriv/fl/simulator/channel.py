@@ -61,18 +61,27 @@ class InProcessChannel(ServerChannel):
     def gather(self, request: RoundRequest) -> Gathered:
         self.transport.publish(request.model)
         self.transport.wire_bytes = {}
-        received = len(encode_global(request.model))  # what a remote site would receive
+        broadcast = len(encode_global(request.model))  # what a remote site would receive
         got = Gathered()
         for name in request.targets:
             site = self.runtimes[name]
             phase = request.model.instruction_for(name).phase
+            received = broadcast
             if phase in ("upload", "generator"):
                 got.received_bytes[name] = received + self._upload(site, request, got, phase)
                 continue
             if self._generator() is not None:  # CWT+Replay: this round's replayed pairs, from the generator sent
-                received += self._refresh_replay(site, request.round)
-            split = self.split is not None and request.model.instruction_for(name).phase == "split"
-            if split:
+                try:
+                    received += self._refresh_replay(site, request.round)
+                except Exception as exc:  # noqa: BLE001 - a generator the site cannot decode fails its round
+                    got.failures[name], got.sites[name] = f"replay failed: {type(exc).__name__}: {exc}", {}
+                    got.expected.append(name)
+                    continue
+            split = self.split is not None and phase == "split"
+            if split:  # the site gets its own part only: the server part never leaves the server
+                own = self.split.site_model(request.model)
+                self.transport.publish(own)
+                received = len(encode_global(self.split.site_model(request.model, drop=True)))
                 self.split.begin(name, request.round, request.model.weights)
                 link = self._link(site)
                 link.reset(request.round)
@@ -81,6 +90,7 @@ class InProcessChannel(ServerChannel):
                 self.server_model.evaluators.get(name), timeout=self.round_timeout,
             )  # fmt: skip
             if split:
+                self.split.end(failed=bool(failure))
                 if not failure:
                     got.server_weights.update(self.split.weights())
                 result.update(batch_messages=link.messages, batch_bytes_sent=link.bytes_sent,
@@ -199,7 +209,7 @@ class InProcessChannel(ServerChannel):
         if self.ledgers.summary() is not None:
             out["ledger_store"] = self.ledgers.summary()
         if self.latents_unprotected:
-            out["latents_unprotected"] = "the sites were allowed to upload latents no mechanism protects"
+            out["latents_unprotected"] = "the sites were allowed to send features, latents or codes unprotected"
         return out
 
     def state_dict(self) -> dict[str, Any]:

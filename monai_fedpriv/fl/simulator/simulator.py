@@ -99,12 +99,12 @@ class FederatedSimulator:
         self.strategy = strategy or FedAvg()
         if (problem := self.strategy.work_problem(local_work.steps, min_sites)) is not None:
             raise ValueError(problem)
-        if rounds < self.strategy.min_rounds:
-            raise ValueError(f"--rounds {rounds}: --strategy {self.strategy.name} needs at least "
-                             f"{self.strategy.min_rounds} rounds.")  # fmt: skip
         refuse_public(train_sites)
         # FedAvg+Share: each site's private cases followed by the public pool
         self.train_sites = self.strategy.site_data({k: list(v) for k, v in train_sites.items()}, int(seed))
+        if rounds < self.strategy.min_rounds:
+            raise ValueError(f"--rounds {rounds}: --strategy {self.strategy.name} needs at least "
+                             f"{self.strategy.min_rounds} rounds.")  # fmt: skip
         self.bundle = bundle
         self.eval_sets = {k: list(v) for k, v in eval_sets.items() if v}
         self.rounds = int(rounds)
@@ -159,6 +159,7 @@ class FederatedSimulator:
             # a patient at two sites would be counted twice (the public pool is everyone's and never counted)
             check_patients_at_one_site({s: [c for c in v if not is_public(c)] for s, v in self.train_sites.items()})
         weights = server_model.match_sites({n: site.network for n, site in self.sites.items()})
+        self._check_exposure()
         keeper = self._server_training()
         channel = InProcessChannel(self.sites, self.transport, server_model, self.local_work, self.max_epochs,
                                    self.ledgers, self.secure_noise, self.round_timeout,
@@ -167,27 +168,26 @@ class FederatedSimulator:
                             self.label, log=self._print if self.progress else None, on_round=self.on_round,
                             server_training=keeper)  # fmt: skip
 
-    def _split_server(self, server_model: ServerModel) -> Any:
-        """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it.
+    def _check_exposure(self) -> None:
+        """The strategy's rule on what its sites send beyond updates, against the sites as built (``PrivacyConfigError``
+        naming the flag): SplitNN and CWT+Replay need ``--latents-unprotected`` and no privacy claim, FedReplay the
+        latent mechanism or the opt-in."""
+        from monai_fedpriv.errors import PrivacyConfigError
 
-        Raises:
-            PrivacyConfigError: a privacy setting on a SplitNN run (the per-batch features and gradients would leave
-                the sites unprotected next to a claim on the weights).
-        """
+        sites = list(self.sites.values())
+        mechanism = any(s.sync.chain.protects_kind("latents") for s in sites)
+        private = any(s.dp_sgd or s.sync.chain.protects_kind("update") for s in sites)
+        if (problem := self.strategy.exposure_problem(self.latents_unprotected, mechanism, private)) is not None:
+            raise PrivacyConfigError(problem)
+
+    def _split_server(self, server_model: ServerModel) -> Any:
+        """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it."""
         if not self.strategy.splits_network:
             return None
         from monai_fedpriv.bundle.loader import load_bundle
-        from monai_fedpriv.errors import PrivacyConfigError
         from monai_fedpriv.fl.split import CodecLink, SplitServer, install_split
         from monai_fedpriv.privacy.grad_sample import plain_copy
 
-        claims = [n for n, site in self.sites.items() if site.budgets or site.dp_sgd or site.sync.chain.protects]
-        if claims:
-            raise PrivacyConfigError(
-                f"--strategy splitnn sends each batch's cut-layer features and gradients, which no mechanism here "
-                f"covers; a privacy setting on the weights (sites {claims}) would claim a protection the run does not "
-                f"have. Drop --privacy / --share for SplitNN."
-            )
         spec = self.bundle.own_configs()
         common = {"device": f"$torch.device('{self.device}')", "seed": self.seed, **self.overrides}
         server = SplitServer(plain_copy(server_model.network),

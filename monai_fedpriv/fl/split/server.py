@@ -7,6 +7,7 @@ fails that site's round, never the server."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +18,14 @@ from monai_fedpriv.fl.codec import decode, encode
 from monai_fedpriv.fl.messages import Activations, Gradients
 from monai_fedpriv.fl.split.link import SERVER_NAME
 from monai_fedpriv.fl.tensor_codec import TENSOR_MAGIC, ShapeExpect
+from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.wire import PREFIX
 from monai_fedpriv.networks.unet_cut import part_keys, server_part
 
 __all__ = ["SplitServer"]
 
 MAX_BATCH_BYTES = 2**30
+MAX_ITEM_ELEMENTS = 2**26  # features of one item (64 channels of 1024 x 1024)
 
 
 class SplitServer:
@@ -45,10 +48,28 @@ class SplitServer:
         self._shapes: dict[str, tuple[int, ...]] = {}
 
     def begin(self, site: str, rnd: int, weights: Mapping[str, torch.Tensor]) -> None:
-        """Serve ``site`` for round ``rnd`` from the global model's server part."""
+        """Serve ``site`` for round ``rnd`` from the global model's server part (its optimiser state is kept to go
+        back to if the site's round fails)."""
         state = {k: weights[g].clone() for k, g in self.keys.items()}
         self.part.load_state_dict(state)
         self.site, self.round, self._io = site, int(rnd), None
+        self._saved = copy.deepcopy(self.optimizer.state_dict())
+
+    def end(self, failed: bool) -> None:
+        """The site's round is over: a failed one leaves no trace in the optimiser (its weights are discarded)."""
+        if failed and getattr(self, "_saved", None) is not None:
+            self.optimizer.load_state_dict(self._saved)
+        self.site, self._io, self._saved = None, None, None
+
+    def site_model(self, model: GlobalModel, drop: bool = False) -> GlobalModel:
+        """``model`` as a SplitNN site receives it: the server part zeroed (the site's network keeps it as an unused
+        placeholder), or left out (``drop``: what a remote site would need, for counting bytes)."""
+        server = set(self.keys.values())
+        if drop:
+            weights = {k: v for k, v in model.weights.items() if k not in server}
+        else:
+            weights = {k: torch.zeros_like(v) if k in server else v for k, v in model.weights.items()}
+        return GlobalModel(model.round, weights, model.optimizer_state, model.stop, dict(model.instructions))
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The server part's weights under the global model's keys."""
@@ -64,15 +85,23 @@ class SplitServer:
             raise UpdateError("the split server is serving no site.")
         if len(data) > MAX_BATCH_BYTES or len(data) < PREFIX.size or bytes(data[:4]) != TENSOR_MAGIC:
             raise UpdateError(f"split message from {self.site!r}: not a tensor message within {MAX_BATCH_BYTES} bytes.")
-        if self._io is None:
-            return self._forward(data)
-        return self._backward(data)
+        try:
+            return self._forward(data) if self._io is None else self._backward(data)
+        except UpdateError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a site's tensors do to the server part is that site's
+            self._io = None
+            raise UpdateError(f"split message from {self.site!r}: the server part refused it: "
+                              f"{type(exc).__name__}: {exc}") from exc
 
     def _forward(self, data: bytes) -> bytes:
         msg = decode(data, ShapeExpect(Activations.kind, self.site, self.round,
                                        {"tensors.x": (None, self.in_channels, *(None,) * self.spatial_dims)},
                                        MAX_BATCH_BYTES))  # fmt: skip
         x = msg.tensors["x"]
+        if x.dtype != torch.float32 or x[0].numel() > MAX_ITEM_ELEMENTS:
+            raise UpdateError(f"split message from {self.site!r}: features {list(x.shape)} {x.dtype}, expected "
+                              f"float32 with at most {MAX_ITEM_ELEMENTS} elements per item.")  # fmt: skip
         train = msg.meta.get("train") is True
         self.part.train(train)
         inp = x.clone().requires_grad_(train)

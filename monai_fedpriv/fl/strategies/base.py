@@ -64,6 +64,15 @@ class Strategy(ABC):
             return f"--min-sites {min_sites}: --strategy {self.name} asks {self.sites_per_round} site(s) a round."
         return None
 
+    def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
+        """Why the run's privacy flags do not fit what this strategy's sites send beyond updates, or ``None``:
+        ``unprotected`` (``--latents-unprotected``), ``mechanism`` (``--latent-noise-multiplier``), ``private``
+        (DP-SGD or an update filter). The default strategy sends updates only: the latent flags do not apply."""
+        if unprotected or mechanism:
+            return (f"--latents-unprotected / --latent-noise-multiplier: --strategy {self.name} sends no latents "
+                    f"(--strategy splitnn, fedreplay and cwt-replay do).")  # fmt: skip
+        return None
+
     def start(self, sites: Sequence[str]) -> None:  # noqa: B027 - most strategies need no site order
         """Called once by the run loop with the federation's sites in their fixed order."""
 

@@ -54,6 +54,13 @@ class FedReplay(FedAvg):
     def min_rounds(self) -> int:
         return self.encoder_rounds + 2
 
+    def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
+        if not (unprotected or mechanism):
+            return ("--strategy fedreplay uploads every site's latents with their labels (['latents.latents', "
+                    "'latents.labels']): protect them with --latent-noise-multiplier S (and --epsilon-budget), or "
+                    "pass --latents-unprotected.")
+        return None
+
     def work_problem(self, local_steps: int | None, min_sites: int | None) -> str | None:
         return super().work_problem(local_steps, None)
 
@@ -121,6 +128,16 @@ class CWTReplay(CyclicWeightTransfer):
     def site_data(self, train: Mapping[str, list[dict[str, Any]]], seed: int) -> dict[str, list[dict[str, Any]]]:
         self.n_sites = len(train)
         return super().site_data(train, seed)
+
+    def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
+        if private or mechanism:
+            return ("--strategy cwt-replay sends its generator and the codes of every item (they decode to images and "
+                    "masks), which no mechanism here covers, and its replayed pairs would escape DP-SGD's "
+                    "accounting: drop --privacy / --share / --latent-noise-multiplier.")  # fmt: skip
+        if not unprotected:
+            return ("--strategy cwt-replay sends its generator and the codes of every item, which decode to images "
+                    "and masks: pass --latents-unprotected to run it (metrics.json and the report say so).")
+        return None
 
     def start(self, sites: Sequence[str]) -> None:
         super().start(sites)

@@ -94,8 +94,9 @@ class SplitNNSettings:
 
 @dataclass(frozen=True)
 class FedReplaySettings:
-    cut_block: int = setting(1, "--cut-block", "FedReplay/SplitNN: encoding blocks on the site's side of the cut "
-                             "(seed 004 cuts after the first; default 1)", low=1, high=8)  # fmt: skip
+    cut_block: int = setting(1, "--cut-block", "FedReplay: encoding blocks in the sites' encoder (seed 004 cuts after "
+                             "the first; default 1; SplitNN's U-shaped cut is after the first)", low=1,
+                             high=8)  # fmt: skip
     encoder_site: str = setting("", "--encoder-site", "FedReplay: the site that trains the auxiliary encoder "
                                 "(default: the one with the most training cases)", text=True)  # fmt: skip
     encoder_rounds: int = setting(1, "--encoder-rounds", "FedReplay: rounds (one epoch each) of encoder training at "

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from monai_fedpriv.errors import FederationError
 from monai_fedpriv.fl.server.records import add_site_score, final_summary, progress_cell, round_record
@@ -111,7 +111,10 @@ class RunLoop:
         kind = self.strategy.round_kind(rnd)
         if kind == "server":  # nothing crosses the wire: the server trains on what was uploaded
             assert self.server_training is not None
-            self.state.weights, facts = self.server_training.train(rnd, self.state.weights)
+            try:
+                self.state.weights, facts = self.server_training.train(rnd, self.state.weights)
+            except Exception as exc:  # noqa: BLE001 - the round fails with its reason, the checkpoint stays intact
+                self._fail(rnd, f"round {rnd}: training at the server failed: {type(exc).__name__}: {exc}", {})
             self._complete(rnd, {}, 0, t0, server=facts)
             return True
         instructions = self.strategy.configure_round(rnd, self.state.active)
@@ -164,11 +167,16 @@ class RunLoop:
         sites = self._site_entries(request, got, screened)
         if not accepted:
             self._fail(rnd, f"round {rnd}: no site's upload was acceptable", sites, got)
-        self.server_training.receive(accepted)
+        try:
+            self.server_training.receive(accepted)
+        except Exception as exc:  # noqa: BLE001 - the round fails with its reason, the checkpoint stays intact
+            self._fail(rnd, f"round {rnd}: the server could not keep the uploads: {type(exc).__name__}: {exc}",
+                       sites, got)  # fmt: skip
         return sites, len(request.targets) - len(accepted)
 
-    def _fail(self, rnd: int, why: str, sites: dict, got: Gathered) -> None:
-        self.state.active = [s for s in self.state.active if s not in got.left]
+    def _fail(self, rnd: int, why: str, sites: dict, got: Gathered | None = None) -> NoReturn:
+        if got is not None:
+            self.state.active = [s for s in self.state.active if s not in got.left]
         self.state.stopped = Stop(rnd, StopKind.ROUND_FAILED, why, {"round": rnd, "sites": sites})
         self.write_metrics()
         raise FederationError(

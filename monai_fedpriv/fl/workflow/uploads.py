@@ -66,8 +66,9 @@ def screen_uploads(
     uploads: Sequence[LatentUpload], asked: Sequence[str], rnd: int, reference: LatentUpload | None = None
 ) -> tuple[list[LatentUpload], dict[str, str]]:
     """``(accepted, {site: why rejected})``: each asked site's one upload of round ``rnd``, with at least one item,
-    at most :data:`MAX_UPLOAD_ITEMS`, item and label shapes equal to ``reference``'s (an upload accepted earlier) or,
-    without one, to the first acceptable upload's, and labels in ``[0, 1]`` up to the mechanism's noise."""
+    at most :data:`MAX_UPLOAD_ITEMS`, floating-point latents, and item and label shapes equal to ``reference``'s (an
+    upload accepted earlier) or, without one, to the first acceptable upload's. What the server's model can take is
+    the keeper's own check (:meth:`ServerTraining.screen`)."""
     accepted: list[LatentUpload] = []
     rejected: dict[str, str] = {}
     seen: set[str] = set()

@@ -12,6 +12,9 @@ latents give the image back (``monai-fedpriv compare``'s leakage table), so the 
 
 Sensitivity: replacing one item moves its latent row by at most ``2 C`` and its scaled label by at most ``C``, so
 ``sqrt(5) C`` in L2; a privacy unit (a patient) that gave ``k`` items moves ``k`` disjoint rows, ``sqrt(5 k) C``.
+The neighbouring relation is *replace one case* (its ``k`` items), with the number of items and ``k`` public (the
+upload's shape says them): it is not add/remove, under which the rows would shift. A privacy unit of several cases
+(a patient with several volumes) needs ``k`` counted per patient; the bundles here hold one case per patient.
 One release is one Gaussian mechanism with noise multiplier ``sigma / sqrt(5 k)``, recorded in the site's one ledger
 before anything is sent (:meth:`~monai_fedpriv.privacy.budget.PrivacyBudget.release` refuses a release that would
 pass the budget; then nothing is sent). ``k`` is the upload's ``meta["items_per_unit"]``, which the site's upload
