@@ -54,7 +54,8 @@ def task_info(dataset_dir: str | Path | None, layout: str | None = None) -> Data
     if dataset_dir in (None, ""):
         raise BundleError(
             "this bundle trains on your data: set dataset_dir to an MSD task folder or a BraTS release "
-            "(python -m monai.bundle run ... --dataset_dir DIR, or monai-fedpriv simulate BUNDLE --data DIR)."
+            "(python -m monai.bundle run ... --dataset_dir DIR, or monai-fedpriv simulate BUNDLE --data DIR); to try "
+            "it without real data, monai-fedpriv data --synthetic brats|msd --output DIR writes a synthetic one."
         )
     return describe_dataset(dataset_dir, layout)
 
