@@ -31,6 +31,8 @@ COMMANDS = {
                 "for python -m monai.bundle run"),
     "compare": ("monai_fedpriv.cli.compare", "compare_main", "a grid of simulations (strategies x partitions): "
                 "Dice against label skew, centralised, bytes, CWT forgetting"),
+    "bundle": ("monai_fedpriv.cli.bundle", "bundle_main", "check a bundle offline against the MONAI model zoo's "
+               "minimum (bundle check DIR)"),
 }  # fmt: skip
 
 
