@@ -77,7 +77,7 @@ def install_spies(mp: pytest.MonkeyPatch) -> Wire:
     """Wrap the codec's encoders where the simulator's sites use them, and the FedReplay encoder of each upload."""
     wire = Wire()
     encode, encode_update = channel_module.encode, transport_module.encode_update
-    site_upload, cut = channel_module.site_upload, upload_module.encoder_and_primary
+    site_upload, cut = upload_module.site_upload, upload_module.encoder_and_primary
 
     def record(message: Any, data: bytes) -> bytes:
         wire.sent.append(Sent(message.site, message.round, message.kind, _tensors(message), dict(message.meta),
@@ -104,7 +104,7 @@ def install_spies(mp: pytest.MonkeyPatch) -> Wire:
 
     mp.setattr(channel_module, "encode", lambda m: record(m, encode(m)))
     mp.setattr(transport_module, "encode_update", lambda u: record(u, encode_update(u)))
-    mp.setattr(channel_module, "site_upload", spy_upload)
+    mp.setattr(upload_module, "site_upload", spy_upload)
     mp.setattr(upload_module, "encoder_and_primary", spy_cut)
     return wire
 

@@ -231,3 +231,19 @@ def test_cwt_replay_and_splitnn_refuse_privacy_claims_and_export_needs_the_opt_i
                          "--latents-unprotected")):  # fmt: skip
         assert main(argv) == 2
         assert words in capsys.readouterr().err
+
+
+def test_a_generator_visit_nothing_covers_is_refused_before_it_trains(monkeypatch):
+    from types import SimpleNamespace
+
+    import monai_fedpriv.generative.site as gsite
+    from monai_fedpriv.fl.instruction import RoundInstruction
+    from monai_fedpriv.fl.replay.upload import upload_message
+    from monai_fedpriv.fl.update import GlobalModel
+    from monai_fedpriv.privacy.filters import FilterChain
+
+    monkeypatch.setattr(gsite, "generator_visit", lambda *a, **k: pytest.fail("trained without the opt-in"))
+    site = SimpleNamespace(name="site-1", sync=SimpleNamespace(chain=FilterChain()))
+    model = GlobalModel(0, {}, instructions={"site-1": RoundInstruction(phase="generator")})
+    with pytest.raises(PrivacyConfigError, match="--latents-unprotected"):
+        upload_message(site, model, 1, 0, unprotected=False)

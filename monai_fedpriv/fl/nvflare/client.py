@@ -233,18 +233,11 @@ def _upload(site: _Site, rnd: int, task: Task, transport: NVFlareTransport, gene
     """FedReplay's latent upload or CWT+Replay's generator visit, through the site's filters; its bytes answer the
     task (a failure is the answer's ``failed``, nothing is sent)."""
     from monai_fedpriv.fl.codec import encode
-    from monai_fedpriv.fl.replay.upload import site_upload
-    from monai_fedpriv.generative.site import generator_visit
+    from monai_fedpriv.fl.replay.upload import upload_message
 
-    instruction = task.model.instruction_for(site.name)
-    message: Any
     try:
-        if instruction.phase == "generator":
-            with site.site.rng.active():
-                message = generator_visit(site.site, generator, rnd, site.settings.seed, instruction.epochs or 1)
-            message = site.site.sync.chain(message)
-        else:
-            message = site_upload(site.site, task.model, rnd, site.settings.latents_unprotected)
+        message = upload_message(site.site, task.model, rnd, site.settings.seed, site.settings.latents_unprotected,
+                                 generator)  # fmt: skip
         transport.send_message(site.name, encode(message))
         meta["result"] = {"privacy": site.site.privacy_facts()} if site.site.budgets else {}
     except Exception as exc:  # noqa: BLE001 - the site's failure, reported; nothing was sent

@@ -23,7 +23,7 @@ from monai_fedpriv.fl.weights import load_exchangeable_state
 from monai_fedpriv.networks.unet_cut import encoder_and_primary
 from monai_fedpriv.privacy.grad_sample import plain_copy
 
-__all__ = ["UNPROTECTED_FLAG", "dataset_items", "encode_dataset", "site_upload"]
+__all__ = ["UNPROTECTED_FLAG", "dataset_items", "encode_dataset", "site_upload", "upload_message"]
 
 UNPROTECTED_FLAG = "--latents-unprotected"
 
@@ -97,3 +97,20 @@ def _label_rows(labels: torch.Tensor, primary: torch.nn.Module, latents: torch.T
                          f"masks nor class indices below the network's {classes} outputs.")  # fmt: skip
     onehot = torch.nn.functional.one_hot(labels[:, 0].long(), classes)
     return onehot.movedim(-1, 1).to(torch.float32), "onehot"
+
+
+def upload_message(site: Any, model: GlobalModel, rnd: int, seed: int, unprotected: bool, generator: Any = None) -> Any:
+    """What ``site`` sends in an upload round, through its filter chain, the same for every transport: FedReplay's
+    latent upload, or (instruction phase ``"generator"``) CWT+Replay's generator visit of the ``generator`` it was
+    handed. Either is refused when nothing covers it and the site did not opt in (``PrivacyConfigError``)."""
+    from monai_fedpriv.fl.messages import GeneratorState
+
+    instruction = model.instruction_for(site.name)
+    if instruction.phase != "generator":
+        return site_upload(site, model, rnd, unprotected)
+    from monai_fedpriv.generative.site import generator_visit
+
+    site.sync.chain.require_covered(GeneratorState.kind, unprotected, UNPROTECTED_FLAG)
+    with site.rng.active():
+        visit = generator_visit(site, generator, rnd, seed, instruction.epochs or 1)
+    return site.sync.chain(visit)

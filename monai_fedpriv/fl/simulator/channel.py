@@ -14,7 +14,7 @@ from monai_fedpriv.errors import UpdateError
 from monai_fedpriv.fl.codec import decode, encode, encode_global
 from monai_fedpriv.fl.instruction import RoundInstruction
 from monai_fedpriv.fl.messages import GeneratorState
-from monai_fedpriv.fl.replay.upload import site_upload
+from monai_fedpriv.fl.replay.upload import upload_message
 from monai_fedpriv.fl.server.work import WorkBound, instructed_bound
 from monai_fedpriv.fl.simulator.ledgers import SiteLedgers
 from monai_fedpriv.fl.simulator.run_config import LocalWork
@@ -121,7 +121,7 @@ class InProcessChannel(ServerChannel):
         """The generator CWT+Replay's server holds now (``None`` for other strategies or before the first visit)."""
         return getattr(self.keeper, "current", None)
 
-    def _handed(self, site: SiteRuntime) -> tuple[Any, int]:
+    def _handed(self) -> tuple[Any, int]:
         """The generator as the site receives it: through the codec, decoded as untrusted (and its bytes)."""
         current = self._generator()
         if current is None:
@@ -134,7 +134,7 @@ class InProcessChannel(ServerChannel):
     def _refresh_replay(self, site: SiteRuntime, rnd: int) -> int:
         from monai_fedpriv.generative.site import ReplayMix, fill_replay
 
-        state, size = self._handed(site)
+        state, size = self._handed()
         mix = site.trainer.data_loader.dataset.base
         if isinstance(mix, ReplayMix):
             with site.rng.active():
@@ -149,15 +149,9 @@ class InProcessChannel(ServerChannel):
         got.expected.append(name)
         handed = 0
         try:
-            if phase == "generator":
-                from monai_fedpriv.generative.site import generator_visit
-
-                state, handed = self._handed(site)
-                epochs = request.model.instruction_for(name).epochs or 1
-                with site.rng.active():
-                    upload = site.sync.chain(generator_visit(site, state, request.round, self.keeper.seed, epochs))
-            else:
-                upload = site_upload(site, request.model, request.round, self.latents_unprotected)
+            state, handed = self._handed() if phase == "generator" else (None, 0)
+            seed = getattr(self.keeper, "seed", 0)
+            upload = upload_message(site, request.model, request.round, seed, self.latents_unprotected, state)
             data = encode(upload)
         except Exception as exc:  # noqa: BLE001 - a site's failure is that site's
             got.failures[name] = f"upload failed: {type(exc).__name__}: {exc}"

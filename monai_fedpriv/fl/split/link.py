@@ -32,7 +32,7 @@ class CodecLink:
         self.site, self.server = site, server
         self.round, self.step, self.training = 1, 0, True
         self.messages = self.bytes_sent = self.bytes_received = 0
-        self._shape: tuple[int, ...] | None = None
+        self._sent: tuple[int, ...] = ()  # the shape of the last features sent: the gradient back must match it
 
     def reset(self, rnd: int) -> None:
         self.round, self.step = int(rnd), 0
@@ -54,13 +54,12 @@ class CodecLink:
         msg = Activations(self.site, self.round, self.step, {"x": x.detach().cpu()}, meta)
         free: tuple[int | None, ...] = (None,) * (x.dim() - 1)
         y = self._exchange(msg, Activations.kind, (int(x.shape[0]), *free))
-        self._shape = tuple(y.shape)
+        self._sent = tuple(x.shape)
         return y.to(x.device)
 
     def backward(self, grad: torch.Tensor) -> torch.Tensor:
         msg = Gradients(self.site, self.round, self.step, {"g": grad.detach().cpu()})
-        shape = self.server.input_shape(self.site)
-        return self._exchange(msg, Gradients.kind, shape).to(grad.device)
+        return self._exchange(msg, Gradients.kind, self._sent).to(grad.device)
 
 
 class RemoteSkip(nn.Module):

@@ -45,7 +45,6 @@ class SplitServer:
         self.site: str | None = None
         self.round = 0
         self._io: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
 
     def begin(self, site: str, rnd: int, weights: Mapping[str, torch.Tensor]) -> None:
         """Serve ``site`` for round ``rnd`` from the global model's server part (its optimiser state is kept to go
@@ -75,9 +74,6 @@ class SplitServer:
         """The server part's weights under the global model's keys."""
         own = self.part.state_dict()
         return {g: own[k].detach().clone() for k, g in self.keys.items()}
-
-    def input_shape(self, site: str) -> tuple[int, ...]:
-        return self._shapes.get(site, ())
 
     def handle(self, data: bytes) -> bytes:
         """Answer one message of the site being served (``UpdateError`` on anything unexpected)."""
@@ -109,7 +105,6 @@ class SplitServer:
             out = self.part(inp)
         if train:
             self._io = (inp, out)
-        self._shapes[str(self.site)] = tuple(x.shape)
         return encode(Activations(SERVER_NAME, self.round, msg.step, {"y": out.detach()}))
 
     def _backward(self, data: bytes) -> bytes:

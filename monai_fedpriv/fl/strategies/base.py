@@ -42,6 +42,8 @@ class Strategy(ABC):
     upload_kind: str | None = None
     #: whether some rounds train across a cut, batch by batch (SplitNN)
     splits_network: bool = False
+    #: what the sites send that no mechanism covers (then a run needs ``--latents-unprotected``), or ``None``
+    exposes: str | None = None
 
     @property
     def min_rounds(self) -> int:
@@ -67,7 +69,16 @@ class Strategy(ABC):
     def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
         """Why the run's privacy flags do not fit what this strategy's sites send beyond updates, or ``None``:
         ``unprotected`` (``--latents-unprotected``), ``mechanism`` (``--latent-noise-multiplier``), ``private``
-        (DP-SGD or an update filter). The default strategy sends updates only: the latent flags do not apply."""
+        (DP-SGD or an update filter). A strategy that :attr:`exposes` something no mechanism covers needs the opt-in
+        and refuses every privacy claim; one that sends updates only takes none of the latent flags."""
+        if self.exposes is not None:
+            if private or mechanism:
+                return (f"--strategy {self.name} sends {self.exposes}, which no mechanism here covers: drop --privacy "
+                        f"/ --share / --latent-noise-multiplier (a claim on the weights would be false).")
+            if not unprotected:
+                return (f"--strategy {self.name} sends {self.exposes}: pass --latents-unprotected to run it "
+                        f"(metrics.json and the report say so).")  # fmt: skip
+            return None
         if unprotected or mechanism:
             return (f"--latents-unprotected / --latent-noise-multiplier: --strategy {self.name} sends no latents "
                     f"(--strategy splitnn, fedreplay and cwt-replay do).")  # fmt: skip

@@ -99,16 +99,7 @@ class SplitNN(CyclicWeightTransfer):
 
     name = "splitnn"
     splits_network = True
-
-    def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
-        if private or mechanism:
-            return ("--strategy splitnn sends every batch's cut-layer features and gradients, which no mechanism here "
-                    "covers: drop --privacy / --share / --latent-noise-multiplier (a claim on the weights would be "
-                    "false).")  # fmt: skip
-        if not unprotected:
-            return ("--strategy splitnn sends every batch's cut-layer features, which give the images back (see the "
-                    "leakage table): pass --latents-unprotected to run it (metrics.json and the report say so).")
-        return None
+    exposes = "every batch's cut-layer features and gradients (the features give the images back)"
 
     def configure_round(self, rnd: int, sites: Sequence[str]) -> dict[str, RoundInstruction]:
         chosen = super().configure_round(rnd, sites)

@@ -115,7 +115,8 @@ class CWTReplay(CyclicWeightTransfer):
 
     name = "cwt-replay"
     upload_kind = "generator"
-
+    exposes = ("its generator and the codes of every item (they decode to images and masks, and replayed pairs "
+               "would escape DP-SGD's accounting)")
     def __init__(self, generator_epochs: int = 1, sites: Sequence[str] | None = None) -> None:
         super().__init__(sites)
         self.generator_epochs = int(generator_epochs)
@@ -129,15 +130,6 @@ class CWTReplay(CyclicWeightTransfer):
         self.n_sites = len(train)
         return super().site_data(train, seed)
 
-    def exposure_problem(self, unprotected: bool, mechanism: bool, private: bool) -> str | None:
-        if private or mechanism:
-            return ("--strategy cwt-replay sends its generator and the codes of every item (they decode to images and "
-                    "masks), which no mechanism here covers, and its replayed pairs would escape DP-SGD's "
-                    "accounting: drop --privacy / --share / --latent-noise-multiplier.")  # fmt: skip
-        if not unprotected:
-            return ("--strategy cwt-replay sends its generator and the codes of every item, which decode to images "
-                    "and masks: pass --latents-unprotected to run it (metrics.json and the report say so).")
-        return None
 
     def start(self, sites: Sequence[str]) -> None:
         super().start(sites)

@@ -63,12 +63,12 @@ def upload_facts(upload: LatentUpload, wire_bytes: int | None) -> dict[str, Any]
 
 
 def screen_uploads(
-    uploads: Sequence[LatentUpload], asked: Sequence[str], rnd: int, reference: LatentUpload | None = None
+    uploads: Sequence[LatentUpload], asked: Sequence[str], rnd: int
 ) -> tuple[list[LatentUpload], dict[str, str]]:
     """``(accepted, {site: why rejected})``: each asked site's one upload of round ``rnd``, with at least one item,
-    at most :data:`MAX_UPLOAD_ITEMS`, floating-point latents, and item and label shapes equal to ``reference``'s (an
-    upload accepted earlier) or, without one, to the first acceptable upload's. What the server's model can take is
-    the keeper's own check (:meth:`ServerTraining.screen`)."""
+    at most :data:`MAX_UPLOAD_ITEMS`, floating-point latents, and item and label shapes equal to the first acceptable
+    upload's. What the server's model can take is the keeper's own check, made first (:meth:`ServerTraining.screen`),
+    so no upload the model cannot take becomes the others' reference."""
     accepted: list[LatentUpload] = []
     rejected: dict[str, str] = {}
     seen: set[str] = set()
@@ -86,7 +86,7 @@ def screen_uploads(
         elif not upload.latents.is_floating_point():
             problem = f"its latents are {upload.latents.dtype}, not floating point"
         else:
-            ref = reference or (accepted[0] if accepted else None)
+            ref = accepted[0] if accepted else None
             if ref is not None and (upload.latents.shape[1:] != ref.latents.shape[1:]
                                     or upload.labels.shape[1:] != ref.labels.shape[1:]):  # fmt: skip
                 mine = f"{list(upload.latents.shape[1:])} with labels {list(upload.labels.shape[1:])}"
