@@ -171,3 +171,27 @@ def test_summarise_cell_counts_messages_and_bytes():
             res.update(messages=2, bytes_received=50, bytes_sent=None)
     got = summarise_cell(m)
     assert (got["messages"], got["bytes_received"], got["bytes_sent"]) == (8, 200, 0)
+
+
+def test_compare_with_mlflow_logs_a_run_per_cell_and_the_grid_into_one_store(tiny_compare_bundle, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    out = tmp_path / "cmp"
+    grid = ["--strategies", "fedavg,fedprox", "--partitions", "iid", "--tracking", "mlflow"]
+    assert main(["compare", *_flags(tiny_compare_bundle, out, *grid)]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    client = mlflow.tracking.MlflowClient("sqlite:///" + str(out.resolve() / "mlruns.db"))
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("monai_fedpriv")
+                                                            .experiment_id])}  # fmt: skip
+    assert set(runs) == {"fedavg__iid", "fedprox__iid", "compare cmp"}
+    for cell in result["cells"]:
+        run = runs[f"{cell['strategy']}__{cell['partition']}"]
+        dice = client.get_metric_history(run.info.run_id, "global/dice")
+        assert max(m.step for m in dice) == 2 and run.info.status == "FINISHED"
+        grid_dice = client.get_metric_history(runs["compare cmp"].info.run_id,
+                                              f"final_dice/{cell['strategy']}/{cell['partition']}")  # fmt: skip
+        assert [m.value for m in grid_dice] == [cell["dice"]]
+    assert "compare.json" in {a.path for a in client.list_artifacts(runs["compare cmp"].info.run_id)}
+    assert main(["compare", *_flags(tiny_compare_bundle, out, *grid)]) == 0  # a rerun: the same runs, no repeats
+    again = client.search_runs([client.get_experiment_by_name("monai_fedpriv").experiment_id])
+    assert len(again) == 3
+    assert len(client.get_metric_history(runs["compare cmp"].info.run_id, "final_dice/fedavg/iid")) == 1

@@ -180,9 +180,12 @@ def test_run_nvflare_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- simulator
 # not marked slow: the default suite runs one real NVIDIA FLARE job end to end
 def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_path):
+    pytest.importorskip("mlflow")
     export(bundle, tmp_path / "job", 2)
-    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run")]) == 0
+    assert main(["run-nvflare", str(tmp_path / "job"), "--simulator", "--output", str(tmp_path / "run"),
+                 "--tracking", "mlflow", "--tracking-uri", "sqlite:///" + str(tmp_path / "run" / "mlruns.db")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    _assert_tracked(tmp_path / "run", metrics)
     reference = simulate(bundle, tmp_path / "sim", 2)
     assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "sim"))
     dice = [r["global"]["dice"] for r in metrics["rounds"]]
@@ -192,6 +195,20 @@ def test_simulator_job_trains_what_the_in_process_simulator_trains(bundle, tmp_p
     assert (tmp_path / "run" / "report.md").is_file()
     for record in metrics["rounds"]:  # codec bytes crossed the wire and were counted
         assert all(s["bytes_sent"] > 0 for s in record["sites"].values())
+
+
+def _assert_tracked(run: Path, metrics: dict) -> None:
+    """The MLflow run of ``run-nvflare --tracking mlflow`` holds every round's global Dice (which FLARE's sites
+    report a round late), each site's bytes, and the report and model."""
+    mlflow = pytest.importorskip("mlflow")
+    client = mlflow.tracking.MlflowClient("sqlite:///" + str(run / "mlruns.db"))
+    (found,) = client.search_runs([client.get_experiment_by_name("monai_fedpriv").experiment_id])
+    dice = sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, "global/dice"))
+    assert dice == [(r["round"], r["global"]["dice"]) for r in metrics["rounds"]]
+    sent = sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, "site-3/bytes_sent"))
+    assert sent == [(r["round"], r["sites"]["site-3"]["bytes_sent"]) for r in metrics["rounds"]]
+    assert {"report.md", "model", "metrics.json"} <= {a.path for a in client.list_artifacts(found.info.run_id)}
+    assert found.info.status == "FINISHED"
 
 
 @pytest.mark.slow

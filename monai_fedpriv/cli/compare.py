@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from monai_fedpriv.cli.options import OptionError, check_number, check_output_folder
+from monai_fedpriv.cli.tracking import add_tracking_flags, check_tracking_flags
 from monai_fedpriv.experiments.compare import (
     STRATEGY_NAMES,
     STRATEGY_OPTIONS,
@@ -57,6 +58,7 @@ def build_compare_parser() -> argparse.ArgumentParser:
                    "report says so")
     p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_tracking_flags(p)  # every cell is a run of its own; the grid's summary one more
     return p
 
 
@@ -90,13 +92,15 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     check_number("--generator-epochs", args.generator_epochs, low=1, integer=True)
     check_number("--share-data-fraction", args.share_data_fraction, low=0, high=1, low_open=True)
     check_output_folder(args.output)
+    check_tracking_flags(args)
     return CompareSettings(
         args.bundle_dir, args.output, strategies, partitions, sites=args.sites, rounds=args.rounds,
         local_epochs=args.local_epochs, local_steps=args.local_steps, seed=args.seed, data=args.data,
         layout=args.layout, config_files=tuple(args.config_files), overrides=tuple(args.override),
         privacy=args.privacy, threads=args.threads, device=args.device, prox_mu=args.prox_mu,
         share_data_fraction=args.share_data_fraction, latents_unprotected=args.latents_unprotected,
-        generator_epochs=args.generator_epochs,
+        generator_epochs=args.generator_epochs, tracking=args.tracking, tracking_uri=args.tracking_uri,
+        experiment_name=args.experiment_name,
     )  # fmt: skip
 
 
@@ -116,6 +120,32 @@ def check_cells(settings: CompareSettings) -> None:
             raise OptionError(f"--strategies {strategy}: monai-fedpriv simulate refuses its flags{why}.") from None
 
 
+def track_grid(settings: CompareSettings, result: dict) -> None:
+    """The grid's summary run next to its cells' runs: the grid's settings, each cell's final Dice
+    (``final_dice/<strategy>/<partition>``) and centralised Dice, ``compare.json``, the report and its figures.
+    A rerun of the same grid continues this run. Tracking never ends the grid: a failure is a warning."""
+    if settings.tracking is None:
+        return
+    import logging
+
+    from monai_fedpriv.cli.tracking import run_artifacts
+    from monai_fedpriv.tracking import open_tracker
+
+    try:
+        tracker = open_tracker(settings.tracking, settings.output, f"compare {settings.output.resolve().name}",
+                               uri=settings.tracking_uri, experiment=settings.experiment_name, resume=True,
+                               logdir=settings.output / "tensorboard" / "grid")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger("monai_fedpriv.tracking").warning(f"the grid's summary run was not logged: {exc!r}"[:400])
+        return
+    values = {f"final_dice/{c['strategy']}/{c['partition']}": c["dice"] for c in result["cells"]
+              if isinstance(c.get("dice"), (int, float))}  # fmt: skip
+    values.update({f"centralised/{p}": d for p, d in result.get("centralised", {}).items() if d is not None})
+    params = {f"compare.{k}": str(v)[:500] for k, v in settings.recorded().items()}
+    tracker.log_once(settings.rounds, values, params=params)
+    tracker.finish({}, run_artifacts(settings.output))
+
+
 def compare_main(argv: list[str]) -> int:
     from monai_fedpriv.errors import FederationError
     from monai_fedpriv.experiments.compare import check_output, run_grid
@@ -127,6 +157,7 @@ def compare_main(argv: list[str]) -> int:
     result = run_grid(settings, log=lambda line: print(line, flush=True))
     report = write_compare_report(result, settings.output)
     print(f"compare: {settings.output / 'compare.json'}; report: {report}")
+    track_grid(settings, result)
     failed = [f"{c['strategy']} on {c['partition']}" for c in result["cells"] if c.get("error")]
     if failed:
         raise FederationError(f"{len(failed)} cell(s) stopped ({'; '.join(failed)}): see compare.json; rerun the same "

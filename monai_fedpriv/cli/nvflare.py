@@ -12,12 +12,13 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 from monai_fedpriv.cli.options import OptionError
 from monai_fedpriv.cli.run_flags import add_run_flags
+from monai_fedpriv.cli.tracking import add_tracking_flags, check_tracking_flags
 
 __all__ = ["export_main", "run_nvflare_main"]
 
@@ -73,6 +74,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=None, help="seconds to wait for the job (default: rounds x the "
                    "job's round timeout + 10 minutes)")  # fmt: skip
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    add_tracking_flags(p)
     p.add_argument("--ledger-dir", type=Path, default=None, help="the sites' ledger store on this machine (sets "
                    "$MONAI_FEDPRIV_LEDGER_DIR for them; default theirs, else ~/.monai_fedpriv/ledgers)")  # fmt: skip
     p.add_argument("--fresh-budget", action="store_true", help="the sites start their budgets at zero although earlier "
@@ -82,6 +84,7 @@ def build_run_parser() -> argparse.ArgumentParser:
 
 def run_nvflare_main(argv: list[str]) -> int:
     args = build_run_parser().parse_args(argv)
+    check_tracking_flags(args)
     from monai_fedpriv.cli.simulate import refuse_used_output
     from monai_fedpriv.fl.nvflare.runner import open_job
 
@@ -126,7 +129,32 @@ def _run_job(args: argparse.Namespace, settings: Any, unpacked: Path, out: Path)
         job_dir = resumed_job(job_dir, out / "resume_job")
     else:
         shutil.rmtree(out / "state", ignore_errors=True)
-    progress = _Progress(server_dir / "metrics.json", settings.rounds)
+    from monai_fedpriv.cli.tracking import run_artifacts, start_tracker
+
+    tracker = start_tracker(args, out, resume)
+    try:
+        metrics = _run_and_collect(args, settings, unpacked, out, resume, job_dir, tracker)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    from monai_fedpriv.bundle.loader import BundleSpec
+    from monai_fedpriv.cli.simulate import finish_run
+
+    bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
+    val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
+    code = finish_run(metrics, bundle, val, out, report=not args.no_report)
+    if tracker is not None:
+        tracker.finish(metrics, run_artifacts(out))
+    return code
+
+
+def _run_and_collect(args: argparse.Namespace, settings: Any, unpacked: Path, out: Path, resume: bool, job_dir: Path,
+                     tracker: Any) -> dict[str, Any]:  # fmt: skip
+    """Run the job, following its rounds (and feeding the tracker), and collect its metrics; raises the job's cause
+    when it stopped early."""
+    server_dir = out / "state" / "server"
+    progress = _Progress(server_dir / "metrics.json", settings.rounds, None if tracker is None else tracker.update)
     started = time.perf_counter()
     if args.simulator:
         from monai_fedpriv.fl.nvflare.runner import run_simulator
@@ -148,12 +176,7 @@ def _run_job(args: argparse.Namespace, settings: Any, unpacked: Path, out: Path)
         _raise_cause(out, settings, f"the job ended after round {done} of {settings.rounds} ({status})", f"See "
                      f"{out}/nvflare_*.log. The completed rounds and every site's state are intact: run-nvflare "
                      "--resume continues.")  # fmt: skip
-    from monai_fedpriv.bundle.loader import BundleSpec
-    from monai_fedpriv.cli.simulate import finish_run
-
-    bundle = BundleSpec(unpacked / settings.bundle, tuple(settings.config_files), dict(settings.overrides))
-    val = {site: lists.get("val", []) for site, lists in settings.data.items() if lists.get("val")}
-    return finish_run(metrics, bundle, val, out, report=not args.no_report)
+    return metrics
 
 
 def _raise_cause(out: Path, settings: Any, fallback: str, hint: str) -> NoReturn:
@@ -220,9 +243,10 @@ class _ServerWatch:
 class _Progress:
     """Prints one line per round completed, read from the controller's ``metrics.json``."""
 
-    def __init__(self, path: Path, rounds: int) -> None:
+    def __init__(self, path: Path, rounds: int, on_metrics: Callable[[dict], None] | None = None) -> None:
         self.path = path
         self.rounds = rounds
+        self.on_metrics = on_metrics
         self.shown = 0
         self.mtime = 0.0
 
@@ -234,9 +258,12 @@ class _Progress:
             if mtime == self.mtime:
                 return None
             self.mtime = mtime
-            history = json.loads(self.path.read_text()).get("rounds", [])
-        except (OSError, json.JSONDecodeError):
+            metrics = json.loads(self.path.read_text())
+            history = metrics.get("rounds", [])
+        except (OSError, json.JSONDecodeError, AttributeError):
             return None
+        if self.on_metrics is not None:
+            self.on_metrics(metrics)
         for record in history[self.shown :]:
             cells = " | ".join(progress_cell(n, r) for n, r in record["sites"].items())
             print(f"[nvflare] round {record['round']}/{self.rounds} | {cells} | {record['seconds']:.1f}s", flush=True)

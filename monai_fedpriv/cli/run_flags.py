@@ -250,6 +250,9 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         p.add_argument("--device", default="cpu", help="torch device (default cpu)")
         p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
         p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+        from monai_fedpriv.cli.tracking import add_tracking_flags
+
+        add_tracking_flags(p)
     return p
 
 
@@ -273,4 +276,8 @@ def check_run_flags(args: argparse.Namespace) -> None:
                       ("--val-fraction", args.val_fraction)], "--data")  # fmt: skip
     check_number("--round-timeout", getattr(args, "round_timeout", None), low=0, integer=True)
     check_number("--wait-after-min", getattr(args, "wait_after_min", None), low=0, integer=True)
+    if hasattr(args, "tracking"):
+        from monai_fedpriv.cli.tracking import check_tracking_flags
+
+        check_tracking_flags(args)
     strategy_from_args(args)

@@ -5,6 +5,7 @@ centralised and local-only training with the same total work); writes ``DIR/metr
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,11 +58,28 @@ def refuse_used_output(output: Path, resume: bool) -> None:
 
 
 def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
+    from monai_fedpriv.cli.tracking import run_artifacts, start_tracker
+
+    resume = args.resume and (args.output / "federated" / "checkpoints" / "latest.pt").is_file()
+    tracker = start_tracker(args, args.output, resume)
+    try:
+        metrics = _train(args, plan, None if tracker is None else tracker.update)
+        code = finish_run(metrics, plan.bundle, plan.split.val, args.output, report=not args.no_report)
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish(metrics, run_artifacts(args.output))
+    return code
+
+
+def _train(args: argparse.Namespace, plan: RunPlan, on_metrics: Callable[[dict], None] | None) -> dict:
     from monai_fedpriv.experiments import run_experiment
     from monai_fedpriv.privacy.ledger_store import LedgerStore
 
     settings = plan.settings  # the run's one settings tree (the same an exported job carries)
-    metrics = run_experiment(
+    return run_experiment(
         plan.bundle,
         plan.split,
         args.output,
@@ -84,8 +102,8 @@ def _simulate(args: argparse.Namespace, plan: RunPlan) -> int:
             "fresh_budget": args.fresh_budget,
         },  # fmt: skip
         extra=plan.extra,
+        on_metrics=on_metrics,
     )
-    return finish_run(metrics, plan.bundle, plan.split.val, args.output, report=not args.no_report)
 
 
 def finish_run(

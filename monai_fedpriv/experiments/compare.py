@@ -12,6 +12,7 @@ finished cells and continues the interrupted ones with ``--resume``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +43,8 @@ UPLOADING = ("splitnn", "fedreplay", "cwt-replay")
 #: cyclic strategies (one site a round), whose catastrophic forgetting the grid reports
 CYCLIC = ("cwt", "splitnn", "cwt-replay")
 #: settings that do not change a result (not recorded), and the grid (which a resume may grow)
-_NOT_RECORDED, _GRID = ("output", "threads", "device"), ("strategies", "partitions")
+_NOT_RECORDED = ("output", "threads", "device", "tracking", "tracking_uri", "experiment_name")
+_GRID = ("strategies", "partitions")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class CompareSettings:
     share_data_fraction: float | None = None
     latents_unprotected: bool = False
     generator_epochs: int | None = None
+    tracking: str | None = None
+    tracking_uri: str | None = None
+    experiment_name: str | None = None
 
     def recorded(self) -> dict[str, Any]:
         """``compare.json``'s ``settings``: everything that defines the result, and the grid."""
@@ -111,7 +116,24 @@ def cell_argv(settings: CompareSettings, strategy: str, partition: str, *, basel
         argv += ["--override", override]
     if s.privacy != "none":  # every cell starts from the same budget (earlier cells' spending stays recorded)
         argv.append("--fresh-budget")
+    argv += tracking_flags(s)
     return argv + ["--baselines"] * baselines + ["--resume"] * resume
+
+
+def tracking_flags(settings: CompareSettings) -> list[str]:
+    """A cell's tracking flags: its own TensorBoard folder, or a run in the grid's one MLflow store (by default
+    ``DIR/mlruns.db``), named after the cell."""
+    if settings.tracking is None:
+        return []
+    from monai_fedpriv.tracking import parse_trackers
+
+    flags = ["--tracking", settings.tracking]
+    if "mlflow" in parse_trackers(settings.tracking):
+        from monai_fedpriv.tracking import default_mlflow_uri
+
+        uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri(settings.output)
+        flags += ["--tracking-uri", uri, "--experiment-name", settings.experiment_name or "monai_fedpriv"]
+    return flags
 
 
 def forgetting_matrix(metrics: dict[str, Any]) -> list[list[float | None]]:

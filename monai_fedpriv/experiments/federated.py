@@ -102,6 +102,7 @@ def run_experiment(
     filters_factory: Callable[[str], list[Any]] | None = None,
     federation: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Federated training plus (optionally) centralised and local-only baselines with the same total epochs.
 
@@ -113,6 +114,7 @@ def run_experiment(
             ``secure_noise``, ``round_timeout``); the baselines train one model each and are not screened, faulted
             or timed out.
         extra: more top-level entries for ``metrics.json`` (e.g. which data were used).
+        on_metrics: called with ``metrics.json``'s content whenever it is written (a tracker).
 
     Returns:
         The federated metrics with ``partition`` and ``baselines`` sections.
@@ -128,6 +130,11 @@ def run_experiment(
             out["baselines"] = previous["baselines"]
         return out
 
+    def publish(metrics: dict[str, Any]) -> None:
+        write_json(metrics, output_dir / "metrics.json")
+        if on_metrics is not None:
+            on_metrics(metrics)
+
     fed = FederatedSimulator(
         bundle,
         split.train,
@@ -140,7 +147,7 @@ def run_experiment(
         filters_factory=filters_factory,
         label="federated",
         partition=split.scheme,
-        on_round=lambda m: write_json(with_context(m), output_dir / "metrics.json"),
+        on_round=lambda m: publish(with_context(m)),
         **dict(federation or {}),
         **common,
     )
@@ -149,11 +156,11 @@ def run_experiment(
     except FederationError:  # a stopped federation still leaves its metrics (with the reason) in the contract file
         if (output_dir / "federated" / "metrics.json").is_file():
             latest = json.loads((output_dir / "federated" / "metrics.json").read_text())
-            write_json(with_context(latest), output_dir / "metrics.json")
+            publish(with_context(latest))
         raise
     if baselines:
         metrics["baselines"] = _baselines(bundle, split, output_dir, rounds, local_work, resume, common)
-    write_json(metrics, output_dir / "metrics.json")
+    publish(metrics)
     return metrics
 
 

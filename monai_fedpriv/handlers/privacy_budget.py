@@ -99,6 +99,7 @@ class PrivacyBudgetHandler:
         if engine.has_event_handler(self._before_iteration, Events.ITERATION_STARTED):
             return
         engine.add_event_handler(Events.ITERATION_STARTED, self._before_iteration)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._publish_at_epoch_end)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._log_epoch)
         engine.add_event_handler(Events.TERMINATE, self._log_stop)
 
@@ -123,6 +124,18 @@ class PrivacyBudgetHandler:
             engine.terminate()
             if budget.policy == "raise":
                 raise PrivacyBudgetExceeded(f"{self.site}: {budget.stop_reason}.")
+
+    def _publish_at_epoch_end(self, engine: Engine) -> None:
+        """After an epoch's last iteration (before any handler's ``EPOCH_COMPLETED``), the epsilon spent so far
+        (and the budget) join ``engine.state.metrics`` as ``privacy_epsilon`` (``privacy_budget``): MONAI's own
+        ``MLFlowHandler`` / ``TensorBoardStatsHandler`` / ``StatsHandler`` log the epoch's metrics from there, so a
+        bundle run with ``--tracking mlflow`` records the site's epsilon in the same run."""
+        length = engine.state.epoch_length
+        if not length or engine.state.iteration % length:
+            return
+        engine.state.metrics["privacy_epsilon"] = self.budget.epsilon()
+        if self.budget.limit is not None:
+            engine.state.metrics["privacy_budget"] = float(self.budget.limit)
 
     def _log_epoch(self, engine: Engine) -> None:
         if not self.log_epochs:
