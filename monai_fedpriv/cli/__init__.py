@@ -32,7 +32,7 @@ COMMANDS = {
     "compare": ("monai_fedpriv.cli.compare", "compare_main", "a grid of simulations (strategies x partitions): "
                 "Dice against label skew, centralised, bytes, CWT forgetting"),
     "bundle": ("monai_fedpriv.cli.bundle", "bundle_main", "check a bundle offline against the MONAI model zoo's "
-               "minimum (bundle check DIR)"),
+               "minimum (bundle check DIR); a finished run's model as a bundle (bundle export RUN --output DIR)"),
 }  # fmt: skip
 
 

@@ -64,9 +64,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write ``text`` to a temporary file next to ``path``, then rename over it."""
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_json(obj: Any, path: str | Path) -> None:
-    """Atomically write ``obj`` as indented strict JSON (see :func:`json_safe`)."""
-    atomic_write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n", path)
+def write_json(obj: Any, path: str | Path, indent: int = 2, ascii_only: bool = True) -> None:
+    """Atomically write ``obj`` as indented strict JSON (see :func:`json_safe`); bundle configs take ``indent=4,
+    ascii_only=False`` (the model zoo's formatting)."""
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False, ensure_ascii=ascii_only)
+    atomic_write_text(text + "\n", path)
