@@ -41,12 +41,14 @@ from monai_fedpriv.privacy.events import (
     PrivacyEvent,
     PureEvent,
     SampledGaussianEvent,
+    SkellamEvent,
     _check_accountant,
     _check_count,
     _check_delta,
     check_accountant_supports,
     check_positive,
 )
+from monai_fedpriv.privacy.skellam import skellam_rdp
 
 __all__ = [
     "ACCOUNTANTS",
@@ -56,13 +58,14 @@ __all__ = [
     "PrivacyLedger",
     "PureEvent",
     "SampledGaussianEvent",
+    "SkellamEvent",
     "check_accountant_supports",
 ]
 
 # Opacus' default orders, extended upwards so that pure-DP-heavy ledgers do not stop at the largest order.
 RDP_ORDERS: list[float] = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS] + [80.0, 96.0, 128.0, 256.0, 512.0]
 
-_KINDS = {"sampled_gaussian": "steps", "gaussian": "count", "pure": "count"}
+_KINDS = {"sampled_gaussian": "steps", "gaussian": "count", "pure": "count", "skellam": "count"}
 
 
 class PrivacyLedger:
@@ -122,6 +125,11 @@ class PrivacyLedger:
         n = _check_count("count", count)
         self._append({"kind": "pure", "epsilon": eps, "label": str(label), "count": n})
 
+    def record_skellam(self, l1: float, l2: float, variance: float, count: int = 1) -> None:
+        """Record ``count`` Skellam releases (sensitivities ``l1``, ``l2``; per-coordinate noise ``variance``)."""
+        self._append({"kind": "skellam", "l1": check_positive("l1", l1), "l2": check_positive("l2", l2),
+                      "variance": check_positive("variance", variance), "count": _check_count("count", count)})
+
     def record(self, event: PrivacyEvent) -> None:
         """Record one event object (:class:`SampledGaussianEvent`, :class:`GaussianEvent` or :class:`PureEvent`)."""
         if isinstance(event, SampledGaussianEvent):
@@ -130,6 +138,8 @@ class PrivacyLedger:
             self.record_gaussian(event.noise_multiplier, event.count)
         elif isinstance(event, PureEvent):
             self.record_pure(event.epsilon, event.label, event.count)
+        elif isinstance(event, SkellamEvent):
+            self.record_skellam(event.l1, event.l2, event.variance, event.count)
         else:
             raise PrivacyConfigError(f"unknown privacy event {event!r}; the ledger refuses what it cannot account.")
 
@@ -226,11 +236,12 @@ class PrivacyLedger:
             return 0.0
         pure = [(e["epsilon"], e["count"]) for e in [*self._carried, *self._events] if e["kind"] == "pure"]
         history = self._gaussian_history()
+        skellam = [e for e in [*self._carried, *self._events] if e["kind"] == "skellam"]
         if accountant == "prv":
-            if pure:
+            if pure or skellam:
                 raise PrivacyConfigError(
                     f"the PRV accountant cannot account for pure epsilon-DP events ({len(pure)} recorded, e.g. "
-                    f"SVT/Laplace releases); use accountant='rdp'."
+                    f"SVT/Laplace releases) or Skellam releases ({len(skellam)}, distributed DP); use accountant='rdp'."
                 )
             prv = PRVAccountant()
             prv.history = list(history)
@@ -238,7 +249,9 @@ class PrivacyLedger:
                 return float(prv.get_epsilon(delta=delta))
         orders = RDP_ORDERS
         alphas = np.asarray(orders)
-        gauss_rdp = self._gaussian_rdp(orders)
+        gauss_rdp = self._gaussian_rdp(orders) + np.asarray(
+            [sum(e["count"] * skellam_rdp(a, e["l1"], e["l2"], e["variance"]) for e in skellam) for a in orders]
+        )  # the RDP mechanisms: DP-SGD, Gaussian releases, Skellam
         pure_rdp = np.zeros(len(orders))
         for eps, n in pure:
             pure_rdp = pure_rdp + n * np.minimum(eps, alphas * eps**2 / 2.0)
@@ -248,7 +261,7 @@ class PrivacyLedger:
             if not pure:
                 return float(eps_all)
             eps_gauss = 0.0
-            if history:
+            if history or skellam:
                 eps_gauss, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=gauss_rdp, delta=delta)
         basic = float(eps_gauss) + sum(eps * n for eps, n in pure)
         return float(min(float(eps_all), basic))
@@ -295,6 +308,8 @@ def _validated(events: Any) -> list[dict[str, Any]]:
                 fresh.record_gaussian(e["noise_multiplier"], e["count"])
             elif kind == "pure":
                 fresh.record_pure(e["epsilon"], e.get("label", ""), e["count"])
+            elif kind == "skellam":
+                fresh.record_skellam(e["l1"], e["l2"], e["variance"], e["count"])
             else:
                 raise PrivacyConfigError(f"unknown ledger event {e!r:.200}.")
         except KeyError as exc:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from monai_fedpriv.errors import PrivacyConfigError
 
 __all__ = [
-    "ACCOUNTANTS", "GaussianEvent", "PrivacyEvent", "PureEvent", "SampledGaussianEvent", "check_accountant_supports",
-    "check_positive",
+    "ACCOUNTANTS", "GaussianEvent", "PrivacyEvent", "PureEvent", "SampledGaussianEvent", "SkellamEvent",
+    "check_accountant_supports", "check_positive",
 ]  # fmt: skip
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -68,7 +68,18 @@ class PureEvent:
     count: int = 1
 
 
-PrivacyEvent = SampledGaussianEvent | GaussianEvent | PureEvent
+@dataclass(frozen=True)
+class SkellamEvent:
+    """``count`` releases of the Skellam mechanism (:mod:`.skellam`): integer noise of per-coordinate ``variance``
+    on an integer vector of L1 / L2 sensitivity ``l1`` / ``l2`` (distributed DP under secure aggregation)."""
+
+    l1: float
+    l2: float
+    variance: float
+    count: int = 1
+
+
+PrivacyEvent = SampledGaussianEvent | GaussianEvent | PureEvent | SkellamEvent
 
 
 def check_accountant_supports(accountant: str, events: list[PrivacyEvent] | tuple[PrivacyEvent, ...]) -> None:
@@ -78,8 +89,9 @@ def check_accountant_supports(accountant: str, events: list[PrivacyEvent] | tupl
         PrivacyConfigError: unknown accountant, or ``"prv"`` with a pure-DP mechanism (SVT, Laplace).
     """
     _check_accountant(accountant)
-    if accountant == "prv" and any(isinstance(e, PureEvent) for e in events):
+    if accountant == "prv" and any(isinstance(e, PureEvent | SkellamEvent) for e in events):
         raise PrivacyConfigError(
-            "the PRV accountant cannot account for pure epsilon-DP releases (the sparse vector technique); "
-            "use accountant 'rdp' (--accountant rdp, id privacy_accountant) for this mix of mechanisms."
+            "the PRV accountant cannot account for pure epsilon-DP releases (the sparse vector technique) or the "
+            "Skellam mechanism (distributed DP); use accountant 'rdp' (--accountant rdp, id privacy_accountant) for "
+            "this mix of mechanisms."
         )
