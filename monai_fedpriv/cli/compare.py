@@ -59,6 +59,14 @@ def build_compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads torch may use (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_tracking_flags(p)  # every cell is a run of its own; the grid's summary one more
+    sec = p.add_argument_group("secure aggregation of every cell (as simulate)")
+    sec.add_argument("--secure-aggregation", action="store_true", help="the server learns only each round's sum")
+    sec.add_argument("--max-update-norm", type=float, default=None, help="the norm every site clips its update to")
+    sec.add_argument("--secagg-threshold", type=int, default=None, help="shares needed to unmask (default majority)")
+    sec.add_argument("--secagg-bits", type=int, default=None, help="bits per coordinate (default 16)")
+    sec.add_argument("--secagg-neighbours", type=int, default=None, help="SecAgg+ neighbours per site")
+    sec.add_argument("--distributed-dp", action="store_true", help="Skellam noise shares (needs --noise-multiplier)")
+    sec.add_argument("--noise-multiplier", type=float, default=None, help="distributed DP's noise over the clip")
     return p
 
 
@@ -100,7 +108,10 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         privacy=args.privacy, threads=args.threads, device=args.device, prox_mu=args.prox_mu,
         share_data_fraction=args.share_data_fraction, latents_unprotected=args.latents_unprotected,
         generator_epochs=args.generator_epochs, tracking=args.tracking, tracking_uri=args.tracking_uri,
-        experiment_name=args.experiment_name,
+        experiment_name=args.experiment_name, secure_aggregation=args.secure_aggregation,
+        max_update_norm=args.max_update_norm, secagg_threshold=args.secagg_threshold, secagg_bits=args.secagg_bits,
+        secagg_neighbours=args.secagg_neighbours, distributed_dp=args.distributed_dp,
+        noise_multiplier=args.noise_multiplier,
     )  # fmt: skip
 
 

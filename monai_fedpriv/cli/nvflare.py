@@ -48,6 +48,10 @@ def export_main(argv: list[str]) -> int:
 
     if args.strategy in NOT_ON_FLARE:
         raise OptionError(f"--strategy {args.strategy}: {NOT_ON_FLARE[args.strategy]}")
+    if args.secure_aggregation:  # the four stages are not yet tasks of the exported job: say so, never run without
+        raise OptionError("--secure-aggregation runs in `monai-fedpriv simulate` and `compare` for now; exported "
+                          "NVIDIA FLARE jobs do not carry its four stages yet, and a job without them would show the "
+                          "server every update. Nothing was written.")  # fmt: skip
     plan = plan_run(args, log=lambda line: print(line, flush=True))
     settings = dataclasses.replace(plan.settings, name=name)  # config_digests: export_job takes them from its files
     job = export_job(settings, args.bundle_dir, args.output)

@@ -188,16 +188,22 @@ def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str
     share = share_settings(args)
     dp = args.privacy != "none"
     latent = latent_overrides(args)
-    budgeted = dp or (share is not None and share.needs_budget) or bool(latent)
+    ddp = bool(getattr(args, "distributed_dp", False))
+    budgeted = dp or (share is not None and share.needs_budget) or bool(latent) or ddp
     files, overrides = list(config_files), {}
+    if ddp and args.privacy == "custom":
+        raise OptionError("--distributed-dp takes --noise-multiplier for the sum's noise; with --privacy custom it "
+                          "would be DP-SGD's too: give DP-SGD a regime (--privacy low|medium|high).")  # fmt: skip
+    if ddp and args.noise_multiplier is None:
+        raise OptionError("--distributed-dp needs --noise-multiplier S: the sum's noise std over --max-update-norm.")
     if not dp:
-        refuse_given([("--noise-multiplier", args.noise_multiplier), ("--max-grad-norm", args.max_grad_norm),
-                      ("--privacy-unit", args.privacy_unit), ("--items-per-patient", args.items_per_patient)],
-                     "--privacy")  # fmt: skip
+        refuse_given([("--noise-multiplier", None if ddp else args.noise_multiplier),
+                      ("--max-grad-norm", args.max_grad_norm), ("--privacy-unit", args.privacy_unit),
+                      ("--items-per-patient", args.items_per_patient)], "--privacy")  # fmt: skip
     if not budgeted:
         refuse_given([("--delta", args.delta), ("--epsilon-budget", args.epsilon_budget),
                       ("--budget-policy", args.budget_policy), ("--accountant", args.accountant)],
-                     "--privacy or --share svt|gaussian")  # fmt: skip
+                     "--privacy, --share svt|gaussian or --distributed-dp")  # fmt: skip
     if args.privacy == "custom" and (args.noise_multiplier is None or args.max_grad_norm is None):
         raise OptionError("--privacy custom needs --noise-multiplier and --max-grad-norm.")
     if budgeted and "budget.json" not in files:

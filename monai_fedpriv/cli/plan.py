@@ -22,7 +22,7 @@ from monai_fedpriv.fl.nvflare.settings import JobSettings
 from monai_fedpriv.fl.server.screening import ScreenSettings
 from monai_fedpriv.fl.simulator import Fault, LocalWork
 
-__all__ = ["RunPlan", "check_items_per_patient", "plan_run"]
+__all__ = ["RunPlan", "check_items_per_patient", "plan_run", "secure_settings"]
 
 
 @dataclass
@@ -67,6 +67,9 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
     try:  # library checks of the flag values raise ValueError naming the value: report them as the flag's error
         faults = [parse_fault(f) for f in args.inject_fault]
         FaultInjector(faults).check_sites([f"site-{k + 1}" for k in range(args.sites)])
+        if not args.secure_aggregation and any(f.kind in ("drop-before-send", "drop-after-send") for f in faults):
+            raise OptionError("--inject-fault drop-before-send / drop-after-send: these are stages of secure "
+                              "aggregation; add --secure-aggregation.")  # fmt: skip
         late = [str(f) for f in faults if f.round > args.rounds]
         if late:
             raise OptionError(f"--inject-fault {', '.join(late)}: beyond --rounds {args.rounds}, it would never "
@@ -75,6 +78,7 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         screen = ScreenSettings(max_update_norm=args.max_update_norm, norm_factor=args.norm_factor)
     except ValueError as exc:
         raise OptionError(str(exc)) from exc
+    secure = secure_settings(args, strategy_name)  # before any privacy object or data: what cannot run at all
     local_work = (
         LocalWork(epochs=None, steps=args.local_steps) if args.local_steps else LocalWork(epochs=args.local_epochs or 1)
     )
@@ -143,9 +147,30 @@ def plan_run(args: argparse.Namespace, log: Callable[[str], None] = print) -> Ru
         round_timeout=args.round_timeout, secure_noise=args.noise == "secure",
         latents_unprotected=bool(getattr(args, "latents_unprotected", False)),
         data={s: {"train": train[s], "val": split.val.get(s, [])} for s in train}, faults=list(args.inject_fault),
-        partition=split.describe(), data_summary=extra.get("data"), resume=args.resume, **job,
+        partition=split.describe(), data_summary=extra.get("data"), resume=args.resume,
+        secure_aggregation=None if secure is None else secure.describe(), **job,
     )  # fmt: skip
     return RunPlan(bundle, split, settings, extra)
+
+
+def secure_settings(args: argparse.Namespace, strategy: str) -> Any:
+    """``--secure-aggregation`` and its flags as a :class:`~monai_fedpriv.fl.secure.SecureAggregation`, refused in
+    one line when the run cannot aggregate securely (``None`` without the flag)."""
+    if not args.secure_aggregation:
+        return None
+    from monai_fedpriv.fl.secure import SecureAggregation
+
+    try:
+        secure = SecureAggregation(
+            clip=args.max_update_norm, threshold=args.secagg_threshold, bits=args.secagg_bits,
+            neighbours=args.secagg_neighbours, distributed_dp=args.distributed_dp,
+            noise_multiplier=args.noise_multiplier if args.distributed_dp else 0.0,
+        )  # fmt: skip
+        secure.check_run(args.sites, strategy, args.min_sites, sparse=getattr(args, "share", "none") in ("svt",
+                         "percentile"), moments=args.momentum == "aggregate")  # fmt: skip
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    return secure
 
 
 def check_items_per_patient(value: int, unit: str | None, split: SiteSplit, volumes: bool) -> None:

@@ -98,7 +98,20 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
         default=None,
         help="acceptable updates a round needs (default: all but one of its sites, at least 1)",
     )
-    server.add_argument("--max-update-norm", type=float, default=None, help="reject updates whose L2 norm exceeds this")
+    server.add_argument("--max-update-norm", type=float, default=None, help="reject updates whose L2 norm exceeds "
+                        "this (under --secure-aggregation: every site clips its update to it)")  # fmt: skip
+    sec = p.add_argument_group("secure aggregation (the server learns only the sum of the updates)")
+    sec.add_argument("--secure-aggregation", action="store_true",
+                     help="masks and Shamir-shared keys (Bonawitz et al. 2017): the server unmasks the sum of the "
+                     "updates of the sites that sent theirs, never one site's; needs >= 3 sites and --max-update-norm")
+    sec.add_argument("--secagg-threshold", type=int, default=None,
+                     help="shares needed to unmask, and the fewest survivors (default: a majority, at least 2)")
+    sec.add_argument("--secagg-bits", type=int, default=16, help="bits per coordinate of the ring (default 16)")
+    sec.add_argument("--secagg-neighbours", type=int, default=None,
+                     help="SecAgg+: each site pairs with K others instead of all (Bell et al. 2020)")
+    sec.add_argument("--distributed-dp", action="store_true",
+                     help="each site adds its share of Skellam noise (std --noise-multiplier x --max-update-norm in "
+                     "the sum of --secagg-threshold sites), accounted in its ledger")  # fmt: skip
     server.add_argument(
         "--norm-factor",
         type=float,
@@ -276,6 +289,13 @@ def check_run_flags(args: argparse.Namespace) -> None:
                       ("--val-fraction", args.val_fraction)], "--data")  # fmt: skip
     check_number("--round-timeout", getattr(args, "round_timeout", None), low=0, integer=True)
     check_number("--wait-after-min", getattr(args, "wait_after_min", None), low=0, integer=True)
+    if not args.secure_aggregation:
+        refuse_given([("--secagg-threshold", args.secagg_threshold), ("--secagg-neighbours", args.secagg_neighbours),
+                      ("--secagg-bits", None if args.secagg_bits == 16 else args.secagg_bits),
+                      ("--distributed-dp", args.distributed_dp or None)], "--secure-aggregation")  # fmt: skip
+    check_number("--secagg-threshold", args.secagg_threshold, low=2, high=args.sites, integer=True)
+    check_number("--secagg-bits", args.secagg_bits, low=8, high=32, integer=True)
+    check_number("--secagg-neighbours", args.secagg_neighbours, low=2, integer=True)
     if hasattr(args, "tracking"):
         from monai_fedpriv.cli.tracking import check_tracking_flags
 

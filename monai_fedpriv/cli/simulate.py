@@ -100,10 +100,19 @@ def _train(args: argparse.Namespace, plan: RunPlan, on_metrics: Callable[[dict],
             "latents_unprotected": settings.latents_unprotected,
             "ledger_store": LedgerStore(args.ledger_dir) if args.ledger_dir else LedgerStore.default(),
             "fresh_budget": args.fresh_budget,
+            "secure_aggregation": _secure(settings.secure_aggregation),
         },  # fmt: skip
         extra=plan.extra,
         on_metrics=on_metrics,
     )
+
+
+def _secure(fields: dict | None) -> object:
+    if fields is None:
+        return None
+    from monai_fedpriv.fl.secure import SecureAggregation
+
+    return SecureAggregation(**fields)
 
 
 def finish_run(

@@ -74,6 +74,13 @@ class CompareSettings:
     tracking: str | None = None
     tracking_uri: str | None = None
     experiment_name: str | None = None
+    secure_aggregation: bool = False
+    max_update_norm: float | None = None
+    secagg_threshold: int | None = None
+    secagg_bits: int | None = None
+    secagg_neighbours: int | None = None
+    distributed_dp: bool = False
+    noise_multiplier: float | None = None
 
     def recorded(self) -> dict[str, Any]:
         """``compare.json``'s ``settings``: everything that defines the result, and the grid."""
@@ -114,10 +121,23 @@ def cell_argv(settings: CompareSettings, strategy: str, partition: str, *, basel
             argv += [flag, str(value)]
     for override in s.overrides:
         argv += ["--override", override]
-    if s.privacy != "none":  # every cell starts from the same budget (earlier cells' spending stays recorded)
+    if s.privacy != "none" or s.distributed_dp:  # every cell starts from the same budget (earlier cells' spending
+        # stays recorded)
         argv.append("--fresh-budget")
-    argv += tracking_flags(s)
+    argv += tracking_flags(s) + secure_flags(s)
     return argv + ["--baselines"] * baselines + ["--resume"] * resume
+
+
+def secure_flags(settings: CompareSettings) -> list[str]:
+    """A cell's secure-aggregation flags (every cell of the grid aggregates securely, or none)."""
+    s = settings
+    flags = ["--secure-aggregation"] * s.secure_aggregation + ["--distributed-dp"] * s.distributed_dp
+    for flag, value in (("--max-update-norm", s.max_update_norm), ("--secagg-threshold", s.secagg_threshold),
+                        ("--secagg-bits", s.secagg_bits), ("--secagg-neighbours", s.secagg_neighbours),
+                        ("--noise-multiplier", s.noise_multiplier)):  # fmt: skip
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def tracking_flags(settings: CompareSettings) -> list[str]:

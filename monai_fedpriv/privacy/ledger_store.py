@@ -45,7 +45,13 @@ from typing import Any
 from monai_fedpriv.errors import PrivacyConfigError
 from monai_fedpriv.privacy.accounting import PrivacyLedger
 from monai_fedpriv.privacy.budget import PrivacyBudget
-from monai_fedpriv.privacy.events import GaussianEvent, PureEvent, SampledGaussianEvent, check_accountant_supports
+from monai_fedpriv.privacy.events import (
+    GaussianEvent,
+    PureEvent,
+    SampledGaussianEvent,
+    SkellamEvent,
+    check_accountant_supports,
+)
 from monai_fedpriv.utils.files import atomic_write_text
 
 __all__ = ["FRESH_ENV", "LEDGER_ENV", "LedgerBinding", "LedgerStore", "case_ids", "new_run_id"]
@@ -75,11 +81,13 @@ def case_ids(items: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({hashlib.sha256(_case_key(item).encode()).hexdigest()[:24] for item in items})
 
 
-def _event_object(e: Mapping[str, Any]) -> SampledGaussianEvent | GaussianEvent | PureEvent:
+def _event_object(e: Mapping[str, Any]) -> SampledGaussianEvent | GaussianEvent | PureEvent | SkellamEvent:
     if e["kind"] == "sampled_gaussian":
         return SampledGaussianEvent(e["sample_rate"], e["noise_multiplier"], e["steps"])
     if e["kind"] == "gaussian":
         return GaussianEvent(e["noise_multiplier"], e["count"])
+    if e["kind"] == "skellam":
+        return SkellamEvent(e["l1"], e["l2"], e["variance"], e["count"])
     return PureEvent(e["epsilon"], e.get("label", ""), e["count"])
 
 

@@ -68,13 +68,17 @@ def open_packet(key: bytes, packet: bytes, header: str) -> bytes:
             from None  # fmt: skip
 
 
+_WIDTHS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def mask(seed: bytes, size: int, bits: int) -> np.ndarray:
     """``size`` pseudo-random integers in ``[0, 2^bits)`` (``uint64``) from a 32-byte ``seed``: AES-256-CTR's
-    keystream, 8 bytes per value, cut to ``bits`` (``1 <= bits <= 62``)."""
+    keystream, read 1, 2, 4 or 8 bytes per value (the fewest that hold ``bits``), cut to ``bits`` (1 to 62)."""
     if len(seed) != 32:
         raise ValueError("a mask seed has 32 bytes.")
     if not 1 <= bits <= 62:
         raise ValueError(f"bits must be in [1, 62], got {bits}.")
+    width = next(w for w in (1, 2, 4, 8) if bits <= 8 * w)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor()
-    stream = encryptor.update(b"\0" * (8 * size)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype=np.uint64) & np.uint64((1 << bits) - 1)
+    stream = encryptor.update(bytes(width * size)) + encryptor.finalize()
+    return np.frombuffer(stream, dtype=_WIDTHS[width]).astype(np.uint64) & np.uint64((1 << bits) - 1)

@@ -68,6 +68,8 @@ class JobSettings:
             override files it merges (``package/<name>``): every site checks the shipped ones before it builds
             anything (:mod:`.integrity`), and all are part of the fingerprint, so a job re-exported with an edited
             config does not resume the earlier one's state.
+        secure_aggregation: :class:`~monai_fedpriv.fl.secure.SecureAggregation` fields (``None``: the server sees
+            every update).
     """
 
     name: str
@@ -93,6 +95,7 @@ class JobSettings:
     data_summary: dict[str, Any] | None = None
     resume: bool = False
     config_digests: dict[str, str | None] = field(default_factory=dict)
+    secure_aggregation: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- files
     def save(self, path: Path) -> None:

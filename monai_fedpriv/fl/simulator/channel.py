@@ -37,7 +37,7 @@ class InProcessChannel(ServerChannel):
         self, sites: dict[str, SiteRuntime], transport: InProcessTransport, server_model: ServerModel,
         local_work: LocalWork, max_epochs: int, ledgers: SiteLedgers, secure_noise: bool,
         round_timeout: float | None = None, latents_unprotected: bool = False, split: Any = None,
-        keeper: Any = None,
+        keeper: Any = None, secure: Any = None,
     ) -> None:  # fmt: skip
         self.runtimes = sites
         self.sites = list(sites)
@@ -51,6 +51,7 @@ class InProcessChannel(ServerChannel):
         self.latents_unprotected = bool(latents_unprotected)
         self.split = split  # SplitNN's server part (:class:`~monai_fedpriv.fl.split.SplitServer`), or None
         self.keeper = keeper  # what the server keeps of uploads (CWT+Replay's generator relay), or None
+        self.secure = secure  # secure aggregation's gather (:class:`~monai_fedpriv.fl.secure.SecureGather`), or None
         self.snapshots: dict[str, Any] = {}
         self.snapshot()
 
@@ -104,11 +105,24 @@ class InProcessChannel(ServerChannel):
                 got.failures[name] = failure
             if not site.active:
                 got.left.append(name)
+        if self.secure is not None:  # the sites hold their updates; the server gets their sum only
+            self._secure_sum(request, got)
         got.updates = self.transport.collect()
         got.failures.update(self.transport.take_rejected())  # bytes that did not decode: that site's rejection
         got.wire_bytes.update(self.transport.wire_bytes)  # updates' bytes, next to any upload's
         self.snapshot()
         return got
+
+    def _secure_sum(self, request: RoundRequest, got: Gathered) -> None:
+        held = self.transport.take_held()  # type: ignore[attr-defined]
+        outcome = self.secure.run(request.round, self.sites, held, request.model.weights)
+        got.secure = outcome
+        got.wire_bytes.update(outcome.bytes_sent)
+        for name in held:
+            got.received_bytes[name] = got.received_bytes.get(name, 0) + outcome.bytes_received.get(name, 0)
+            facts = self.runtimes[name].privacy_facts()
+            if facts is not None:  # the distributed-DP release is in the site's ledger now
+                got.sites.setdefault(name, {})["privacy"] = facts
 
     @staticmethod
     def _link(site: SiteRuntime) -> Any:
@@ -204,6 +218,8 @@ class InProcessChannel(ServerChannel):
             out["ledger_store"] = self.ledgers.summary()
         if self.latents_unprotected:
             out["latents_unprotected"] = "the sites were allowed to send features, latents or codes unprotected"
+        if self.secure is not None:
+            out["secure_aggregation"] = self.secure.settings.describe()
         return out
 
     def state_dict(self) -> dict[str, Any]:

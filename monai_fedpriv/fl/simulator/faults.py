@@ -10,6 +10,8 @@
   round timeouts and, in deployment tests, leaves time to kill a process mid-round). Results are unchanged;
 * ``overclaim``: the update claims ``local_steps = 10**12`` with its honest delta (a site trying to take over a
   step-weighted average; the server bounds work claims);
+* ``drop-before-send`` / ``drop-after-send`` (``--secure-aggregation`` only): the site shares its keys, then drops
+  out before sending its masked input, or after it (before the unmasking stage);
 * ``bytes``: the site sends malformed bytes instead of its encoded update: a valid prefix and header whose one tensor
   claims the shape ``[2**40, 2**40]`` (an element count that overflows int64) and no values, which the decoder
   before issue 16 let out of the round as a ``RuntimeError``.
@@ -36,9 +38,11 @@ from monai_fedpriv.errors import InjectedFault
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.fl.wire import CODEC_VERSION, MAGIC
 
-__all__ = ["FAULT_KINDS", "STALL_SECONDS", "Fault", "FaultInjector", "parse_fault"]
+__all__ = ["DROP_KINDS", "FAULT_KINDS", "STALL_SECONDS", "Fault", "FaultInjector", "parse_fault"]
 
-FAULT_KINDS = ("nan", "crash", "scale", "keys", "stall", "overclaim", "bytes")
+FAULT_KINDS = ("nan", "crash", "scale", "keys", "stall", "overclaim", "bytes", "drop-before-send", "drop-after-send")
+#: secure aggregation only: a site that shares its keys and then vanishes, before or after sending its masked input
+DROP_KINDS = ("drop-before-send", "drop-after-send")
 STALL_SECONDS = 10.0
 OVERCLAIM_STEPS = 10**12
 
@@ -88,6 +92,10 @@ class FaultInjector:
 
     def _find(self, site: str, rnd: int, kinds: tuple[str, ...]) -> Fault | None:
         return next((f for f in self.faults if f.site == site and f.round == rnd and f.kind in kinds), None)
+
+    def drops(self, rnd: int) -> dict[str, str]:
+        """``{site: "drop-before-send" | "drop-after-send"}`` due in round ``rnd``."""
+        return {f.site: f.kind for f in self.faults if f.round == rnd and f.kind in DROP_KINDS}
 
     def tamper(self, update: ModelUpdate) -> ModelUpdate:
         """The update as a faulty site would send it (unchanged when no fault is due)."""

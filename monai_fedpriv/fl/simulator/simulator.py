@@ -72,6 +72,8 @@ class FederatedSimulator:
             ``metrics.json``).
         latents_unprotected: the sites may send a dataset upload (FedReplay's latents) that no filter covers
             (``--latents-unprotected``; stated in ``metrics.json``).
+        secure_aggregation: a :class:`~monai_fedpriv.fl.secure.SecureAggregation`: the server learns only the sum of
+            each round's updates (and, with distributed DP, a noisy one); ``None``: it sees every update.
 
     Example::
 
@@ -89,7 +91,7 @@ class FederatedSimulator:
         min_sites: int | None = None, faults: Sequence[Fault] = (), secure_noise: bool = False,
         on_round: Callable[[dict[str, Any]], None] | None = None, partition: str | None = None,
         round_timeout: float | None = None, ledger_store: Any = None, fresh_budget: bool = False,
-        latents_unprotected: bool = False,
+        latents_unprotected: bool = False, secure_aggregation: Any = None,
     ) -> None:  # fmt: skip
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"rounds should be an int >= 1, got {rounds!r}.")
@@ -127,8 +129,21 @@ class FederatedSimulator:
         self.round_timeout = round_timeout or None
         self.ledgers = SiteLedgers(ledger_store, fresh_budget)
         self.latents_unprotected = bool(latents_unprotected)
-        self.transport = InProcessTransport(tamper=self.faults.tamper if self.faults.faults else None,
-                                            tamper_bytes=self.faults.tamper_bytes if self.faults.faults else None)
+        self.secure = secure_aggregation
+        tamper = self.faults.tamper if self.faults.faults else None
+        self.transport: InProcessTransport
+        if self.secure is not None:
+            self.secure.check_run(len(self.train_sites), self.strategy.name, min_sites, sparse=False,
+                                  moments=momentum == "aggregate")  # fmt: skip
+            from monai_fedpriv.fl.secure import HeldTransport
+
+            self.transport = HeldTransport(tamper=tamper)
+        else:
+            self.transport = InProcessTransport(tamper=tamper,
+                                                tamper_bytes=self.faults.tamper_bytes if self.faults.faults else None)
+        if self.secure is None and any(f.kind in ("drop-before-send", "drop-after-send") for f in self.faults.faults):
+            raise ValueError("--inject-fault drop-before-send / drop-after-send: these are stages of secure "
+                             "aggregation; add --secure-aggregation.")  # fmt: skip
         self.sites: dict[str, Any] = {}
         self.loop: RunLoop | None = None
 
@@ -163,7 +178,8 @@ class FederatedSimulator:
         keeper = self._server_training()
         channel = InProcessChannel(self.sites, self.transport, server_model, self.local_work, self.max_epochs,
                                    self.ledgers, self.secure_noise, self.round_timeout,
-                                   self.latents_unprotected, self._split_server(server_model), keeper)  # fmt: skip
+                                   self.latents_unprotected, self._split_server(server_model), keeper,
+                                   self._secure_gather())  # fmt: skip
         self.loop = RunLoop(channel, self.server, self.rounds, self._describe_run(), self.output_dir, weights,
                             self.label, log=self._print if self.progress else None, on_round=self.on_round,
                             server_training=keeper)  # fmt: skip
@@ -179,6 +195,23 @@ class FederatedSimulator:
         private = any(s.dp_sgd or s.sync.chain.protects_kind("update") for s in sites)
         if (problem := self.strategy.exposure_problem(self.latents_unprotected, mechanism, private)) is not None:
             raise PrivacyConfigError(problem)
+
+    def _secure_gather(self) -> Any:
+        """Secure aggregation's gather over the built sites (``None`` without it); a site that shares sparse
+        updates is refused (``ValueError`` naming the flag)."""
+        if self.secure is None:
+            return None
+        from monai_fedpriv.fl.secure import SecureGather
+        from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
+
+        for site in self.sites.values():
+            if any(isinstance(f, (PercentileSharing, SparseVectorFilter)) for f in site.sync.chain.filters):
+                self.secure.check_run(len(self.sites), self.strategy.name, None, sparse=True, moments=False)
+
+        def budget_of(name: str) -> Any:
+            return next((b.budget for b in self.sites[name].budgets if hasattr(b, "budget")), None)
+
+        return SecureGather(self.secure, self.seed, budget_of, self.secure_noise, self.faults.drops)
 
     def _split_server(self, server_model: ServerModel) -> Any:
         """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it."""
@@ -234,6 +267,8 @@ class FederatedSimulator:
             described["ledger_store"] = self.ledgers.describe()
         if self.latents_unprotected:
             described["latents_unprotected"] = True
+        if self.secure is not None:
+            described["secure_aggregation"] = self.secure.describe()
         return described
 
     def run(self, resume: bool = False) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class Gathered:
         uploads: the decoded dataset uploads of an upload round (FedReplay).
         server_weights: weights the server side trained during the round (SplitNN's server part), merged into the
             aggregate.
+        secure: under secure aggregation, the round's secure sum (:class:`~monai_fedpriv.fl.secure.SecureOutcome`):
+            then ``updates`` is empty, the server saw only the sum.
     """
 
     updates: list[ModelUpdate] = field(default_factory=list)
@@ -58,6 +60,7 @@ class Gathered:
     left: list[str] = field(default_factory=list)
     uploads: list[Any] = field(default_factory=list)
     server_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    secure: Any = None
 
 
 class ServerChannel(ABC):

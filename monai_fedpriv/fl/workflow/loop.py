@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
+
 from monai_fedpriv.errors import FederationError
 from monai_fedpriv.fl.server.records import add_site_score, final_summary, progress_cell, round_record
 from monai_fedpriv.fl.server.round import ServerRound
-from monai_fedpriv.fl.update import GlobalModel
+from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
 from monai_fedpriv.fl.workflow.state import RunState
 from monai_fedpriv.fl.workflow.stop import Stop, StopKind, StopPolicy, budget_stop_reason
@@ -124,13 +126,46 @@ class RunLoop:
         self._note_scores(got.scored)
         if self.channel.aborted():
             return False
+        extra: dict[str, Any] = {}
         if kind == "upload":
             sites, rejected = self._uploads(rnd, request, got)
+        elif got.secure is not None:
+            sites, rejected = self._aggregate_sum(rnd, request, got)
+            extra["secure_aggregation"] = got.secure.record()
         else:
             sites, rejected = self._aggregate(rnd, request, got, instructions)
         self.state.active = [s for s in self.state.active if s not in got.left]
-        self._complete(rnd, sites, rejected, t0)
+        self._complete(rnd, sites, rejected, t0, **extra)
         return True
+
+    def _aggregate_sum(self, rnd: int, request: RoundRequest, got: Gathered) -> tuple[dict, int]:
+        """A training round under secure aggregation: the server holds the survivors' mean update only (no
+        per-site screening can run; the sites clipped their updates); the strategy aggregates it as one update."""
+        secure = got.secure
+        screened: dict[str, dict[str, Any]] = {}
+        for name in secure.survivors:
+            screened[name] = {"accepted": True}
+        for name, why in {**got.failures, **secure.dropped}.items():
+            screened[name] = {"accepted": False, "rejected": why}
+        for name, sent in secure.bytes_sent.items():  # every stage's bytes
+            screened.setdefault(name, {})["bytes_sent"] = sent
+        sites = self._site_entries(request, got, screened)
+        for name, entry in sites.items():
+            if name in secure.messages:
+                entry["messages"] = secure.messages[name]
+        need = max(secure.threshold, self.server.min_sites or 0)
+        if secure.failed or secure.delta is None or len(secure.survivors) < need:
+            self._fail(rnd, secure.failed or f"round {rnd}: {len(secure.survivors)} site(s) in the secure sum, "
+                       f"{need} needed", sites, got)  # fmt: skip
+        if not all(bool(torch.isfinite(v).all()) for v in secure.delta.values()):
+            self._fail(rnd, f"round {rnd}: the securely aggregated update is not finite", sites, got)
+        mean = ModelUpdate("secure-sum", rnd, dict(secure.delta), n_samples=len(secure.survivors), local_steps=1)
+        try:
+            self.state.weights = self.strategy.aggregate(self.state.weights, [mean])
+        except (ValueError, RuntimeError) as exc:
+            self._fail(rnd, f"aggregation failed in round {rnd}: {exc}", sites, got)
+        self.state.optimizer_state = None
+        return sites, len(screened) - len(secure.survivors)
 
     def _aggregate(self, rnd: int, request: RoundRequest, got: Gathered, instructions: dict) -> tuple[dict, int]:
         """A training round's server side: screen and aggregate the updates (and take what the server side
