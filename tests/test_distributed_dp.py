@@ -111,3 +111,17 @@ def test_the_prv_accountant_refuses_skellam_releases():
         ledger.epsilon(1e-5, "prv")
     with pytest.raises(PrivacyConfigError, match="Skellam"):
         check_accountant_supports("prv", [SkellamEvent(1.0, 1.0, 1.0)])
+
+
+def test_many_sites_over_a_small_threshold_do_not_wrap_the_ring():
+    """Twenty shares each sized for 3 survivors: the sum's noise is sqrt(20 / 3) times the stated minimum; the scale
+    keeps it inside 16 bits (a wrapped coordinate would fold the noise and shrink its variance)."""
+    n, n_min, d = 20, 3, 1 << 13
+    ddp = DistributedDP(d, 1.0, 1.0, 16, n, n_min, rotation_seed=9)
+    rng = np.random.default_rng(4)
+    updates = {s: rng.normal(size=d) / math.sqrt(d) for s in _sites(n)}
+    encoded = {s: ddp.encode(u, np.random.default_rng(i)) for i, (s, u) in enumerate(updates.items())}
+    out = secure_sum(Session(secrets.token_hex(8), 1, _sites(n), n_min, 16, neighbours=4), encoded)
+    clipped = sum(u * min(1.0, 1.0 / np.linalg.norm(u)) for u in updates.values())
+    ratio = float((ddp.decode(out.total) - clipped).var()) / (n / n_min)
+    assert abs(ratio - 1) < 0.06, ratio

@@ -85,6 +85,18 @@ def test_too_few_survivors_or_answers_fail_the_sum_cleanly():
         secure_sum(s, xs, drop_after_send={"site-1", "site-2", "site-3"})
 
 
+def test_two_survivors_or_survivors_in_separate_groups_are_never_unmasked():
+    s = session(3, threshold=2)
+    with pytest.raises(SecAggError, match="fewer than the threshold 3"):  # each of two would learn the other's input
+        secure_sum(s, ring(inputs(s), s.bits), drop_before_send={"site-2"})
+    s = session(6, threshold=2, neighbours=2)  # a ring: each site pairs with the two next to it
+    a = s.sites[0]
+    gap = {a, next(v for v in s.sites if v != a and v not in s.graph[a])}  # two sites apart cut the ring in two
+    assert not s.connected(tuple(v for v in s.sites if v not in gap))
+    with pytest.raises(SecAggError, match="connected group"):  # the server could unmask each group's sum
+        secure_sum(s, ring(inputs(s), s.bits), drop_before_send=gap)
+
+
 def _through_stage_two(s: Session, xs: dict[str, np.ndarray]):
     clients = {site: SecAggClient(site, s) for site in s.sites}
     server = SecAggServer(s, len(next(iter(xs.values()))))
@@ -118,7 +130,7 @@ def test_replayed_stale_or_inconsistent_messages_are_refused():
     with pytest.raises(ValueError, match="both as survivor and as dropped"):
         clients3["site-1"].unmask(both)
     few = dataclasses.replace(request, survivors=("site-1", "site-2"), dropped=("site-3", "site-4"))
-    with pytest.raises(ValueError, match="fewer than the threshold"):
+    with pytest.raises(ValueError, match="at least 3, in one connected group"):
         clients3["site-3"].unmask(dataclasses.replace(few, survivors=("site-3", "site-4"), dropped=()))
 
 

@@ -69,12 +69,16 @@ def test_dropouts_before_and_after_sending_are_survived_and_too_many_fail_the_ro
     assert record["secure_aggregation"]["dropped"] == ["site-2"]
     assert record["secure_aggregation"]["left_after_sending"] == ["site-4"]
     assert "dropped before sending" in record["sites"]["site-2"]["rejected"]
+    # it took part in the key stages (so the server had to remove the masks the others paired with it)
+    assert record["sites"]["site-2"]["messages"] == 5 and 0 < record["sites"]["site-2"]["bytes_sent"] < 2000
+    assert record["sites"]["site-4"]["messages"] == 7 and record["sites"]["site-1"]["messages"] == 8
+    assert all(float(v.abs().max()) < 5 for v in weights(out).values())  # unremoved masks would be noise of ~2^15
     failing = tmp_path / "too_many"
     assert run(bundle, failing, "--secure-aggregation", "--max-update-norm", "10", "--secagg-threshold", "3",
                "--inject-fault", "site-1:drop-before-send:2", "--inject-fault", "site-2:drop-before-send:2",
                sites=4) == 1  # fmt: skip
     metrics = json.loads((failing / "metrics.json").read_text())
-    assert metrics["final"]["rounds_completed"] == 1 and "fewer than the threshold 3" in metrics["stopped"]["reason"]
+    assert metrics["final"]["rounds_completed"] == 1 and "masked input stage" in metrics["stopped"]["reason"]
     checkpoint = torch.load(failing / "federated" / "checkpoints" / "latest.pt", weights_only=False)
     assert checkpoint["round"] == 1  # the last completed round's checkpoint is intact
 
@@ -151,3 +155,37 @@ def test_compare_runs_every_cell_with_secure_aggregation(bundle, tmp_path):
     cell = json.loads((out / "cells" / "fedavg__iid" / "metrics.json").read_text())
     assert cell["secure_aggregation"]["clip"] == 5.0 and cell["rounds"][0]["secure_aggregation"]["server_saw"] == "sum"
     assert json.loads((out / "compare.json").read_text())["settings"]["secure_aggregation"] is True
+
+
+def test_integer_buffers_travel_unchanged_and_a_round_without_enough_sites_fails_cleanly():
+    from monai_fedpriv.fl.secure import SecureAggregation, SecureGather
+    from monai_fedpriv.fl.update import ModelUpdate
+
+    global_weights = {"w": torch.zeros(6), "steps": torch.tensor(3)}
+    held = {f"site-{i}": ModelUpdate(f"site-{i}", 1, {"w": torch.full((6,), float(i)), "steps": torch.tensor(1)},
+                                     n_samples=1, local_steps=1) for i in (1, 2, 3)}  # fmt: skip
+    gather = SecureGather(SecureAggregation(clip=100.0, bits=24), 0, lambda _s: None)
+    out = gather.run(1, list(held), held, global_weights)
+    assert out.failed is None and torch.equal(out.delta["steps"], torch.tensor(0))
+    torch.testing.assert_close(out.delta["w"], torch.full((6,), 2.0), atol=1e-4, rtol=0)
+    two = gather.run(2, ["site-1", "site-2"], {k: held[k] for k in ("site-1", "site-2")}, global_weights)
+    assert two.delta is None and "at least 3 distinct sites" in two.failed
+    strict = SecureGather(SecureAggregation(clip=1.0, threshold=3), 0, lambda _s: None)
+    assert "fewer than --secagg-threshold 3" in strict.run(3, ["site-1", "site-2"], held, global_weights).failed
+
+
+def test_distributed_dp_keeps_the_dp_sgd_regime_and_refuses_an_accountant_that_cannot_count_it(bundle, tmp_path,
+                                                                                                capsys):  # fmt: skip
+    import argparse
+
+    from monai_fedpriv.cli.options import privacy_files_and_overrides
+    from monai_fedpriv.cli.simulate import build_simulate_parser
+
+    args: argparse.Namespace = build_simulate_parser().parse_args(
+        [str(bundle), "--output", str(tmp_path / "o"), "--privacy", "low", "--secure-aggregation",
+         "--max-update-norm", "1", "--distributed-dp", "--noise-multiplier", "3"])  # fmt: skip
+    files, overrides = privacy_files_and_overrides(args, ["train.json"])
+    assert "noise_multiplier" not in overrides["dp_regime_def"] and "budget.json" in files
+    assert run(bundle, tmp_path / "prv", "--secure-aggregation", "--max-update-norm", "1", "--distributed-dp",
+               "--noise-multiplier", "1", "--accountant", "prv") == 2  # fmt: skip
+    assert "Skellam" in capsys.readouterr().err and not (tmp_path / "prv" / "federated" / "metrics.json").exists()

@@ -209,7 +209,8 @@ def privacy_files_and_overrides(args: argparse.Namespace, config_files: list[str
     if budgeted and "budget.json" not in files:
         files.append("budget.json")
     if dp:
-        custom = {k: v for k, v in (("noise_multiplier", args.noise_multiplier), ("max_grad_norm", args.max_grad_norm),
+        dp_noise = None if ddp else args.noise_multiplier  # with --distributed-dp the flag is the sum's noise
+        custom = {k: v for k, v in (("noise_multiplier", dp_noise), ("max_grad_norm", args.max_grad_norm),
                                     ("delta", args.delta)) if v is not None}  # fmt: skip
         if "dp.json" not in files:
             files.append("dp.json")

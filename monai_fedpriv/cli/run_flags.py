@@ -108,7 +108,8 @@ def add_run_flags(p: argparse.ArgumentParser, deploy: bool = False) -> argparse.
                      help="shares needed to unmask, and the fewest survivors (default: a majority, at least 2)")
     sec.add_argument("--secagg-bits", type=int, default=16, help="bits per coordinate of the ring (default 16)")
     sec.add_argument("--secagg-neighbours", type=int, default=None,
-                     help="SecAgg+: each site pairs with K others instead of all (Bell et al. 2020)")
+                     help="SecAgg+ (Bell et al. 2020): each site pairs with about K others instead of all (K rounded "
+                     "up to an even number)")  # fmt: skip
     sec.add_argument("--distributed-dp", action="store_true",
                      help="each site adds its share of Skellam noise (std --noise-multiplier x --max-update-norm in "
                      "the sum of --secagg-threshold sites), accounted in its ledger")  # fmt: skip

@@ -134,9 +134,9 @@ class SecAggClient:
         if not named <= self._u2 or self.site not in survivors:
             raise ValueError(f"{self.site}: the unmask request names neighbours that did not share keys with it "
                              f"({sorted(named - self._u2)}), or not itself as a survivor; refused.")  # fmt: skip
-        if len(survivors) < s.threshold:
-            raise ValueError(f"{self.site}: {len(survivors)} survivors is fewer than the threshold {s.threshold}; "
-                             f"unmasking so few would expose them; refused.")  # fmt: skip
+        if len(survivors) < s.min_survivors or not s.connected(tuple(survivors)):
+            raise ValueError(f"{self.site}: {len(survivors)} survivors (at least {s.min_survivors}, in one connected "
+                             f"group, are needed): unmasking would expose them; refused.")  # fmt: skip
         seeds = {v: self._shares[v][1] for v in survivors if v in self._shares}
         keys = {v: self._shares[v][0] for v in dropped if v in self._shares}
         self._b_seed = b""  # this round is over for this site

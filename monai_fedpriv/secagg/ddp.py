@@ -9,10 +9,12 @@ probabilities that keep it unbiased, again until the rounded vector's norm is wi
 add Skellam noise of variance ``variance / n_min``; reduce mod ``2^bits``. The server decodes the unmasked sum:
 signed residues, divide by ``scale``, rotate back, crop.
 
-``scale`` is the largest that keeps the sum of ``n_sites`` aligned updates plus four standard deviations of the
-noise inside the ring; ``variance = (noise_multiplier * scale * clip)^2``, so the released sum's noise has standard
-deviation ``noise_multiplier * clip`` in the update's own units. A site's release is accounted as a Skellam event
-with sensitivities ``l2`` and ``l1 = min(l2^2, sqrt(d) l2)`` (one site's whole update: site-level DP).
+``scale`` is the largest that keeps, with probability ``1 - 1e-6`` for every coordinate at once, the sum of
+``n_sites`` aligned updates plus the noise of all ``n_sites`` shares inside the ring (a wrapped coordinate would
+corrupt the sum silently; :meth:`DistributedDP.near_edge` counts coordinates of a sum close to the edge);
+``variance = (noise_multiplier * scale * clip)^2``, so the released sum's noise has standard deviation
+``noise_multiplier * clip`` in the update's own units with ``n_min`` survivors. A site's release is accounted as a
+Skellam event with sensitivities ``l2`` and ``l1 = min(l2^2, sqrt(d) l2)`` (one site's whole update: site-level DP).
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ class DistributedDP:
     def scale(self) -> float:
         """Integer units per update unit (see the module docstring)."""
         spread = math.sqrt(2 * math.log(2 * self.padded / 1e-3) / self.padded)  # a rotated coordinate's bound / clip
-        return ((1 << (self.bits - 1)) - 1) / (self.clip * (self.n_sites * spread + 4 * self.noise_multiplier))
+        noise = self.noise_multiplier * math.sqrt(self.n_sites / self.n_min)  # all sites' shares, not n_min's
+        tail = math.sqrt(2 * math.log(2 * self.padded / 1e-6))  # Gaussian tail over every coordinate at once
+        return ((1 << (self.bits - 1)) - 1) / (self.clip * (self.n_sites * spread + tail * noise))
 
     @property
     def l2(self) -> float:
@@ -117,6 +121,10 @@ class DistributedDP:
         if self.noise_multiplier > 0:  # 0: secure aggregation alone, the encoding without noise
             noisy = noisy + skellam_noise(z.size, self.variance / self.n_min, rng)
         return to_ring(noisy, self.bits)
+
+    def near_edge(self, total: np.ndarray) -> int:
+        """Coordinates of an unmasked sum within 1/16 of the ring's edge (a sign that the sum may have wrapped)."""
+        return int(np.sum(np.abs(from_ring(total, self.bits)) > (15 << (self.bits - 5))))
 
     def decode(self, total: np.ndarray) -> np.ndarray:
         """The unmasked sum (residues) back to the sum of the clipped updates plus the noise, in update units."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from monai_fedpriv.secagg.client import SecAggClient
 from monai_fedpriv.secagg.messages import wire_bytes
-from monai_fedpriv.secagg.server import SecAggServer
+from monai_fedpriv.secagg.server import SecAggError, SecAggServer
 from monai_fedpriv.secagg.session import Session
 
 __all__ = ["SecureSum", "secure_sum"]
@@ -39,6 +39,8 @@ def secure_sum(session: Session, inputs: Mapping[str, np.ndarray], drop_before_s
     Raises:
         SecAggError: a stage had fewer than ``threshold`` participants (nothing aggregated).
     """
+    if not inputs:
+        raise SecAggError(f"round {session.round}: no site has an input for the secure sum; nothing was aggregated.")
     size = len(next(iter(inputs.values())))
     clients = {site: SecAggClient(site, session) for site in session.sites if site in inputs}
     server = SecAggServer(session, size)
@@ -54,7 +56,12 @@ def secure_sum(session: Session, inputs: Mapping[str, np.ndarray], drop_before_s
     public = server.collect_adverts(adverts)
     for site in clients:
         got[site] += sum(wire_bytes(a, session.bits) for a in public.values())
-    shared = [clients[a].share_keys(public) for a in public]
+    shared = []
+    for site in public:
+        try:  # a site that cannot share (too few neighbours advertised) drops out here
+            shared.append(clients[site].share_keys(public))
+        except ValueError:
+            continue
     for m in shared:
         count(m.site, m, sent)
     routed = server.route(shared)
@@ -64,7 +71,10 @@ def secure_sum(session: Session, inputs: Mapping[str, np.ndarray], drop_before_s
     for site, packets in routed.items():
         if site in drop_before_send:
             continue
-        message = clients[site].masked_input(packets, inputs[site])
+        try:
+            message = clients[site].masked_input(packets, inputs[site])
+        except ValueError:  # an unusable packet: the site sends no input
+            continue
         count(site, message, sent)
         inputs_sent.append(message)
     request = server.collect_inputs(inputs_sent)
@@ -73,7 +83,10 @@ def secure_sum(session: Session, inputs: Mapping[str, np.ndarray], drop_before_s
         got[site] += wire_bytes(request, session.bits)
         if site in drop_after_send:
             continue
-        answer = clients[site].unmask(request)
+        try:
+            answer = clients[site].unmask(request)
+        except ValueError:  # a request the site refuses: it answers nothing
+            continue
         count(site, answer, sent)
         answers.append(answer)
     total = server.unmask(answers)

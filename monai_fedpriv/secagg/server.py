@@ -41,12 +41,13 @@ class SecAggServer:
         self.shared: set[str] = set()
         self.inputs: dict[str, np.ndarray] = {}
         self.request: UnmaskRequest | None = None
+        self.routed_pairs: set[tuple[str, str]] = set()  # (sender, receiver) of every share packet passed on
 
-    def _enough(self, who: set[str] | dict, stage: str) -> None:
-        if len(who) < self.session.threshold:
+    def _enough(self, who: set[str] | dict, stage: str, least: int | None = None) -> None:
+        least = self.session.threshold if least is None else least
+        if len(who) < least:
             raise SecAggError(f"round {self.session.round}: {len(who)} site(s) reached the {stage} stage of secure "
-                              f"aggregation, fewer than the threshold {self.session.threshold}; nothing was "
-                              f"aggregated.")  # fmt: skip
+                              f"aggregation, fewer than the threshold {least}; nothing was aggregated.")  # fmt: skip
 
     def collect_adverts(self, adverts: list[Advert]) -> dict[str, Advert]:
         """Stage 0: the advertised keys, to be sent to every site (refused messages are left out)."""
@@ -71,6 +72,7 @@ class SecAggServer:
             for receiver, packet in message.packets.items():
                 if receiver in routed and receiver in self.session.graph[message.site]:
                     routed[receiver][message.site] = packet
+                    self.routed_pairs.add((message.site, receiver))
         self._enough(self.shared, "key sharing")
         return {v: {u: p for u, p in packets.items()} for v, packets in routed.items() if v in self.shared}
 
@@ -86,9 +88,13 @@ class SecAggServer:
                                  f"integers below 2^{self.session.bits}.")  # fmt: skip
             self.received.append(message)
             self.inputs[message.site] = values
-        self._enough(set(self.inputs), "masked input")
+        self._enough(set(self.inputs), "masked input", self.session.min_survivors)
         order = self.session.index
         survivors = tuple(sorted(self.inputs, key=order))
+        if not self.session.connected(survivors):
+            raise SecAggError(f"round {self.session.round}: the sites that sent their masked input do not form one "
+                              f"connected group of the neighbour graph; unmasking would reveal each group's sum. "
+                              f"Nothing was aggregated (raise --secagg-neighbours).")  # fmt: skip
         dropped = tuple(sorted(self.shared - set(self.inputs), key=order))
         self.request = UnmaskRequest(self.session.session_id, self.session.round, survivors, dropped)
         return self.request
@@ -127,7 +133,7 @@ class SecAggServer:
         for v, shares in key_shares.items():  # a site that shared keys but sent no input: its pairs' masks remain
             key = self._secret(v, shares, "mask key").to_bytes(32, "big")
             for u in self.request.survivors:
-                if u in s.graph[v]:
+                if (v, u) in self.routed_pairs:  # u masked with v exactly when it was handed v's shares
                     m = pairwise_mask(s, key, self.adverts[u].s_pk, v, u, self.size)
                     total = (total - m if s.index(u) < s.index(v) else total + m) & modulus_mask
         return total

@@ -1,9 +1,11 @@
 """One round's secure-aggregation session: who takes part, the threshold, the bit width and who masks with whom.
 
 The neighbour graph is complete (Bonawitz et al. 2017) or, with ``neighbours=k`` (SecAgg+, Bell et al. 2020), each
-site pairs with ``k`` others: the sites placed on a ring in an order drawn from the session's public seed, each
-linked to its ``ceil(k/2)`` nearest on either side. A site's key and self-mask seed are shared among its
-neighbours and itself, so the server needs ``threshold`` of them to unmask it.
+site pairs with about ``k`` others (``k`` rounded up to an even number): the sites placed on a ring in an order drawn
+from the session's public seed, each linked to its ``ceil(k/2)`` nearest on either side. The survivors of a round
+must form one connected group of that graph (:meth:`Session.connected`), else the sum is not unmasked. A site's key
+and self-mask seed are shared among its neighbours and itself, so the server needs ``threshold`` of them to unmask
+it.
 """
 
 from __future__ import annotations
@@ -83,6 +85,27 @@ class Session:
                 f"itself can hold: raise --secagg-neighbours or lower the threshold."
             )
         object.__setattr__(self, "graph", graph)
+
+    @property
+    def min_survivors(self) -> int:
+        """The fewest sites whose sum may be unmasked: the threshold, and never fewer than 3 (with two, each learns
+        the other's input from the sum and its own)."""
+        return max(3, self.threshold)
+
+    def connected(self, survivors: tuple[str, ...] | list[str]) -> bool:
+        """Whether the survivors form one group in the neighbour graph: with SecAgg+ a server could otherwise remove
+        the masks inside each group separately and learn each group's sum."""
+        left = set(survivors)
+        if not left:
+            return False
+        stack = [next(iter(left))]
+        seen = {stack[0]}
+        while stack:
+            for other in self.graph[stack.pop()] & left:
+                if other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        return seen == left
 
     def index(self, site: str) -> int:
         return self.sites.index(site) + 1

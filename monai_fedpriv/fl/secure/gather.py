@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_fedpriv.errors import PrivacyBudgetExceeded
+from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
 from monai_fedpriv.fl.secure.settings import SecureAggregation
 from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import ModelUpdate
@@ -63,12 +63,15 @@ class SecureOutcome:
     threshold: int = 2
     messages: dict[str, int] = field(default_factory=dict)
     left_after: list[str] = field(default_factory=list)
+    near_edge: int = 0
 
     def record(self) -> dict[str, Any]:
         """The round's ``metrics.json`` entry ``secure_aggregation``."""
         out: dict[str, Any] = {"survivors": list(self.survivors), "dropped": sorted(self.dropped), "server_saw": "sum"}
         if self.left_after:  # their inputs are in the sum; they left before the unmasking stage
             out["left_after_sending"] = list(self.left_after)
+        if self.near_edge:
+            out["near_ring_edge"] = self.near_edge
         return out
 
 
@@ -118,8 +121,9 @@ class SecureGather:
                                         session.threshold, _seed(self.seed, "rotation", rnd))  # fmt: skip
         inputs = {}
         for site in sites:
-            if drops.get(site) == "drop-before-send":
-                continue  # it vanishes after sharing its keys: it never encodes, nor spends
+            if drops.get(site) == "drop-before-send":  # it shares its keys, then vanishes: it never encodes, nor
+                inputs[site] = np.zeros(coding.padded, dtype=np.uint64)  # spends (this vector is never sent)
+                continue
             try:
                 vector = torch.cat([held[site].delta[k].detach().reshape(-1).double() for k in keys]).numpy()
                 if self.settings.distributed_dp:
@@ -133,21 +137,41 @@ class SecureGather:
             dropped[site] = "dropped before sending its masked input (injected fault)"
         try:
             out = secure_sum(session, inputs, drop_before_send=before & set(inputs), drop_after_send=after)
-        except SecAggError as exc:
-            return SecureOutcome(None, [], dropped, failed=str(exc), threshold=session.threshold)
+        except (SecAggError, ValueError) as exc:  # too few at a stage, or a message refused: the round fails cleanly
+            return SecureOutcome(None, [], dropped, failed=f"round {rnd}: secure aggregation failed: {exc}",
+                                 threshold=session.threshold)  # fmt: skip
+        near_edge = coding.near_edge(out.total)
+        if near_edge:
+            logger.warning(f"round {rnd}: {near_edge} coordinate(s) of the secure sum lie near the edge of the ring "
+                           f"(--secagg-bits {self.settings.bits}); the sum may have wrapped there.")  # fmt: skip
         mean = coding.decode(out.total) / len(out.survivors)
         delta, start = {}, 0
-        for k in keys:
-            n = int(global_weights[k].numel())
-            delta[k] = torch.from_numpy(mean[start : start + n].copy()).reshape(global_weights[k].shape).to(
-                global_weights[k].dtype)  # fmt: skip
+        for k, value in global_weights.items():
+            if k not in keys:  # integer buffers (BatchNorm's step counts) travel unchanged
+                delta[k] = torch.zeros_like(value)
+                continue
+            n = int(value.numel())
+            delta[k] = torch.from_numpy(mean[start : start + n].copy()).reshape(value.shape).to(value.dtype)
             start += n
         left_after = sorted(after & set(out.survivors), key=session.index)
         # messages: the global model; keys and shares sent and received; the masked input sent and the unmask request
         # received unless the site dropped before; its unmask shares unless it dropped at all
         messages = {s: 1 + 4 + 2 * (s not in before) + (s not in before | after) for s in sites}
         return SecureOutcome(delta, list(out.survivors), dropped, dict(out.bytes_sent), dict(out.bytes_received),
-                             threshold=session.threshold, messages=messages, left_after=left_after)  # fmt: skip
+                             threshold=session.threshold, messages=messages, left_after=left_after,
+                             near_edge=near_edge)  # fmt: skip
+
+    def reserve(self, sites: list[str], dim: int) -> None:
+        """Reserve each site's per-round distributed-DP release in its budget (what DP-SGD must leave room for), so
+        an accountant that cannot account for it or a budget one round exceeds is refused before training."""
+        if not self.settings.distributed_dp:
+            return
+        event = self.settings.encoding(dim, len(sites), self.settings.threshold_for(len(sites)), 0).event()
+        for site in sites:
+            budget = self.budget_of(site)
+            if budget is None:
+                raise PrivacyConfigError(f"{site}: --distributed-dp needs the site's privacy budget (budget.json).")
+            budget.reserve("distributed_dp", event)
 
     def _charge(self, site: str, event: Any) -> None:
         """The site's release of its noisy share, recorded in its one ledger before anything leaves (refused past

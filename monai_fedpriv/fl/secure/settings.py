@@ -82,8 +82,11 @@ class SecureAggregation:
 
     def session(self, rnd: int, sites: tuple[str, ...], graph_seed: int) -> Session:
         """A new key exchange for round ``rnd`` (fresh session id: nothing carries over, a resumed run included)."""
-        threshold = min(self.threshold_for(len(sites)), len(sites))
-        return Session(secrets.token_hex(8), rnd, sites, threshold, self.bits, self.neighbours, graph_seed)
+        if self.threshold is not None and self.threshold > len(sites):
+            raise ValueError(f"{len(sites)} site(s) trained in round {rnd}, fewer than --secagg-threshold "
+                             f"{self.threshold}.")  # fmt: skip
+        return Session(secrets.token_hex(8), rnd, sites, self.threshold_for(len(sites)), self.bits, self.neighbours,
+                       graph_seed)  # fmt: skip
 
     def encoding(self, dim: int, n_sites: int, n_min: int, rotation_seed: int) -> DistributedDP:
         return DistributedDP(dim, float(self.clip), float(self.noise_multiplier), self.bits, n_sites, n_min,

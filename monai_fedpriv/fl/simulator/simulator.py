@@ -211,7 +211,10 @@ class FederatedSimulator:
         def budget_of(name: str) -> Any:
             return next((b.budget for b in self.sites[name].budgets if hasattr(b, "budget")), None)
 
-        return SecureGather(self.secure, self.seed, budget_of, self.secure_noise, self.faults.drops)
+        gather = SecureGather(self.secure, self.seed, budget_of, self.secure_noise, self.faults.drops)
+        first = next(iter(self.sites.values())).network.state_dict()
+        gather.reserve(list(self.sites), sum(int(v.numel()) for v in first.values() if v.is_floating_point()))
+        return gather
 
     def _split_server(self, server_model: ServerModel) -> Any:
         """SplitNN: the server part with the bundle's optimiser, and every site's network cut with a link to it."""

@@ -153,7 +153,7 @@ class RunLoop:
         for name, entry in sites.items():
             if name in secure.messages:
                 entry["messages"] = secure.messages[name]
-        need = max(secure.threshold, self.server.min_sites or 0)
+        need = max(3, secure.threshold, self.server.min_sites or 0)  # two survivors would learn each other's
         if secure.failed or secure.delta is None or len(secure.survivors) < need:
             self._fail(rnd, secure.failed or f"round {rnd}: {len(secure.survivors)} site(s) in the secure sum, "
                        f"{need} needed", sites, got)  # fmt: skip
