@@ -65,6 +65,32 @@ class SecureOutcome:
     left_after: list[str] = field(default_factory=list)
     near_edge: int = 0
 
+    def screened(self, failures: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+        """Each site's entry as the server judged it: in the sum, or not (with why), and every stage's bytes."""
+        out: dict[str, dict[str, Any]] = {name: {"accepted": True} for name in self.survivors}
+        for name, why in {**failures, **self.dropped}.items():
+            out[name] = {"accepted": False, "rejected": why}
+        for name, sent in self.bytes_sent.items():
+            out.setdefault(name, {})["bytes_sent"] = sent
+        return out
+
+    def problem(self, rnd: int, min_sites: int | None) -> str | None:
+        """Why the round cannot be aggregated (``None``: it can): the sum failed, too few survivors (never fewer
+        than 3: two would learn each other's update), or a sum that is not finite."""
+        need = max(3, self.threshold, min_sites or 0)
+        if self.failed or self.delta is None:
+            return self.failed or f"round {rnd}: the secure sum failed"
+        if len(self.survivors) < need:
+            return f"round {rnd}: {len(self.survivors)} site(s) in the secure sum, {need} needed"
+        if not all(bool(torch.isfinite(v).all()) for v in self.delta.values()):
+            return f"round {rnd}: the securely aggregated update is not finite"
+        return None
+
+    def mean_update(self, rnd: int) -> ModelUpdate:
+        """The survivors' mean as one update for the strategy (its "site" is the sum, not a site)."""
+        assert self.delta is not None
+        return ModelUpdate("secure-sum", rnd, dict(self.delta), n_samples=len(self.survivors), local_steps=1)
+
     def record(self) -> dict[str, Any]:
         """The round's ``metrics.json`` entry ``secure_aggregation``."""
         out: dict[str, Any] = {"survivors": list(self.survivors), "dropped": sorted(self.dropped), "server_saw": "sum"}

@@ -8,12 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
 from monai_fedpriv.errors import FederationError
 from monai_fedpriv.fl.server.records import add_site_score, final_summary, progress_cell, round_record
 from monai_fedpriv.fl.server.round import ServerRound
-from monai_fedpriv.fl.update import GlobalModel, ModelUpdate
+from monai_fedpriv.fl.update import GlobalModel
 from monai_fedpriv.fl.workflow.channel import Gathered, RoundRequest, ServerChannel
 from monai_fedpriv.fl.workflow.state import RunState
 from monai_fedpriv.fl.workflow.stop import Stop, StopKind, StopPolicy, budget_stop_reason
@@ -142,26 +140,15 @@ class RunLoop:
         """A training round under secure aggregation: the server holds the survivors' mean update only (no
         per-site screening can run; the sites clipped their updates); the strategy aggregates it as one update."""
         secure = got.secure
-        screened: dict[str, dict[str, Any]] = {}
-        for name in secure.survivors:
-            screened[name] = {"accepted": True}
-        for name, why in {**got.failures, **secure.dropped}.items():
-            screened[name] = {"accepted": False, "rejected": why}
-        for name, sent in secure.bytes_sent.items():  # every stage's bytes
-            screened.setdefault(name, {})["bytes_sent"] = sent
+        screened = secure.screened(got.failures)
         sites = self._site_entries(request, got, screened)
         for name, entry in sites.items():
-            if name in secure.messages:
-                entry["messages"] = secure.messages[name]
-        need = max(3, secure.threshold, self.server.min_sites or 0)  # two survivors would learn each other's
-        if secure.failed or secure.delta is None or len(secure.survivors) < need:
-            self._fail(rnd, secure.failed or f"round {rnd}: {len(secure.survivors)} site(s) in the secure sum, "
-                       f"{need} needed", sites, got)  # fmt: skip
-        if not all(bool(torch.isfinite(v).all()) for v in secure.delta.values()):
-            self._fail(rnd, f"round {rnd}: the securely aggregated update is not finite", sites, got)
-        mean = ModelUpdate("secure-sum", rnd, dict(secure.delta), n_samples=len(secure.survivors), local_steps=1)
+            entry["messages"] = secure.messages.get(name, entry["messages"])
+        problem = secure.problem(rnd, self.server.min_sites)
+        if problem is not None:
+            self._fail(rnd, problem, sites, got)
         try:
-            self.state.weights = self.strategy.aggregate(self.state.weights, [mean])
+            self.state.weights = self.strategy.aggregate(self.state.weights, [secure.mean_update(rnd)])
         except (ValueError, RuntimeError) as exc:
             self._fail(rnd, f"aggregation failed in round {rnd}: {exc}", sites, got)
         self.state.optimizer_state = None
