@@ -61,9 +61,13 @@ def test_secure_aggregation_trains_what_plain_fedavg_trains_and_the_server_sees_
 
 def test_dropouts_before_and_after_sending_are_survived_and_too_many_fail_the_round_cleanly(bundle, tmp_path):
     out = tmp_path / "drops"
-    assert run(bundle, out, "--secure-aggregation", "--max-update-norm", "10", "--secagg-threshold", "2",
-               "--inject-fault", "site-2:drop-before-send:2", "--inject-fault", "site-4:drop-after-send:2",
-               sites=4) == 0  # fmt: skip
+    assert main(["simulate", str(bundle), "--sites", "4", "--rounds", "2", "--local-steps", "2", "--partition", "iid",
+                 "--config-files", "train.json", "tiny.json", "--output", str(out), "--secure-aggregation",
+                 "--max-update-norm", "10", "--secagg-threshold", "2", "--inject-fault", "site-2:drop-before-send:2",
+                 "--inject-fault", "site-4:drop-after-send:2"]) == 0  # with its report  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "## What the server saw: secure aggregation" in report
+    assert "| 2 | site-1, site-3, site-4 | site-2 | sum |" in report
     record = json.loads((out / "metrics.json").read_text())["rounds"][1]
     assert record["secure_aggregation"]["survivors"] == ["site-1", "site-3", "site-4"]
     assert record["secure_aggregation"]["dropped"] == ["site-2"]

@@ -124,13 +124,14 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
             cells.append("-" if res is None else f"{_f(res.get('dice'))} / {res.get('local_steps', '-')}")
         lines.append(f"| {r['round']} | {_f(r['global']['dice'])} | " + " | ".join(cells) + f" | {r['seconds']:.1f} |")
     lines += privacy_section(metrics)
+    lines += secure_section(metrics)
     lines += faults_section(metrics)
     comm = [(r["round"], s, res) for r in metrics["rounds"] for s, res in r["sites"].items() if res.get("bytes_sent")]
     if comm:
         last = comm[-len(sites) :]
         lines += ["", "## Communication (last round)", "", "| site | bytes sent | dense bytes |", "|---|---|---|"]
         for _, s, res in last:
-            lines.append(f"| {s} | {res['bytes_sent']} | {res['dense_bytes']} |")
+            lines.append(f"| {s} | {res['bytes_sent']} | {res.get('dense_bytes', '-')} |")
     lines += ["", "## Figures", ""]
     p1 = plot_dice_per_round(metrics, figs / "dice_per_round.png")
     lines.append(f"![Dice per round]({p1.relative_to(output_dir)})")
@@ -153,6 +154,29 @@ def write_report(metrics: dict[str, Any], output_dir: Path, extra_figures: dict[
     path = output_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def secure_section(metrics: dict[str, Any]) -> list[str]:
+    """What the server could see under secure aggregation (empty without it): the sum of the survivors each round."""
+    settings = metrics.get("secure_aggregation")
+    if not isinstance(settings, dict):
+        return []
+    rounds = [r for r in metrics["rounds"] if isinstance(r.get("secure_aggregation"), dict)]
+    dp = (f"with distributed DP (Skellam shares, noise multiplier {settings.get('noise_multiplier')} of the clip, "
+          f"accounted in each site's ledger above)" if settings.get("distributed_dp") else "without noise")  # fmt: skip
+    lines = ["", "## What the server saw: secure aggregation", "",
+             f"Every round the server received masked vectors and unmasked only the sum of the surviving sites' "
+             f"updates (Bonawitz et al. 2017), {dp}; each site clipped its update to {settings.get('clip')} "
+             f"(the server could not screen one site's update). {settings.get('bits')} bits per coordinate, threshold "
+             f"{settings.get('threshold') or 'a majority'}"
+             + (f", SecAgg+ with {settings['neighbours']} neighbours" if settings.get("neighbours") else "") + ".",
+             "", "| round | sites in the sum | dropped (not in the sum) | server saw |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in rounds:
+        s = r["secure_aggregation"]
+        lines.append(f"| {r['round']} | {', '.join(s.get('survivors', []))} | {', '.join(s.get('dropped', [])) or '-'} "
+                     f"| {s.get('server_saw')} |")  # fmt: skip
+    return lines
 
 
 def privacy_section(metrics: dict[str, Any]) -> list[str]:
