@@ -3,7 +3,8 @@ SecAgg+'s sparse neighbour graph of Bell et al. 2020).
 
 ``session`` (who takes part, threshold, bit width, neighbour graph), ``shamir`` (t-of-n shares), ``crypto`` (X25519,
 HKDF, AES-GCM packets, AES-CTR masks), ``messages`` (the four stages' messages, their checks and sizes), ``client``
-and ``server`` (each side's stages), ``protocol`` (one sum in-process, with dropouts).
+and ``server`` (each side's stages), ``protocol`` (one sum in-process, with dropouts), ``wire`` (the messages as
+bytes between processes, decoded as hostile input).
 """
 
 from monai_fedpriv.secagg.protocol import SecureSum, secure_sum
