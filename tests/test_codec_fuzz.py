@@ -433,7 +433,8 @@ def test_decoding_inputs_under_1_mb_stays_under_twice_the_model_size(tmp_path, d
     assert result["outcome"]["valid_sparse"] == "decoded"  # a real decode of the whole model was measured too
     assert all(v.startswith("refused") for k, v in result["outcome"].items() if k != "valid_sparse"), result
     assert result["growth"]["valid_sparse"] > result["model_bytes"]  # the measure sees a decode of the whole model
-    assert all(0 <= g < 2 * result["model_bytes"] for g in result["growth"].values()), result
+    # (a growth slightly below zero is the allocator handing memory back between the reset and the decode)
+    assert all(-(2**20) <= g < 2 * result["model_bytes"] for g in result["growth"].values()), result
 
 
 def test_an_unterminated_string_of_escaped_quotes_does_not_stall_the_decoder():

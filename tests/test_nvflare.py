@@ -455,3 +455,18 @@ def test_simulator_job_of_cwt_replay_trains_what_the_in_process_run_trains(tmp_p
     for site, facts in metrics["upload"].items():
         assert facts["kind"] == "generator" and facts["items"] == reference["upload"][site]["items"]
         assert facts["bytes"] == reference["upload"][site]["bytes"]
+
+
+@pytest.mark.slow
+def test_simulator_job_with_secure_aggregation_trains_what_the_in_process_run_trains(bundle, tmp_path):
+    """The four stages as FLARE tasks: the server sees only the sum, and the job ends with the in-process weights
+    (fresh keys each round; the sum, the rounding and the seeded noise are the same)."""
+    flags = ("--secure-aggregation", "--max-update-norm", "5", "--distributed-dp", "--noise-multiplier", "0.5",
+             "--epsilon-budget", "500", "--seeded-noise", "--inject-fault", "site-3:drop-after-send:2")  # fmt: skip
+    metrics, reference = job_and_reference(bundle, tmp_path, 2, *flags)
+    assert metrics["secure_aggregation"] == reference["secure_aggregation"]
+    for ours, theirs in zip(metrics["rounds"], reference["rounds"], strict=True):
+        assert ours["secure_aggregation"]["server_saw"] == "sum"
+        assert ours["secure_aggregation"]["survivors"] == theirs["secure_aggregation"]["survivors"]
+    assert metrics["rounds"][1]["secure_aggregation"]["left_after_sending"] == ["site-3"]  # its input still counts
+    assert site_epsilons(metrics) == pytest.approx(site_epsilons(reference), rel=1e-9)

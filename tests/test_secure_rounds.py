@@ -127,14 +127,14 @@ def test_what_cannot_run_under_secure_aggregation_is_refused_in_one_line(bundle,
     assert not (tmp_path / "x").exists()
 
 
-def test_secure_aggregation_flags_need_it_and_export_refuses_it(bundle, tmp_path, capsys):
+def test_secure_aggregation_flags_need_it_and_export_refuses_a_resumed_secure_job(bundle, tmp_path, capsys):
     assert main(["simulate", str(bundle), "--output", str(tmp_path / "x"), "--secagg-threshold", "2"]) == 2
     assert "--secagg-threshold" in capsys.readouterr().err
     assert main(["simulate", str(bundle), "--output", str(tmp_path / "x"), "--inject-fault",
                  "site-1:drop-before-send:1"]) == 2  # fmt: skip
     assert "add --secure-aggregation" in capsys.readouterr().err
     assert main(["export-nvflare", str(bundle), "--output", str(tmp_path / "job"), "--secure-aggregation",
-                 "--max-update-norm", "1"]) == 2  # fmt: skip
+                 "--max-update-norm", "1", "--resume"]) == 2  # fmt: skip
     assert "Nothing was written" in capsys.readouterr().err and not (tmp_path / "job").exists()
 
 

@@ -48,10 +48,9 @@ def export_main(argv: list[str]) -> int:
 
     if args.strategy in NOT_ON_FLARE:
         raise OptionError(f"--strategy {args.strategy}: {NOT_ON_FLARE[args.strategy]}")
-    if args.secure_aggregation:  # the four stages are not yet tasks of the exported job: say so, never run without
-        raise OptionError("--secure-aggregation runs in `monai-fedpriv simulate` and `compare` for now; exported "
-                          "NVIDIA FLARE jobs do not carry its four stages yet, and a job without them would show the "
-                          "server every update. Nothing was written.")  # fmt: skip
+    if args.secure_aggregation and args.resume:  # a site's keys die with its process: a stage cannot be resent
+        raise OptionError("--resume of a job with --secure-aggregation is not supported yet: a resumed site would "
+                          "have to rejoin a round's key exchange it had already answered. Nothing was written.")
     plan = plan_run(args, log=lambda line: print(line, flush=True))
     settings = dataclasses.replace(plan.settings, name=name)  # config_digests: export_job takes them from its files
     job = export_job(settings, args.bundle_dir, args.output)

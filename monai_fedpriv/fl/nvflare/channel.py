@@ -45,10 +45,19 @@ class FlareChannel(ServerChannel):
         self.sites = list(settings.sites)
         self.batch_size, self.dp_sgd = bundle_work(bundle, settings.seed)
         self.reported: dict[str, Any] = {"setup": {}, "metric": None, "privacy": False}
+        self.secure: Any = None
+        if settings.secure_aggregation is not None:
+            from monai_fedpriv.fl.secure import SecureAggregation
+
+            self.secure = SecureAggregation(**settings.secure_aggregation)
 
     def gather(self, request: RoundRequest) -> Gathered:
         blob = encode_global(request.model)
         extras = self._extras()
+        if self.secure is not None:  # the sites keep their updates; the server gets their sum only
+            from monai_fedpriv.fl.nvflare.secure_stages import secure_gather
+
+            return secure_gather(self, request, blob, extras)
         results = self._broadcast("train", blob, request.targets, request.round, request.last_trained, extras)
         size = len(blob) + sum(len(v) for v in extras.values())
         got = Gathered(received_bytes={name: size for name in request.targets})
@@ -83,9 +92,21 @@ class FlareChannel(ServerChannel):
             return {}
         return {"generator": encode(GeneratorState("server", max(1, current.round), current.weights, current.codes))}
 
+    def _broadcast_stage(self, task: str, params: Mapping[str, bytes], targets: list[str], rnd: int,
+                         need: int) -> list:  # fmt: skip
+        """One stage of secure aggregation: ``params`` (encoded stage messages) to ``targets``."""
+        data = FLModel(params_type=ParamsType.FULL, params=dict(params), current_round=rnd - 1,
+                       total_rounds=self.settings.rounds, meta={"round": rnd, "secagg_stage": task})  # fmt: skip
+        return self.controller.broadcast_model(data=data, task_name=task, targets=targets,
+                                               min_responses=min(need, len(targets)),
+                                               timeout=int(self.settings.round_timeout),
+                                               wait_time_after_min_received=int(self.settings.wait_after_min)) or []
+
     def _broadcast(self, task: str, blob: bytes, targets: list[str], rnd: int, last: dict | None = None,
-                   extras: Mapping[str, bytes] | None = None) -> list:  # fmt: skip
+                   extras: Mapping[str, bytes] | None = None, secagg: dict | None = None) -> list:  # fmt: skip
         meta = {"round": rnd, "validate": task == "validate", "last_trained": dict(last or {})}
+        if secagg is not None:
+            meta["secagg"] = secagg
         params = {"global": blob, **dict(extras or {})}
         data = FLModel(params_type=ParamsType.FULL, params=params, current_round=rnd - 1,
                        total_rounds=self.settings.rounds, meta=meta)
@@ -195,6 +216,8 @@ class FlareChannel(ServerChannel):
             out["data"] = self.settings.data_summary
         if self.settings.latents_unprotected:
             out["latents_unprotected"] = "the sites were allowed to send features, latents or codes unprotected"
+        if self.secure is not None:
+            out["secure_aggregation"] = self.secure.describe()
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -156,6 +156,7 @@ def run_site(archive: Path) -> None:
     site = _Site(settings, job_dir, name, transport, faults)
     transport.expect(exchangeable_state(site.site.network))  # a global model of another shape is refused unread
     store = SiteStateStore(settings.state_root() / name)
+    secure = _secure_site(site, settings, faults)
     snapshot = site.site.snapshot()
     replay: tuple[int, bytes, dict[str, Any]] | None = None
     first = True
@@ -176,6 +177,13 @@ def run_site(archive: Path) -> None:
         if task.name == "validate":
             transport.reply_bytes(None, {"validate": True, "global": site.score_global(task)})
             continue
+        if secure is not None and task.name.startswith("secagg_"):  # a stage of this round's secure sum
+            try:
+                transport.reply_bytes(secure.stage(task.name, task.extras), {"round": task.meta.get("round")})
+            except Exception as exc:  # noqa: BLE001 - this site drops out of the stage; nothing of it is sent
+                logger.warning(f"{name}: {task.name} failed: {exc}"[:400])
+                transport.reply_bytes(None, {"failed": f"{task.name}: {exc}"[:300]})
+            continue
         rnd = task.model.round + 1
         if replay is not None and replay[0] == rnd:  # answered before the last job ended: the same bytes again
             transport.reply_bytes(replay[1], replay[2])
@@ -183,11 +191,37 @@ def run_site(archive: Path) -> None:
             continue
         meta = _train(site, rnd, task, transport, snapshot)
         snapshot = site.site.snapshot()
+        if secure is not None:  # the update stays here; the answer is the site's public keys for the secure sum
+            held = transport.pending.pop(name, None)
+            blob = None
+            if held is not None and held[1] is not None and not meta.get("failed"):
+                try:
+                    blob = secure.join(name, rnd, task.meta.get("secagg"), held[1], task.model.weights)
+                except Exception as exc:  # noqa: BLE001 - a refused release or a bad session: nothing is sent
+                    meta["failed"] = f"secure aggregation: {type(exc).__name__}: {exc}"[:300]
+            if site.site.budgets and isinstance(meta.get("result"), dict):  # with the distributed-DP release
+                meta["result"]["privacy"] = site.site.privacy_facts()
+            store.save(rnd, snapshot, None, meta)
+            transport.reply_bytes(blob, meta)
+            continue
         blob, meta = transport.answer(name, meta)
         store.save(rnd, snapshot, blob, meta)  # saved before anything leaves the site
         transport.reply_bytes(blob, meta)
     site.site.release_engine()
     site.site.save_ledgers()
+
+
+def _secure_site(site: _Site, settings: JobSettings, faults: FaultInjector) -> Any:
+    """The site's secure-aggregation state (``None`` without it), its distributed-DP release reserved."""
+    if settings.secure_aggregation is None:
+        return None
+    from monai_fedpriv.fl.nvflare.secure_site import SecureSite
+
+    budget = next((b.budget for b in site.site.budgets if hasattr(b, "budget")), None)
+    secure = SecureSite(settings.secure_aggregation, settings.seed, settings.secure_noise, budget, faults.drops)
+    state = site.site.network.state_dict()
+    secure.reserve(len(settings.sites), sum(int(v.numel()) for v in state.values() if v.is_floating_point()))
+    return secure
 
 
 def _bind_ledger(site: _Site, store: SiteStateStore, resumed: bool) -> None:

@@ -89,6 +89,10 @@ class NVFlareTransport(Transport):
         if model is None:
             return None
         blob = (model.params or {}).get("global")
+        task = str(self.flare.get_task_name())
+        if task.startswith("secagg_") and self.current is not None:  # a stage of secure aggregation: no new model
+            stage = {k: bytes(v) for k, v in (model.params or {}).items() if isinstance(v, (bytes, bytearray))}
+            return Task(task, self.current, dict(model.meta or {}), stage)
         if not isinstance(blob, (bytes, bytearray)):
             keys = sorted(model.params or {})
             raise ValueError(f"the server's task carries no encoded global model (params {keys}).")
@@ -97,7 +101,7 @@ class NVFlareTransport(Transport):
             self.expect(self.current.weights)
         extras = {k: bytes(v) for k, v in (model.params or {}).items()
                   if k != "global" and isinstance(v, (bytes, bytearray))}  # fmt: skip
-        return Task(str(self.flare.get_task_name()), self.current, dict(model.meta or {}), extras)
+        return Task(task, self.current, dict(model.meta or {}), extras)
 
     # -- what FederatedSync calls -------------------------------------------------------------------------------
     def receive(self, site: str) -> GlobalModel:

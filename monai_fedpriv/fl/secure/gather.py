@@ -6,6 +6,8 @@ survivors' vectors, which it decodes and averages. The server never receives a s
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import secrets
@@ -22,7 +24,7 @@ from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.secagg import SecAggError, secure_sum
 
-__all__ = ["HeldTransport", "SecureGather", "SecureOutcome"]
+__all__ = ["HeldTransport", "SecureGather", "SecureOutcome", "SecureRound"]
 
 logger = logging.getLogger("monai_fedpriv.secure")
 
@@ -105,6 +107,60 @@ def _seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
+class SecureRound:
+    """One round's public setup, the same at the server and at every site: the session (who, threshold, graph), the
+    encoding (scale, rotation) and which weights are summed; the site's half encodes its update, the server's half
+    turns the unmasked sum into the round's outcome."""
+
+    def __init__(self, settings: SecureAggregation, seed: int, rnd: int, sites: tuple[str, ...],
+                 global_weights: Mapping[str, Any], session_id: str | None = None) -> None:  # fmt: skip
+        self.settings, self.seed, self.round = settings, int(seed), int(rnd)
+        self.keys = [k for k, v in global_weights.items() if torch.is_tensor(v) and v.is_floating_point()]
+        self.shapes = {k: (tuple(v.shape), v.dtype) for k, v in global_weights.items() if torch.is_tensor(v)}
+        self.session = settings.session(rnd, tuple(sites), _seed(seed, "graph", rnd))
+        if session_id is not None:
+            self.session = dataclasses.replace(self.session, session_id=str(session_id))
+        dim = sum(int(global_weights[k].numel()) for k in self.keys)
+        self.coding = settings.encoding(dim, len(sites), self.session.threshold, _seed(seed, "rotation", rnd))
+
+    def public(self) -> dict[str, Any]:
+        """What a site needs to join (sent with the round's task)."""
+        return {"session_id": self.session.session_id, "sites": list(self.session.sites)}
+
+    def rng(self, site: str, secure_noise: bool) -> np.random.Generator:
+        """The site's rounding and noise: OS entropy in a deployment, else seeded per site and round."""
+        if secure_noise:
+            return np.random.default_rng(secrets.randbits(128))
+        return np.random.default_rng(_seed(self.seed, "secure-noise", site, self.round))
+
+    def site_vector(self, update: ModelUpdate, rng: np.random.Generator,
+                    charge: Callable[[Any], None] | None) -> np.ndarray:  # fmt: skip
+        """A site's update as ring residues; under distributed DP ``charge`` records the release first."""
+        vector = torch.cat([update.delta[k].detach().reshape(-1).double() for k in self.keys]).numpy()
+        if self.settings.distributed_dp:
+            if charge is None:
+                raise PrivacyBudgetExceeded("no privacy budget accounts for distributed DP (budget.json).")
+            charge(self.coding.event())
+        return self.coding.encode(vector, rng)
+
+    def mean_delta(self, total: np.ndarray, survivors: int) -> dict[str, torch.Tensor]:
+        """The survivors' mean update from the unmasked sum (integer buffers unchanged: zero delta)."""
+        near_edge = self.coding.near_edge(total)
+        if near_edge:
+            logger.warning(f"round {self.round}: {near_edge} coordinate(s) of the secure sum lie near the edge "
+                           f"of the ring (--secagg-bits {self.settings.bits}); it may have wrapped there.")
+        mean = self.coding.decode(total) / survivors
+        delta, start = {}, 0
+        for k, (shape, dtype) in self.shapes.items():
+            if k not in self.keys:
+                delta[k] = torch.zeros(shape, dtype=dtype)
+                continue
+            n = int(np.prod(shape)) if shape else 1
+            delta[k] = torch.from_numpy(mean[start : start + n].copy()).reshape(shape).to(dtype)
+            start += n
+        return delta
+
+
 class SecureGather:
     """Runs a round's secure sum over the sites' held updates.
 
@@ -126,35 +182,23 @@ class SecureGather:
         self.secure_noise = bool(secure_noise)
         self.drops = drops or (lambda _rnd: {})
 
-    def _rng(self, site: str, rnd: int) -> np.random.Generator:
-        if self.secure_noise:
-            return np.random.default_rng(secrets.randbits(128))
-        return np.random.default_rng(_seed(self.seed, "secure-noise", site, rnd))
-
-    def run(self, rnd: int, order: list[str], held: Mapping[str, ModelUpdate],
+    def run(self, rnd: int, targets: list[str], held: Mapping[str, ModelUpdate],
             global_weights: Mapping[str, Any]) -> SecureOutcome:  # fmt: skip
-        """The sum of the round ``rnd`` updates in ``held`` (sites in federation ``order``), with the injected
-        ``drop-before-send`` / ``drop-after-send`` faults of the round."""
+        """The sum of the round ``rnd`` updates in ``held``; the session is over the sites asked (``targets``, as
+        under NVIDIA FLARE: a site that failed its training never joins), with the round's injected
+        ``drop-before-send`` / ``drop-after-send`` faults."""
         drops = self.drops(rnd)
-        sites = [s for s in order if s in held]
-        keys = [k for k, v in global_weights.items() if torch.is_tensor(v) and v.is_floating_point()]
-        dropped: dict[str, str] = {}
         try:
-            session = self.settings.session(rnd, tuple(sites), _seed(self.seed, "graph", rnd))
+            plan = SecureRound(self.settings, self.seed, rnd, tuple(targets), global_weights)
         except ValueError as exc:
             return SecureOutcome(None, [], {}, failed=f"round {rnd}: secure aggregation cannot run: {exc}")
-        coding = self.settings.encoding(sum(int(global_weights[k].numel()) for k in keys), len(sites),
-                                        session.threshold, _seed(self.seed, "rotation", rnd))  # fmt: skip
+        sites = [s for s in targets if s in held]
+        dropped: dict[str, str] = {}
         inputs = {}
-        for site in sites:
-            if drops.get(site) == "drop-before-send":  # it shares its keys, then vanishes: it never encodes, nor
-                inputs[site] = np.zeros(coding.padded, dtype=np.uint64)  # spends (this vector is never sent)
-                continue
+        for site in sites:  # a site that drops before sending has encoded (and spent) already: it then vanishes
             try:
-                vector = torch.cat([held[site].delta[k].detach().reshape(-1).double() for k in keys]).numpy()
-                if self.settings.distributed_dp:
-                    self._charge(site, coding.event())
-                inputs[site] = coding.encode(vector, self._rng(site, rnd))
+                inputs[site] = plan.site_vector(held[site], plan.rng(site, self.secure_noise),
+                                                functools.partial(self._charge, site))
             except (KeyError, ValueError, RuntimeError, PrivacyBudgetExceeded) as exc:
                 dropped[site] = f"sent no masked input: {type(exc).__name__}: {exc}"
         before = {s for s, kind in drops.items() if kind == "drop-before-send"} | set(dropped)
@@ -162,30 +206,18 @@ class SecureGather:
         for site in before - set(dropped):
             dropped[site] = "dropped before sending its masked input (injected fault)"
         try:
-            out = secure_sum(session, inputs, drop_before_send=before & set(inputs), drop_after_send=after)
+            out = secure_sum(plan.session, inputs, drop_before_send=before & set(inputs), drop_after_send=after)
         except (SecAggError, ValueError) as exc:  # too few at a stage, or a message refused: the round fails cleanly
             return SecureOutcome(None, [], dropped, failed=f"round {rnd}: secure aggregation failed: {exc}",
-                                 threshold=session.threshold)  # fmt: skip
-        near_edge = coding.near_edge(out.total)
-        if near_edge:
-            logger.warning(f"round {rnd}: {near_edge} coordinate(s) of the secure sum lie near the edge of the ring "
-                           f"(--secagg-bits {self.settings.bits}); the sum may have wrapped there.")  # fmt: skip
-        mean = coding.decode(out.total) / len(out.survivors)
-        delta, start = {}, 0
-        for k, value in global_weights.items():
-            if k not in keys:  # integer buffers (BatchNorm's step counts) travel unchanged
-                delta[k] = torch.zeros_like(value)
-                continue
-            n = int(value.numel())
-            delta[k] = torch.from_numpy(mean[start : start + n].copy()).reshape(value.shape).to(value.dtype)
-            start += n
-        left_after = sorted(after & set(out.survivors), key=session.index)
+                                 threshold=plan.session.threshold)  # fmt: skip
+        left_after = sorted(after & set(out.survivors), key=plan.session.index)
         # messages: the global model; keys and shares sent and received; the masked input sent and the unmask request
         # received unless the site dropped before; its unmask shares unless it dropped at all
         messages = {s: 1 + 4 + 2 * (s not in before) + (s not in before | after) for s in sites}
-        return SecureOutcome(delta, list(out.survivors), dropped, dict(out.bytes_sent), dict(out.bytes_received),
-                             threshold=session.threshold, messages=messages, left_after=left_after,
-                             near_edge=near_edge)  # fmt: skip
+        return SecureOutcome(plan.mean_delta(out.total, len(out.survivors)), list(out.survivors), dropped,
+                             dict(out.bytes_sent), dict(out.bytes_received), threshold=plan.session.threshold,
+                             messages=messages, left_after=left_after,
+                             near_edge=plan.coding.near_edge(out.total))  # fmt: skip
 
     def reserve(self, sites: list[str], dim: int) -> None:
         """Reserve each site's per-round distributed-DP release in its budget (what DP-SGD must leave room for), so

@@ -115,7 +115,7 @@ class InProcessChannel(ServerChannel):
 
     def _secure_sum(self, request: RoundRequest, got: Gathered) -> None:
         held = self.transport.take_held()  # type: ignore[attr-defined]
-        outcome = self.secure.run(request.round, self.sites, held, request.model.weights)
+        outcome = self.secure.run(request.round, list(request.targets), held, request.model.weights)
         got.secure = outcome
         got.wire_bytes.update(outcome.bytes_sent)
         for name in held:
