@@ -216,11 +216,11 @@ def _secure_site(site: _Site, settings: JobSettings, faults: FaultInjector) -> A
     if settings.secure_aggregation is None:
         return None
     from monai_fedpriv.fl.nvflare.secure_site import SecureSite
+    from monai_fedpriv.fl.secure.settings import summed_size
 
-    budget = next((b.budget for b in site.site.budgets if hasattr(b, "budget")), None)
+    budget = site.site.privacy_budget
     secure = SecureSite(settings.secure_aggregation, settings.seed, settings.secure_noise, budget, faults.drops)
-    state = site.site.network.state_dict()
-    secure.reserve(len(settings.sites), sum(int(v.numel()) for v in state.values() if v.is_floating_point()))
+    secure.settings.reserve(site.name, budget, len(settings.sites), summed_size(site.site.network.state_dict()))
     return secure
 
 

@@ -27,11 +27,6 @@ class SecureSite:
         self.client: SecAggClient | None = None
         self.vector: Any = None
 
-    def reserve(self, n_sites: int, dim: int) -> None:
-        """Room in the site's budget for one round's distributed-DP release (refused before training)."""
-        if self.settings.distributed_dp and self.budget is not None:
-            event = self.settings.encoding(dim, n_sites, self.settings.threshold_for(n_sites), 0).event()
-            self.budget.reserve("distributed_dp", event)
 
     def join(self, name: str, rnd: int, public: Any, update: ModelUpdate, weights: dict[str, Any]) -> bytes:
         """After training round ``rnd``: the encoded update is kept, the site's public keys are the answer."""
@@ -39,8 +34,8 @@ class SecureSite:
             raise ValueError("the round's task carries no secure-aggregation session")
         sites = tuple(str(s) for s in public["sites"])
         self.plan = SecureRound(self.settings, self.seed, rnd, sites, weights, str(public.get("session_id")))
-        charge = None if self.budget is None else (lambda event: self.budget.release(event, "distributed_dp"))
-        self.vector = self.plan.site_vector(update, self.plan.rng(name, self.secure_noise), charge)
+        self.vector = self.plan.site_vector(update, self.plan.rng(name, self.secure_noise),
+                                            self.settings.charge(name, self.budget))
         self.client = SecAggClient(name, self.plan.session)
         return encode_message(self.client.advertise(), self.settings.bits)
 

@@ -7,7 +7,6 @@ survivors' vectors, which it decodes and averages. The server never receives a s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import secrets
@@ -18,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
-from monai_fedpriv.fl.secure.settings import SecureAggregation
+from monai_fedpriv.errors import PrivacyBudgetExceeded
+from monai_fedpriv.fl.secure.settings import SecureAggregation, summed_size
 from monai_fedpriv.fl.transport.inprocess import InProcessTransport
 from monai_fedpriv.fl.update import ModelUpdate
 from monai_fedpriv.secagg import SecAggError, secure_sum
@@ -120,8 +119,8 @@ class SecureRound:
         self.session = settings.session(rnd, tuple(sites), _seed(seed, "graph", rnd))
         if session_id is not None:
             self.session = dataclasses.replace(self.session, session_id=str(session_id))
-        dim = sum(int(global_weights[k].numel()) for k in self.keys)
-        self.coding = settings.encoding(dim, len(sites), self.session.threshold, _seed(seed, "rotation", rnd))
+        self.coding = settings.encoding(summed_size(global_weights), len(sites), self.session.threshold,
+                                        _seed(seed, "rotation", rnd))  # fmt: skip
 
     def public(self) -> dict[str, Any]:
         """What a site needs to join (sent with the round's task)."""
@@ -134,12 +133,11 @@ class SecureRound:
         return np.random.default_rng(_seed(self.seed, "secure-noise", site, self.round))
 
     def site_vector(self, update: ModelUpdate, rng: np.random.Generator,
-                    charge: Callable[[Any], None] | None) -> np.ndarray:  # fmt: skip
-        """A site's update as ring residues; under distributed DP ``charge`` records the release first."""
+                    charge: Callable[[Any], None]) -> np.ndarray:  # fmt: skip
+        """A site's update as ring residues; under distributed DP ``charge`` (:meth:`SecureAggregation.charge`)
+        records the release first."""
         vector = torch.cat([update.delta[k].detach().reshape(-1).double() for k in self.keys]).numpy()
         if self.settings.distributed_dp:
-            if charge is None:
-                raise PrivacyBudgetExceeded("no privacy budget accounts for distributed DP (budget.json).")
             charge(self.coding.event())
         return self.coding.encode(vector, rng)
 
@@ -198,7 +196,7 @@ class SecureGather:
         for site in sites:  # a site that drops before sending has encoded (and spent) already: it then vanishes
             try:
                 inputs[site] = plan.site_vector(held[site], plan.rng(site, self.secure_noise),
-                                                functools.partial(self._charge, site))
+                                                self.settings.charge(site, self.budget_of(site)))
             except (KeyError, ValueError, RuntimeError, PrivacyBudgetExceeded) as exc:
                 dropped[site] = f"sent no masked input: {type(exc).__name__}: {exc}"
         before = {s for s, kind in drops.items() if kind == "drop-before-send"} | set(dropped)
@@ -219,22 +217,7 @@ class SecureGather:
                              messages=messages, left_after=left_after,
                              near_edge=plan.coding.near_edge(out.total))  # fmt: skip
 
-    def reserve(self, sites: list[str], dim: int) -> None:
-        """Reserve each site's per-round distributed-DP release in its budget (what DP-SGD must leave room for), so
-        an accountant that cannot account for it or a budget one round exceeds is refused before training."""
-        if not self.settings.distributed_dp:
-            return
-        event = self.settings.encoding(dim, len(sites), self.settings.threshold_for(len(sites)), 0).event()
+    def reserve(self, sites: list[str], size: int) -> None:
+        """Every site's per-round distributed-DP release reserved in its budget (:meth:`SecureAggregation.reserve`)."""
         for site in sites:
-            budget = self.budget_of(site)
-            if budget is None:
-                raise PrivacyConfigError(f"{site}: --distributed-dp needs the site's privacy budget (budget.json).")
-            budget.reserve("distributed_dp", event)
-
-    def _charge(self, site: str, event: Any) -> None:
-        """The site's release of its noisy share, recorded in its one ledger before anything leaves (refused past
-        the budget: the site sends nothing)."""
-        budget = self.budget_of(site)
-        if budget is None:
-            raise PrivacyBudgetExceeded(f"{site} has no privacy budget to account for distributed DP (budget.json).")
-        budget.release(event, "distributed_dp")
+            self.settings.reserve(site, self.budget_of(site), len(sites), size)

@@ -10,13 +10,23 @@ the sum is averaged uniformly over the sites that survived (their work counts ar
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from monai_fedpriv.errors import PrivacyBudgetExceeded, PrivacyConfigError
 from monai_fedpriv.secagg.ddp import DistributedDP
 from monai_fedpriv.secagg.session import Session, default_threshold
 
-__all__ = ["SECURE_STRATEGIES", "SecureAggregation"]
+__all__ = ["RELEASE", "SECURE_STRATEGIES", "SecureAggregation", "summed_size"]
+
+#: the name of the distributed-DP release in a site's budget
+RELEASE = "distributed_dp"
+
+
+def summed_size(weights: Mapping[str, Any]) -> int:
+    """How many numbers of a model the secure sum carries: its floating-point tensors (integer buffers stay)."""
+    return sum(int(v.numel()) for v in weights.values() if hasattr(v, "is_floating_point") and v.is_floating_point())
 
 #: strategies whose aggregate is a function of the sum of the sites' updates
 SECURE_STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedavg-share")
@@ -91,6 +101,27 @@ class SecureAggregation:
     def encoding(self, dim: int, n_sites: int, n_min: int, rotation_seed: int) -> DistributedDP:
         return DistributedDP(dim, float(self.clip), float(self.noise_multiplier), self.bits, n_sites, n_min,
                              rotation_seed)  # fmt: skip
+
+    def reserve(self, site: str, budget: Any, n_sites: int, dim: int) -> None:
+        """Reserve ``site``'s per-round distributed-DP release in its budget (what DP-SGD must leave room for), so an
+        accountant that cannot account for it, a budget one round exceeds, or no budget at all is refused before
+        training (``PrivacyConfigError``). Nothing to do without distributed DP."""
+        if not self.distributed_dp:
+            return
+        if budget is None:
+            raise PrivacyConfigError(f"{site}: --distributed-dp needs the site's privacy budget (budget.json).")
+        budget.reserve(RELEASE, self.encoding(dim, n_sites, self.threshold_for(n_sites), 0).event())
+
+    def charge(self, site: str, budget: Any) -> Callable[[Any], None]:
+        """How ``site`` records its noisy share in its one ledger before anything leaves (refused past the budget, or
+        without a budget: the site sends nothing)."""
+
+        def release(event: Any) -> None:
+            if budget is None:
+                raise PrivacyBudgetExceeded(f"{site} has no privacy budget to account for distributed DP.")
+            budget.release(event, RELEASE)
+
+        return release
 
     def describe(self) -> dict[str, Any]:
         """``metrics.json``'s ``secure_aggregation`` block."""

@@ -202,18 +202,16 @@ class FederatedSimulator:
         if self.secure is None:
             return None
         from monai_fedpriv.fl.secure import SecureGather
+        from monai_fedpriv.fl.secure.settings import summed_size
         from monai_fedpriv.privacy.filters import PercentileSharing, SparseVectorFilter
 
         for site in self.sites.values():
             if any(isinstance(f, (PercentileSharing, SparseVectorFilter)) for f in site.sync.chain.filters):
                 self.secure.check_run(len(self.sites), self.strategy.name, None, sparse=True, moments=False)
 
-        def budget_of(name: str) -> Any:
-            return next((b.budget for b in self.sites[name].budgets if hasattr(b, "budget")), None)
-
-        gather = SecureGather(self.secure, self.seed, budget_of, self.secure_noise, self.faults.drops)
-        first = next(iter(self.sites.values())).network.state_dict()
-        gather.reserve(list(self.sites), sum(int(v.numel()) for v in first.values() if v.is_floating_point()))
+        gather = SecureGather(self.secure, self.seed, lambda name: self.sites[name].privacy_budget,
+                              self.secure_noise, self.faults.drops)  # fmt: skip
+        gather.reserve(list(self.sites), summed_size(next(iter(self.sites.values())).network.state_dict()))
         return gather
 
     def _split_server(self, server_model: ServerModel) -> Any:

@@ -97,6 +97,11 @@ class SiteRuntime:
     def budgets(self) -> list[Budgeted]:
         return [o for o in self.stateful.values() if isinstance(o, Budgeted)]
 
+    @property
+    def privacy_budget(self) -> Any:
+        """The site's one :class:`~monai_fedpriv.privacy.budget.PrivacyBudget` (``None`` without ``budget.json``)."""
+        return next((b.budget for b in self.budgets if hasattr(b, "budget")), None)
+
     def exhausted_budgets(self) -> list[Budgeted]:
         return [b for b in self.budgets if b.exhausted]
 
